@@ -1,0 +1,40 @@
+# The few commands a newcomer needs. `make run` and `make test` work from a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned: an unpinned torch lets pip pull a multi-GB CUDA build.
+# Elsewhere add e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
+MODEL ?= smollm2-135m
+# test downloads and the dequantised GGUF are cached here between runs (safe to delete)
+export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
+
+.PHONY: install run test lint format clean
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(BIN)/python -m pip install -q -e '.[convert,test,dev]'
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv with the project, the convert extra and test tools
+
+run: install  ## convert the default model if needed, then chat with it
+	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
+	$(BIN)/ortllm chat $(MODEL)
+
+test: install  ## run the test suite (converts the default model once per run)
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check ortllm converters cli web tests benchmarks
+	$(BIN)/ruff format --check ortllm converters cli web tests benchmarks
+
+format: install
+	$(BIN)/ruff format ortllm converters cli web tests benchmarks
+	$(BIN)/ruff check --fix ortllm converters cli web tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info .pytest_cache

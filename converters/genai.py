@@ -1,0 +1,159 @@
+"""The `genai` backend: onnxruntime-genai's model builder, run as a subprocess with its log captured."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+from ortllm.errors import (
+    ConversionFailed,
+    InvalidBuildOptions,
+    MissingDependency,
+    UnsupportedArchitecture,
+)
+
+PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
+EPS = ("cpu", "cuda", "dml", "webgpu")
+# what the 0.18 builder itself accepts (it prints this list; other pairs fail late or build broken graphs)
+VALID_COMBINATIONS = {
+    "cpu": ("int4", "int8", "fp32"),
+    "cuda": ("int4", "int8", "fp16", "bf16", "fp32"),
+    "dml": ("int4", "fp16"),
+    "webgpu": ("int4", "int8"),
+}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def check_options(precision: str, ep: str, block_size: int | None, accuracy_level: int | None) -> None:
+    """Refuse combinations the builder cannot make, with the valid ones in the message."""
+    if ep not in EPS:
+        raise InvalidBuildOptions(f"Unknown execution provider '{ep}': choose one of {', '.join(EPS)}")
+    if precision not in PRECISIONS:
+        raise InvalidBuildOptions(f"Unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if precision not in VALID_COMBINATIONS[ep]:
+        raise InvalidBuildOptions(
+            f"Precision {precision} is not available for the {ep} execution provider "
+            f"(valid for {ep}: {', '.join(VALID_COMBINATIONS[ep])})"
+        )
+    quantized = precision in ("int4", "int8")
+    if block_size is not None and (not quantized or block_size not in BLOCK_SIZES):
+        raise InvalidBuildOptions(
+            f"--block-size applies to int4/int8 and must be one of {', '.join(map(str, BLOCK_SIZES))}"
+        )
+    if accuracy_level is not None and (not quantized or accuracy_level not in ACCURACY_LEVELS):
+        raise InvalidBuildOptions("--accuracy-level applies to int4/int8 and must be 0, 1, 2, 3 or 4")
+
+
+def require_builder() -> None:
+    """The builder needs the convert extra (torch, transformers 5, onnx, onnx-ir)."""
+    missing = [m for m in ("torch", "transformers", "onnx", "onnx_ir") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependency(
+            f"The convert extra is not installed (missing: {', '.join(missing)}): "
+            "pip install torch==2.13.0 && pip install 'ortllm[convert]'"
+        )
+    if importlib.util.find_spec("onnxruntime_genai.models.builder") is None:
+        raise MissingDependency("onnxruntime-genai's model builder is missing: pip install 'onnxruntime-genai>=0.18'")
+
+
+@lru_cache(maxsize=1)
+def supported_architectures() -> frozenset[str]:
+    """The architectures the installed builder dispatches on, read from its own source."""
+    spec = importlib.util.find_spec("onnxruntime_genai.models.builder")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    text = Path(spec.origin).read_text(encoding="utf-8")
+    names: set[str] = set()
+    for line in text.splitlines():
+        if "config.architectures[0]" in line:
+            names.update(re.findall(r'"([A-Za-z][A-Za-z0-9_]+)"', line))
+    return frozenset(names)
+
+
+def check_architecture(hf_dir: Path) -> str:
+    """The folder's architecture, or a clear error naming it and the backend that could convert it."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConversionFailed(f"{hf_dir} has no readable config.json") from exc
+    arch = (config.get("architectures") or ["<none>"])[0]
+    supported = supported_architectures()
+    if supported and arch not in supported:
+        raise UnsupportedArchitecture(
+            f"Architecture {arch} is not supported by the genai builder; "
+            "convert it with --backend optimum (its own environment: make optimum-env)"
+        )
+    return arch
+
+
+def build(
+    hf_dir: Path,
+    out_dir: Path,
+    *,
+    precision: str,
+    ep: str,
+    cache_dir: Path,
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    include_hidden_states: bool = True,
+    trust_remote_code: bool = False,
+    extra: dict[str, str] | None = None,
+    log_path: Path,
+    on_line: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Run the builder on a Hugging Face folder; return the build options used (for the manifest)."""
+    options: dict[str, str] = {"hf_token": "false"}
+    if include_hidden_states:
+        options["include_hidden_states"] = "true"
+    if block_size is not None:
+        options["block_size"] = str(block_size)
+    if accuracy_level is not None:
+        options["accuracy_level"] = str(accuracy_level)
+    if trust_remote_code:
+        options["hf_remote"] = "true"
+    options.update(extra or {})
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", ep, "-c", str(cache_dir),
+        "--extra_options", *[f"{k}={v}" for k, v in options.items()],
+    ]  # fmt: skip
+    started = time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if on_line:
+                    on_line(line.rstrip())
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if code != 0 or not (out_dir / "genai_config.json").is_file():
+        raise ConversionFailed(f"The genai builder failed: {_last_error(log_path)} (full log: {log_path})")
+    return {
+        "block_size": block_size or 32,
+        "accuracy_level": accuracy_level if accuracy_level is not None else (4 if ep == "cpu" else 0),
+        "extra_options": options,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _last_error(log_path: Path) -> str:
+    lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.search(r"(Error|Exception|error:)", line):
+            return line[:300]
+    return lines[-1][:300] if lines else "no output"

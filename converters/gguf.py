@@ -1,0 +1,66 @@
+"""GGUF → Hugging Face folder: dequantise any GGUF quantisation with transformers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ortllm.errors import ConversionFailed, MissingDependency
+
+
+def gguf_key(gguf: Path) -> str:
+    """A cache key for a GGUF file: its name, size and modification time."""
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def dequantise(gguf: Path, cache: Path) -> Path:
+    """Return a float32 Hugging Face folder for `gguf`, built once and cached under `cache`."""
+    out = cache / "gguf-hf" / f"{gguf.stem}-{gguf_key(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependency(
+            "Reading GGUF needs the convert extra: pip install torch==2.13.0 && pip install 'ortllm[convert]'"
+        ) from exc
+    # our own progress display replaces transformers' tqdm bars
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    tmp = out.with_name(f".{out.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kwargs)
+        # the dequantised weights are plain float tensors; drop the GGUF quantiser so they serialise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        _copy_chat_template(tokenizer, tmp)
+    except MissingDependency:
+        raise
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionFailed(f"Could not read GGUF '{gguf.name}': {msg}") from exc
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_chat_template(tokenizer, folder: Path) -> None:
+    """Keep the GGUF's chat template next to the tokenizer where the genai builder looks for it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or (folder / "chat_template.jinja").exists():
+        return
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg.setdefault("chat_template", template)
+    cfg_path.write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,3 @@
+"""ortllm: a portable local LLM runtime on ONNX Runtime GenAI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Errors a user can act on. Each carries a one-line message and an HTTP status."""
+
+from __future__ import annotations
+
+
+class OrtllmError(Exception):
+    """Base class: the message is shown as is, one line, no traceback."""
+
+    status: int = 400
+    code: str = "INVALID_REQUEST"
+
+
+class ModelNotFound(OrtllmError):
+    """A name that is neither installed nor in the catalog (or not installed when required)."""
+
+    status = 404
+    code = "MODEL_NOT_FOUND"
+
+
+class InvalidModelName(OrtllmError):
+    """A model name that cannot be a store folder (path traversal, odd characters)."""
+
+
+class InvalidSource(OrtllmError):
+    """A conversion source string or file that cannot be used."""
+
+
+class UnsupportedArchitecture(OrtllmError):
+    """The chosen backend cannot convert this model architecture."""
+
+
+class InvalidBuildOptions(OrtllmError):
+    """A precision / execution provider / block size combination the builder cannot make."""
+
+
+class MissingDependency(OrtllmError):
+    """An optional dependency (the convert extra, optimum, an EP package) is not installed."""
+
+    status = 501
+    code = "MISSING_DEPENDENCY"
+
+
+class NotEnoughDiskSpace(OrtllmError):
+    """The store's file system cannot hold the conversion."""
+
+    status = 507
+    code = "INSUFFICIENT_STORAGE"
+
+
+class ConversionFailed(OrtllmError):
+    """The builder or a download failed; the message names the cause and the log file."""
+
+    status = 500
+    code = "CONVERSION_FAILED"
+
+
+class InvalidOptions(OrtllmError):
+    """Generation options out of range, e.g. `temperature must be between 0.0 and 2.0`."""
+
+
+class ContextOverflow(OrtllmError):
+    """The prompt (plus at least one generated token) does not fit the context window."""
+
+    code = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class ModelLoadError(OrtllmError):
+    """A model that exists but cannot be loaded here (EP missing, files damaged)."""
+
+    status = 503
+    code = "MODEL_LOAD_FAILED"
+
+
+class Busy(OrtllmError):
+    """The model's request queue is full; retry later."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SessionNotFound(OrtllmError):
+    """No chat session with that id."""
+
+    status = 404
+    code = "SESSION_NOT_FOUND"

@@ -1,0 +1,1 @@
+"""Runtime: loaded models, the scheduler and generation."""

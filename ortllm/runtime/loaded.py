@@ -1,0 +1,188 @@
+"""A model loaded for generation: variant and execution-provider choice, og.Model, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime_genai as og
+import psutil
+
+from ortllm.errors import ContextOverflow, ModelLoadError
+from ortllm.store import InstalledModel, Variant
+
+from . import templates
+
+log = logging.getLogger("ortllm.runtime")
+
+# which package brings each execution provider to onnxruntime-genai
+EP_PACKAGES = {
+    "cuda": "onnxruntime-genai-cuda (pip install 'ortllm[cuda]')",
+    "dml": "onnxruntime-genai-directml on Windows (pip install 'ortllm[directml]') or onnxruntime-genai-winml",
+    "webgpu": "an onnxruntime-genai build with WebGPU",
+}
+EP_PREFERENCE = ("cuda", "dml", "webgpu", "cpu")
+
+
+def available_eps() -> list[str]:
+    """Execution providers the installed onnxruntime-genai flavour can use here."""
+    checks = {"cuda": "is_cuda_available", "dml": "is_dml_available", "webgpu": "is_webgpu_available"}
+    eps = [ep for ep, fn in checks.items() if getattr(og, fn, lambda: False)()]
+    return eps + ["cpu"]
+
+
+def variant_ep(variant: Variant) -> str:
+    """The EP a variant was built for, read from its genai_config.json (the manifest as fallback)."""
+    try:
+        cfg = json.loads((variant.path / "genai_config.json").read_text(encoding="utf-8"))
+        providers = cfg["model"]["decoder"]["session_options"].get("provider_options", [])
+    except (OSError, ValueError, KeyError):
+        return variant.ep
+    for entry in providers:
+        for name in entry:
+            return {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}.get(name.lower(), name.lower())
+    return "cpu"
+
+
+def choose_variant(model: InstalledModel, force_ep: str | None = None) -> tuple[Variant, str]:
+    """Pick the variant to run and say why; never fall back silently from a forced EP."""
+    variants = model.variants
+    by_ep: dict[str, Variant] = {}
+    for v in variants.values():
+        by_ep.setdefault(variant_ep(v), v)
+    usable = available_eps()
+    if force_ep:
+        if force_ep not in by_ep:
+            raise ModelLoadError(
+                f"Model '{model.name}' has no {force_ep} variant (it has: {', '.join(sorted(variants))}); "
+                f"build one with: ortllm convert {model.get('catalog_name') or model.name} --ep {force_ep}"
+            )
+        if force_ep not in usable:
+            raise ModelLoadError(
+                f"The {force_ep} execution provider is not available in the installed onnxruntime-genai; "
+                f"install {EP_PACKAGES.get(force_ep, force_ep)}"
+            )
+        return by_ep[force_ep], f"{force_ep} requested explicitly"
+    for ep in EP_PREFERENCE:
+        if ep in by_ep and ep in usable:
+            others = [e for e in by_ep if e != ep]
+            why = f"best available of the model's variants ({', '.join(sorted(by_ep))})" if others else (
+                f"the model was built for {ep}")
+            return by_ep[ep], why
+    missing = sorted(by_ep)
+    raise ModelLoadError(
+        f"Model '{model.name}' was built for {', '.join(missing)}, which the installed onnxruntime-genai "
+        f"cannot run (available: {', '.join(usable)}); install {EP_PACKAGES.get(missing[0], missing[0])} "
+        f"or convert a cpu variant: ortllm convert {model.get('catalog_name') or model.name} --ep cpu"
+    )
+
+
+def default_threads() -> int:
+    """Intra-op threads for CPU decoding: `$ORTLLM_THREADS`, else the physical core count."""
+    env = os.environ.get("ORTLLM_THREADS")
+    if env:
+        return max(1, int(env))
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded model is, for listings and the `doctor`."""
+
+    name: str
+    variant: str
+    ep: str
+    reason: str
+    context_length: int
+    threads: int | None
+    api: str
+
+
+class LoadedModel:
+    """An og.Model with its tokenizer, chat template and limits. Use it from one thread at a time."""
+
+    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None) -> None:
+        self.installed = installed
+        self.name = installed.name
+        self.variant, self.reason = choose_variant(installed, force_ep)
+        self.ep = variant_ep(self.variant)
+        self.path: Path = self.variant.path
+        self.threads = (threads or default_threads()) if self.ep == "cpu" else None
+        try:
+            config = og.Config(str(self.path))
+            if self.threads and hasattr(config, "overlay"):
+                session = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            self.model = og.Model(config)
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as exc:  # ORT's own messages are long C++ traces: keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"Could not load model '{self.name}' ({self.variant.id}): {first[:300]}") from exc
+        genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
+        self.context_length = int(genai_cfg["model"].get("context_length") or installed.get("context_size") or 2048)
+        self.eos_token_ids = _as_list(genai_cfg["model"].get("eos_token_id"))
+        # the builder's include_hidden_states option adds a `hidden_states` output (recorded in the manifest)
+        built_with = self.variant.info.get("extra_options", {})
+        self.has_hidden_states = str(built_with.get("include_hidden_states", "")).lower() == "true"
+        self._template = templates.model_template(self.path)
+        self._special = self._special_tokens()
+        self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
+        log.info("loaded %s (%s) on %s: %s", self.name, self.variant.id, self.ep, self.reason)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads,
+                         "engine" if hasattr(og, "Engine") else "generator")  # fmt: skip
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self.installed.get("parameters") or {})
+
+    def encode(self, text: str) -> list[int]:
+        with self.lock:
+            return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        import numpy as np
+
+        with self.lock:
+            return str(self.tokenizer.decode(np.asarray(ids, dtype=np.int32)))
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat messages, using the model's own template where it has one."""
+        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if self._template and hasattr(self.tokenizer, "apply_chat_template"):
+            try:
+                with self.lock:
+                    return str(self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True))
+            except Exception:  # the runtime's template engine rejects some jinja features
+                log.debug("runtime chat template failed for %s; rendering with jinja2", self.name)
+        if self._template:
+            return templates.render_jinja(self._template, clean, self._special)
+        family = str(self.installed.get("template") or "none")
+        return templates.render_jinja(templates.BUILTIN.get(family, templates.BUILTIN["none"]), clean, self._special)
+
+    def check_fits(self, prompt_len: int) -> None:
+        """A prompt must leave room for at least one generated token."""
+        if prompt_len + 1 > self.context_length:
+            raise ContextOverflow(f"Prompt too long for context window ({self.context_length} tokens)")
+
+    def _special_tokens(self) -> dict[str, str]:
+        cfg_path = self.path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        out = {}
+        for key in ("bos_token", "eos_token"):
+            value = cfg.get(key)
+            out[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
+        return out
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

@@ -1,0 +1,85 @@
+"""Generation options: the one validator for the seeds' `InferenceOptions`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ortllm.errors import InvalidOptions
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Validated sampling options. temperature 0 means greedy."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    max_tokens: int = 512
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["stop"] = list(self.stop)
+        return out
+
+
+def _number(name: str, value: Any, lo: float, hi: float | None, *, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidOptions(f"{name} must be a number")
+    if integer and not float(value).is_integer():
+        raise InvalidOptions(f"{name} must be an integer")
+    if not math.isfinite(value):
+        raise InvalidOptions(f"{name} must be a finite number")
+    if hi is None and value < lo:
+        raise InvalidOptions(f"{name} must be >= {lo}")
+    if hi is not None and not lo <= value <= hi:
+        raise InvalidOptions(f"{name} must be between {lo:.1f} and {hi:.1f}")
+    return int(value) if integer else float(value)
+
+
+def validate_options(raw: dict[str, Any] | None, defaults: dict[str, Any] | None = None,
+                     *, max_tokens_limit: int | None = None) -> GenerationOptions:  # fmt: skip
+    """Merge `raw` over `defaults` (None values are ignored) and check every range.
+
+    Messages name the field, e.g. `temperature must be between 0.0 and 2.0`.
+    """
+    merged: dict[str, Any] = {}
+    for source in (defaults or {}, raw or {}):
+        merged.update({k: v for k, v in source.items() if v is not None})
+    kwargs: dict[str, Any] = {}
+    if "temperature" in merged:
+        kwargs["temperature"] = _number("temperature", merged["temperature"], 0.0, 2.0)
+    if "top_p" in merged:
+        kwargs["top_p"] = _number("top_p", merged["top_p"], 0.0, 1.0)
+    if "top_k" in merged:
+        kwargs["top_k"] = _number("top_k", merged["top_k"], 0, None, integer=True)
+    if "max_tokens" in merged:
+        kwargs["max_tokens"] = _number("max_tokens", merged["max_tokens"], 1, None, integer=True)
+        if max_tokens_limit is not None and kwargs["max_tokens"] > max_tokens_limit:
+            raise InvalidOptions(f"max_tokens must be at most {max_tokens_limit}")
+    if "repeat_penalty" in merged:
+        kwargs["repeat_penalty"] = _number("repeat_penalty", merged["repeat_penalty"], 0.0, None)
+    if "seed" in merged:
+        kwargs["seed"] = _number("seed", merged["seed"], 0, 2**63 - 1, integer=True)
+    if "stop" in merged:
+        stop = merged["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise InvalidOptions("stop must be a list of strings")
+        if any(s == "" for s in stop):
+            raise InvalidOptions("stop strings must not be empty")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidOptions(f"stop must hold at most {MAX_STOP_STRINGS} strings")
+        kwargs["stop"] = tuple(stop)
+    return GenerationOptions(**kwargs)

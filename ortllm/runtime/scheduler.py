@@ -1,0 +1,415 @@
+"""The scheduler: one worker thread per loaded model drives onnxruntime-genai.
+
+The bindings hold the GIL and are not thread-safe, so only the worker touches the model.
+Callers `submit()` a GenerationRequest and iterate the returned Stream of TokenEvents;
+`Stream.cancel()` from any thread frees the slot within one decode step.
+
+Two paths: `og.Engine` (onnxruntime-genai >= 0.18: batches requests, per-turn options) and
+`og.Generator` (the older API, e.g. 0.14 — the last DirectML release), one request at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import numpy as np
+import onnxruntime_genai as og
+
+from ortllm.errors import Busy, InvalidOptions, ModelLoadError, OrtllmError
+
+from .loaded import LoadedModel
+from .options import GenerationOptions
+from .stop import StopMatcher
+from .types import CANCELLED, ERROR, LENGTH, STOP, GenerationRequest, Result, Timings, TokenEvent, Usage
+
+log = logging.getLogger("ortllm.scheduler")
+T = TypeVar("T")
+
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a slot; beyond this submit() raises Busy
+DEFAULT_MAX_ACTIVE = 8  # requests handed to the Engine at once (it batches 4 on CPU, queues the rest)
+
+
+def engine_supported() -> bool:
+    return hasattr(og, "Engine")
+
+
+class Job:
+    """One request inside the scheduler: its prompt, progress and the queue its events go to."""
+
+    def __init__(self, request: GenerationRequest, prompt_ids: list[int], max_new: int) -> None:
+        self.request = request
+        self.options: GenerationOptions = request.options
+        self.prompt_ids = prompt_ids
+        self.max_new = max_new
+        self.events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.submitted = time.monotonic()
+        self.started: float | None = None
+        self.first_token_at: float | None = None
+        self.matcher = StopMatcher(self.options.stop)
+        self.token_ids: list[int] = []
+        self.cached_prompt_tokens = 0
+        self.decoder: Any = None
+        self.og_request: Any = None
+        self.turn_id: int | None = None
+        self.cancel_sent = False
+        self.hit_eos = False
+        self.done = False
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        tail = self.matcher.flush()
+        if tail:
+            self.events.put(TokenEvent(text=tail))
+        end = time.monotonic()
+        decode_s = end - (self.first_token_at or end)
+        timings = Timings(
+            queued_s=(self.started or end) - self.submitted,
+            ttft_s=(self.first_token_at or end) - self.submitted,
+            total_s=end - self.submitted,
+            decode_tokens_per_s=(len(self.token_ids) - 1) / decode_s if decode_s > 0 and len(self.token_ids) > 1 else 0.0,
+        )
+        usage = Usage(len(self.prompt_ids), len(self.token_ids), self.cached_prompt_tokens)
+        self.events.put(TokenEvent(finish_reason=reason, usage=usage, timings=timings, error=error))
+
+
+class Stream:
+    """The events of one request. Iterate it; `cancel()` it from any thread; use it as a context
+    manager so an abandoned stream (client gone) is cancelled."""
+
+    def __init__(self, job: Job, scheduler: Scheduler) -> None:
+        self._job = job
+        self._scheduler = scheduler
+        self.final: TokenEvent | None = None
+        self.prompt_tokens = len(job.prompt_ids)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while self.final is None:
+            event = self._job.events.get()
+            if event.done:
+                self.final = event
+            yield event
+
+    def cancel(self) -> None:
+        if self.final is None:
+            self._job.cancelled.set()
+            self._scheduler.wake()
+
+    def result(self) -> Result:
+        """Wait for the whole generation; raise if it failed."""
+        parts = [ev.text for ev in self if ev.text]
+        final = self.final
+        assert final is not None
+        if final.finish_reason == ERROR:
+            raise OrtllmError(final.error or "generation failed")
+        return Result("".join(parts), final.finish_reason or STOP, final.usage or Usage(), final.timings or Timings(),
+                      list(self._job.token_ids))  # fmt: skip
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class Scheduler:
+    """Owns a LoadedModel and its worker thread; the only way to generate with it."""
+
+    def __init__(self, model: LoadedModel, *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_active: int = DEFAULT_MAX_ACTIVE, use_engine: bool | None = None) -> None:  # fmt: skip
+        if use_engine and not engine_supported():
+            raise ModelLoadError("This onnxruntime-genai has no Engine API (it needs 0.18 or later)")
+        self.model = model
+        self.use_engine = engine_supported() if use_engine is None else use_engine
+        self.max_queue = max_queue
+        self.max_active = max_active if self.use_engine else 1
+        self._pending: deque[Job] = deque()
+        self._calls: deque[Callable[[], None]] = deque()
+        self._active: dict[int, Job] = {}
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"ortllm-worker-{model.name}", daemon=True)
+        self._thread.start()
+
+    # ---- callers' side -------------------------------------------------------------------------
+
+    @property
+    def api(self) -> str:
+        return "engine" if self.use_engine else "generator"
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Tokenize the request's prompt (chat template applied to messages)."""
+        if request.prompt_tokens is not None:
+            ids = list(request.prompt_tokens)
+        elif request.messages is not None:
+            if not request.messages:
+                raise InvalidOptions("messages must not be empty")
+            ids = self.model.encode(self.model.render_chat(request.messages))
+        elif request.prompt is not None:
+            ids = self.model.encode(request.prompt)
+        else:
+            raise InvalidOptions("a prompt or messages are required")
+        if not ids:
+            raise InvalidOptions("prompt must not be empty")
+        self.model.check_fits(len(ids))
+        return ids
+
+    def submit(self, request: GenerationRequest) -> Stream:
+        """Queue a request; raises ContextOverflow, InvalidOptions or Busy before anything runs."""
+        ids = self.prompt_ids(request)
+        max_new = min(request.options.max_tokens, self.model.context_length - len(ids))
+        job = Job(request, ids, max_new)
+        with self._cv:
+            if self._stopping:
+                raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
+            if len(self._pending) >= self.max_queue:
+                raise Busy(f"Model '{self.model.name}' is busy ({self.max_queue} requests waiting); retry shortly")
+            self._pending.append(job)
+            self._cv.notify()
+        return Stream(job, self)
+
+    def generate(self, request: GenerationRequest) -> Result:
+        with self.submit(request) as stream:
+            return stream.result()
+
+    def call(self, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `fn` on the worker thread (between decode steps) and return its result."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed back to the caller
+                    future.set_exception(exc)
+
+        with self._cv:
+            if self._stopping:
+                raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
+            self._calls.append(run)
+            self._cv.notify()
+        return future.result(timeout)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """Mean-pooled, L2-normalised final hidden states, one vector per text."""
+        if not self.model.has_hidden_states:
+            raise InvalidOptions(
+                f"Model '{self.model.name}' was built without hidden states; reconvert it with this ortllm to embed"
+            )
+        token_lists = []
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
+            ids = self.model.encode(text)
+            self.model.check_fits(len(ids))
+            token_lists.append(ids)
+        return self.call(lambda: [self._embed_one(ids) for ids in token_lists])
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything, stop the worker and release the model."""
+        with self._cv:
+            self._stopping = True
+            pending = list(self._pending)
+            self._pending.clear()
+            for job in list(self._active.values()):
+                job.cancelled.set()
+            self._cv.notify()
+        for job in pending:
+            job.finish(CANCELLED)
+        self._thread.join(timeout)
+
+    # ---- worker side ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._run_engine() if self.use_engine else self._run_generator()
+        except BaseException as exc:  # the worker must never die silently: fail what it holds
+            log.exception("worker for %s crashed", self.model.name)
+            with self._cv:
+                self._stopping = True
+                jobs = list(self._active.values()) + list(self._pending)
+                self._pending.clear()
+            for job in jobs:
+                job.finish(ERROR, f"generation failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}")
+
+    def _next_work(self, busy: bool) -> tuple[list[Job], list[Callable[[], None]]]:
+        """Jobs to admit and calls to run; blocks while there is nothing to do."""
+        with self._cv:
+            while not busy and not self._pending and not self._calls and not self._stopping:
+                self._cv.wait()
+            room = self.max_active - len(self._active)
+            admit = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            calls = list(self._calls)
+            self._calls.clear()
+            return admit, calls
+
+    def _run_engine(self) -> None:
+        engine = og.Engine(self.model.model)
+        buffer = engine.create_event_buffer(256)
+        token_flag, finished_flag, failed_flag = (
+            int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED), int(og.EngineEventFlags.FAILED))
+        while True:
+            admit, calls = self._next_work(busy=bool(self._active))
+            for call in calls:
+                call()
+            if self._stopping and not self._active and not admit:
+                return
+            for job in admit:
+                self._begin_turn(engine, job)
+            for job in list(self._active.values()):
+                if (job.cancelled.is_set() or job.matcher.stopped) and not job.cancel_sent:
+                    job.cancel_sent = True
+                    job.og_request.cancel_turn(job.turn_id)
+            if not self._active:
+                continue
+            for event in engine.run(buffer):
+                job = self._active.get(id(event.request))
+                if job is None:
+                    continue
+                flags = int(event.flags)
+                if flags & token_flag and not job.cancel_sent:
+                    self._on_token(job, int(event.token))
+                    if job.matcher.stopped:
+                        job.cancel_sent = True
+                        job.og_request.cancel_turn(job.turn_id)
+                if flags & (finished_flag | failed_flag):
+                    if event.usage is not None:
+                        job.cached_prompt_tokens = int(event.usage.cached_prompt_tokens)
+                    self._end_turn(job, event, failed=bool(flags & failed_flag))
+
+    def _begin_turn(self, engine: Any, job: Job) -> None:
+        job.started = time.monotonic()
+        if job.cancelled.is_set():
+            job.finish(CANCELLED)
+            return
+        try:
+            opts = og.RequestOptions()
+            # total length = prompt + max_tokens: never the config's default, which sizes a full KV cache
+            opts.set_max_session_tokens(len(job.prompt_ids) + job.max_new)
+            request = engine.create_request(options=opts)
+            turn = og.TurnOptions(request)
+            o = job.options
+            turn.set_max_generated_tokens(job.max_new)
+            if o.greedy:
+                turn.set_do_sample(False)
+            else:
+                turn.set_do_sample(True)
+                turn.set_temperature(o.temperature)
+                turn.set_top_p(o.top_p)
+                turn.set_top_k(o.top_k)
+            turn.set_repetition_penalty(o.repeat_penalty if o.repeat_penalty > 0 else 1.0)
+            if o.seed is not None:
+                turn.set_seed(o.seed)
+            job.turn_id = request.begin_turn(np.asarray(job.prompt_ids, dtype=np.int32), turn)
+            job.og_request = request
+            job.decoder = self.model.tokenizer.create_stream()
+            self._active[id(request)] = job
+        except Exception as exc:
+            job.finish(ERROR, f"could not start generation: {_first_line(exc)}")
+
+    def _end_turn(self, job: Job, event: Any, failed: bool) -> None:
+        self._active.pop(id(job.og_request), None)
+        try:
+            job.og_request.close()
+        except Exception:  # closing a finished request is best effort
+            pass
+        reason_name = getattr(event.finish_reason, "name", str(event.finish_reason))
+        if failed or reason_name == "FAILED":
+            job.finish(ERROR, f"generation failed ({getattr(event.error_code, 'name', event.error_code)})")
+        elif job.matcher.stopped or reason_name in ("EOS", "STOP_STRING"):
+            job.finish(STOP)
+        elif reason_name == "CANCELLED":
+            job.finish(CANCELLED)
+        else:  # MAX_GENERATED_TOKENS, MAX_SESSION_TOKENS
+            job.finish(LENGTH)
+
+    def _on_token(self, job: Job, token: int) -> None:
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        if token in self.model.eos_token_ids:  # the Engine reports EOS as a finish, not a token: match it
+            job.hit_eos = True
+            return
+        job.token_ids.append(token)
+        text = job.matcher.feed(job.decoder.decode(token))
+        if text:
+            job.events.put(TokenEvent(text=text, token_id=token))
+
+    def _run_generator(self) -> None:
+        while True:
+            admit, calls = self._next_work(busy=False)
+            for call in calls:
+                call()
+            if self._stopping and not admit:
+                return
+            for job in admit:
+                self._active[id(job)] = job
+                try:
+                    self._generate_one(job)
+                except Exception as exc:
+                    job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+                finally:
+                    self._active.pop(id(job), None)
+
+    def _generate_one(self, job: Job) -> None:
+        job.started = time.monotonic()
+        o = job.options
+        params = og.GeneratorParams(self.model.model)
+        search: dict[str, Any] = {
+            "max_length": len(job.prompt_ids) + job.max_new,
+            "do_sample": not o.greedy,
+            "repetition_penalty": o.repeat_penalty if o.repeat_penalty > 0 else 1.0,
+        }
+        if not o.greedy:
+            search.update(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k or 1_000_000)
+        if o.seed is not None:
+            search["random_seed"] = o.seed
+        params.set_search_options(**search)
+        generator = og.Generator(self.model.model, params)
+        generator.append_tokens(np.asarray([job.prompt_ids], dtype=np.int32))
+        job.decoder = self.model.tokenizer.create_stream()
+        while not generator.is_done():
+            if job.cancelled.is_set():
+                job.finish(CANCELLED)
+                return
+            generator.generate_next_token()
+            self._on_token(job, int(generator.get_next_tokens()[0]))
+            if job.matcher.stopped:
+                job.finish(STOP)
+                return
+        job.finish(STOP if job.hit_eos else LENGTH)
+
+    def _embed_one(self, ids: list[int]) -> list[float]:
+        params = og.GeneratorParams(self.model.model)
+        params.set_search_options(max_length=len(ids) + 1)
+        generator = og.Generator(self.model.model, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        hidden = np.asarray(generator.get_output("hidden_states"), dtype=np.float64)[0]
+        vector = hidden.mean(axis=0)
+        norm = float(np.linalg.norm(vector)) or 1.0
+        return (vector / norm).astype(np.float32).tolist()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,1 @@
+"""HTTP server: Flask app factory and one blueprint per API dialect."""
