@@ -46,9 +46,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import models
+    from . import doctor, generate, models
 
-    for command in models.COMMANDS:
+    for command in models.COMMANDS + generate.COMMANDS + doctor.COMMANDS:
         cli.add_command(command)
 
 

@@ -94,7 +94,10 @@ class Stream:
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while self.final is None:
-            event = self._job.events.get()
+            try:  # a timeout keeps the consumer interruptible (Ctrl-C in the terminal chat)
+                event = self._job.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if event.done:
                 self.final = event
             yield event

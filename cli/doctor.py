@@ -1,0 +1,127 @@
+"""`ortllm doctor`: what is installed, which execution providers work, which variant each model uses."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ortllm import __version__
+from ortllm.errors import OrtllmError
+from ortllm.paths import ortllm_home
+from ortllm.store import ModelStore
+
+GENAI_DISTS = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "onnxruntime-genai-winml")
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c")
+
+
+def _installed(names: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def cpu_features() -> dict[str, bool] | None:
+    """x86 SIMD features that ORT's int4 kernels use; None where they cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    flags: set[str] = set()
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return {f: f in flags for f in CPU_FLAGS}
+
+
+def report() -> dict[str, Any]:
+    from ortllm.runtime.loaded import available_eps, choose_variant, default_threads
+
+    genai = _installed(GENAI_DISTS)
+    ort = _installed(ORT_DISTS)
+    problems = []
+    if len(genai) > 1:
+        problems.append(f"several onnxruntime-genai flavours are installed ({', '.join(genai)}): keep one")
+    if len(ort) > 1:
+        problems.append(f"several onnxruntime flavours are installed ({', '.join(ort)}): keep one")
+    models = []
+    for model in ModelStore().list():
+        try:
+            variant, reason = choose_variant(model)
+            choice: dict[str, Any] = {"variant": variant.id, "reason": reason}
+        except OrtllmError as exc:
+            choice = {"variant": None, "reason": str(exc)}
+        models.append({"name": model.name, "variants": sorted(model.variants), **choice})
+    convert_missing = [m for m in ("torch", "transformers", "onnx", "onnx_ir", "gguf") if importlib.util.find_spec(m) is None]
+    return {
+        "ortllm": __version__,
+        "python": sys.version.split()[0],
+        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "home": str(ortllm_home()),
+        "onnxruntime_genai": genai,
+        "onnxruntime": ort,
+        "engine_api": importlib.util.find_spec("onnxruntime_genai") is not None and _has_engine(),
+        "execution_providers": available_eps(),
+        "cpu_threads": default_threads(),
+        "cpu_features": cpu_features(),
+        "convert_extra": {"usable": not convert_missing, "missing": convert_missing},
+        "optimum": {"usable": importlib.util.find_spec("optimum") is not None},
+        "models": models,
+        "problems": problems,
+    }
+
+
+def _has_engine() -> bool:
+    import onnxruntime_genai as og
+
+    return hasattr(og, "Engine")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check the installation: runtime flavours, execution providers, CPU features, models."""
+    data = report()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    table = Table(show_header=False, box=None)
+    table.add_row("ortllm", data["ortllm"])
+    table.add_row("python", data["python"])
+    table.add_row("os", data["os"])
+    table.add_row("home", data["home"])
+    table.add_row("onnxruntime-genai", ", ".join(f"{k} {v}" for k, v in data["onnxruntime_genai"].items()) or "missing")
+    table.add_row("onnxruntime", ", ".join(f"{k} {v}" for k, v in data["onnxruntime"].items()) or "missing")
+    table.add_row("runtime path", "og.Engine (batched)" if data["engine_api"] else "og.Generator (pre-0.18 API)")
+    table.add_row("execution providers", ", ".join(data["execution_providers"]))
+    table.add_row("CPU threads", str(data["cpu_threads"]))
+    features = data["cpu_features"]
+    table.add_row("CPU features", ", ".join(k for k, v in features.items() if v) if features else "unknown")
+    conv = data["convert_extra"]
+    table.add_row("convert extra", "usable" if conv["usable"] else f"missing {', '.join(conv['missing'])}")
+    table.add_row("optimum backend", "usable" if data["optimum"]["usable"] else "not in this environment (make optimum-env)")
+    console.print(table)
+    if data["models"]:
+        models = Table("model", "variants", "would run", "why")
+        for m in data["models"]:
+            models.add_row(m["name"], ", ".join(m["variants"]), m["variant"] or "[red]none[/]", m["reason"])
+        console.print(models)
+    for problem in data["problems"]:
+        console.print(f"[red]problem:[/] {problem}")
+
+
+COMMANDS = [doctor]

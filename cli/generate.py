@@ -1,0 +1,252 @@
+"""Generation commands: `run` (one-shot, pipe-friendly) and `chat` (interactive terminal chat)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
+
+from ortllm.catalog import load_catalog
+from ortllm.conversation import commit_turn, plan_turn
+from ortllm.errors import ModelNotFound
+from ortllm.runtime.options import validate_options
+from ortllm.runtime.registry import ModelRegistry
+from ortllm.runtime.scheduler import Scheduler
+from ortllm.runtime.types import GenerationRequest, TokenEvent
+from ortllm.sessions import SessionStore
+
+_option_flags = [
+    click.option("--temperature", type=float, help="0 (greedy) to 2."),
+    click.option("--top-p", type=float, help="Nucleus sampling, 0 to 1."),
+    click.option("--top-k", type=int, help="Top-k sampling, 0 disables."),
+    click.option("--max-tokens", type=int, help="Most tokens to generate."),
+    click.option("--repeat-penalty", type=float, help="Repetition penalty (1 = off)."),
+    click.option("--seed", type=int, help="Random seed for reproducible sampling."),
+    click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
+    click.option("--ep", type=click.Choice(["cpu", "cuda", "dml", "webgpu"]), help="Force an execution provider."),
+    click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True,
+                 help="Runtime path: og.Engine (0.18+) or the older og.Generator."),
+]  # fmt: skip
+
+
+def generation_options(func):
+    for option in reversed(_option_flags):
+        func = option(func)
+    return func
+
+
+def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:
+    raw = {k: kw.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed")}
+    raw["stop"] = list(kw["stop"]) if kw.get("stop") else None
+    return validate_options(raw, defaults)
+
+
+def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
+    """Load a model for the terminal, pulling it first when it is a catalog model not yet installed."""
+    registry = ModelRegistry(use_engine={"auto": None, "engine": True, "generator": False}[api])
+    try:
+        registry.installed(name)
+    except ModelNotFound:
+        if load_catalog().find(name) is None:
+            raise
+        from .models import _run_convert
+        from ortllm.converters.pipeline import ConvertRequest
+
+        click.echo(f"{name} is not installed yet; pulling it first", err=True)
+        _run_convert(ConvertRequest(load_catalog().get(name).name))
+    return registry.get(name, ep=ep)
+
+
+@click.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@generation_options
+@click.option("--system", help="System prompt.")
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result object instead of streaming text.")
+def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: bool, ep: str | None, api: str,
+        **kw: Any) -> None:  # fmt: skip
+    """Answer one PROMPT with MODEL, streamed to stdout.
+
+    Without PROMPT (or with '-') the prompt is read from stdin, so it pipes:
+
+    \b
+      ortllm run smollm2-135m "What is the capital of France?"
+      echo "Summarise: ..." | ortllm run smollm2-135m --max-tokens 100
+      ortllm run smollm2-135m "Hi" --json | jq .usage
+    """
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    scheduler = _scheduler(model, ep, api)
+    options = _options(kw, scheduler.model.parameters)
+    if raw:
+        request = GenerationRequest(options, prompt=prompt)
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        request = GenerationRequest(options, messages=messages)
+    with scheduler.submit(request) as stream:
+        if as_json:
+            result = stream.result()
+            click.echo(json.dumps({"model": scheduler.model.name, **result.as_dict()}))
+        else:
+            for event in stream:
+                if event.text:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+    scheduler.close()
+
+
+HELP = """Commands:
+  /reset           start a new conversation (new session)
+  /system TEXT     set the system prompt (empty to clear)
+  /save NAME       save this conversation as session NAME
+  /load NAME       continue session NAME
+  /stats           timings of the last answer
+  /exit            leave (also Ctrl-D)
+Ctrl-C stops the current answer without leaving."""
+
+
+class TerminalChat:
+    """The interactive loop of `ortllm chat`."""
+
+    def __init__(self, scheduler: Scheduler, sessions: SessionStore, options: Any, system: str | None,
+                 console: Console) -> None:  # fmt: skip
+        self.scheduler = scheduler
+        self.sessions = sessions
+        self.options = options
+        self.console = console
+        self.session = sessions.create(model=scheduler.model.name, system_prompt=system, title="terminal chat")
+        self.last: TokenEvent | None = None
+
+    def loop(self) -> None:
+        info = self.scheduler.model.info
+        self.console.print(
+            f"[bold]{info.name}[/] ({info.variant} on {info.ep}, {info.api}) — session {self.session.id[:8]}. "
+            "Type /help for commands."
+        )
+        while True:
+            try:
+                line = self.console.input("[bold green]>>> [/]")
+            except EOFError:
+                self.console.print()
+                return
+            except KeyboardInterrupt:
+                self.console.print()
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.answer(line)
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; False means leave the chat."""
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/exit", "/quit", "/bye"):
+            return False
+        if cmd == "/help":
+            self.console.print(HELP)
+        elif cmd == "/reset":
+            self.session = self.sessions.create(model=self.scheduler.model.name,
+                                                system_prompt=self.session.system_prompt, title="terminal chat")  # fmt: skip
+            self.console.print(f"[dim]new conversation (session {self.session.id[:8]})[/]")
+        elif cmd == "/system":
+            self.session = self.sessions.update(self.session.id, system_prompt=arg)
+            self.console.print("[dim]system prompt " + ("set" if arg else "cleared") + "[/]")
+        elif cmd == "/save":
+            if not arg:
+                self.console.print("[red]usage: /save NAME[/]")
+                return True
+            saved = self.sessions.create(model=self.scheduler.model.name, system_prompt=self.session.system_prompt,
+                                         session_id=arg, title=arg)  # fmt: skip
+            self.sessions.replace(saved.id, self.sessions.messages(self.session.id))
+            self.console.print(f"[dim]saved as session {arg}[/]")
+        elif cmd == "/load":
+            found = self.sessions.find(arg) if arg else None
+            if found is None:
+                self.console.print(f"[red]no session named {arg!r}[/]")
+                return True
+            self.session = found
+            self.console.print(f"[dim]loaded session {arg} ({found.message_count} messages)[/]")
+        elif cmd == "/stats":
+            self.console.print(self._stats() if self.last else "[dim]no answer yet[/]")
+        else:
+            self.console.print(f"[red]unknown command {cmd}[/] (try /help)")
+        return True
+
+    def answer(self, text: str) -> None:
+        turn = plan_turn(self.sessions, model=self.scheduler.model.name,
+                         messages=[{"role": "user", "content": text}], session_id=self.session.id)  # fmt: skip
+        stream = self.scheduler.submit(GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id))
+        parts: list[str] = []
+        started = time.monotonic()
+        stopped = False
+        with Live(console=self.console, refresh_per_second=12, transient=False) as live:
+            try:
+                for event in stream:
+                    if event.text:
+                        parts.append(event.text)
+                    if event.done:
+                        self.last = event
+                    live.update(self._view("".join(parts), len(parts), started, event if event.done else None))
+            except KeyboardInterrupt:
+                stream.cancel()
+                stopped = True
+                for event in stream:  # drain to the final event so the slot is free
+                    if event.done:
+                        self.last = event
+                live.update(self._view("".join(parts), len(parts), started, self.last, stopped=True))
+        reply = "".join(parts)
+        if reply:
+            commit_turn(self.sessions, turn, reply)
+
+    def _view(self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False) -> Group:
+        elapsed = time.monotonic() - started
+        if final and final.timings and final.usage:
+            t = final.timings
+            status = (f"{final.usage.completion_tokens} tokens · TTFT {t.ttft_s * 1000:.0f} ms · "
+                      f"{t.decode_tokens_per_s:.1f} tok/s" + (" · stopped" if stopped else ""))  # fmt: skip
+        else:
+            status = f"{chunks} tokens · {elapsed:.1f} s"
+        return Group(Markdown(text or "…"), Text(status, style="dim"))
+
+    def _stats(self) -> str:
+        assert self.last is not None and self.last.usage and self.last.timings
+        u, t = self.last.usage, self.last.timings
+        return (f"prompt {u.prompt_tokens} tokens, answer {u.completion_tokens} tokens ({self.last.finish_reason}); "
+                f"queued {t.queued_s * 1000:.0f} ms, TTFT {t.ttft_s * 1000:.0f} ms, "
+                f"decode {t.decode_tokens_per_s:.1f} tok/s, total {t.total_s:.2f} s")  # fmt: skip
+
+
+@click.command()
+@click.argument("model", required=False)
+@generation_options
+@click.option("--system", help="System prompt for the conversation.")
+def chat(model: str | None, system: str | None, ep: str | None, api: str, **kw: Any) -> None:
+    """Chat with MODEL in the terminal (default: the catalog's default model).
+
+    Answers stream live as markdown, with TTFT and tokens/s. Conversations are saved as
+    sessions ($ORTLLM_HOME/sessions.db). Type /help inside the chat for commands.
+    """
+    console = Console()
+    scheduler = _scheduler(model or load_catalog().default, ep, api)
+    options = _options(kw, scheduler.model.parameters)
+    try:
+        TerminalChat(scheduler, SessionStore(), options, system, console).loop()
+    finally:
+        scheduler.close()
+
+
+COMMANDS = [run, chat]

