@@ -240,7 +240,7 @@ def chat(model: str | None, system: str | None, ep: str | None, api: str, **kw: 
     Answers stream live as markdown, with TTFT and tokens/s. Conversations are saved as
     sessions ($ORTLLM_HOME/sessions.db). Type /help inside the chat for commands.
     """
-    console = Console()
+    console = Console(highlight=False)  # model text is prose: no automatic number/path colouring
     scheduler = _scheduler(model or load_catalog().default, ep, api)
     options = _options(kw, scheduler.model.parameters)
     try:

@@ -140,6 +140,7 @@ class Scheduler:
         self._active: dict[int, Job] = {}
         self._cv = threading.Condition()
         self._stopping = False
+        self._engine_seeds = True  # until the Engine says it cannot reseed per turn
         self._thread = threading.Thread(target=self._run, name=f"ortllm-worker-{model.name}", daemon=True)
         self._thread.start()
 
@@ -279,7 +280,10 @@ class Scheduler:
             if self._stopping and not self._active and not admit:
                 return
             for job in admit:
-                self._begin_turn(engine, job)
+                if job.options.seed is not None and not self._engine_seeds:
+                    self._run_serially(job)
+                else:
+                    self._begin_turn(engine, job)
             for job in list(self._active.values()):
                 if (job.cancelled.is_set() or job.matcher.stopped) and not job.cancel_sent:
                     job.cancel_sent = True
@@ -328,8 +332,22 @@ class Scheduler:
             job.og_request = request
             job.decoder = self.model.tokenizer.create_stream()
             self._active[id(request)] = job
+        except RuntimeError as exc:
+            if o.seed is not None and "seed" in str(exc):
+                # the static (CPU) Engine has no per-turn seeds: seeded requests run on the Generator path
+                self._engine_seeds = False
+                self._run_serially(job)
+            else:
+                job.finish(ERROR, f"could not start generation: {_first_line(exc)}")
         except Exception as exc:
             job.finish(ERROR, f"could not start generation: {_first_line(exc)}")
+
+    def _run_serially(self, job: Job) -> None:
+        """Generate one job to the end with og.Generator (blocks the worker meanwhile)."""
+        try:
+            self._generate_one(job)
+        except Exception as exc:
+            job.finish(ERROR, f"generation failed: {_first_line(exc)}")
 
     def _end_turn(self, job: Job, event: Any, failed: bool) -> None:
         self._active.pop(id(job.og_request), None)
@@ -368,9 +386,7 @@ class Scheduler:
             for job in admit:
                 self._active[id(job)] = job
                 try:
-                    self._generate_one(job)
-                except Exception as exc:
-                    job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+                    self._run_serially(job)
                 finally:
                     self._active.pop(id(job), None)
 

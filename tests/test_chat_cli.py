@@ -1,0 +1,74 @@
+"""`ortllm chat` driven through a pseudo-terminal: multi-turn, Ctrl-C stops an answer, slash commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pexpect
+import pytest
+
+from ortllm.sessions import SessionStore
+
+PROMPT = ">>> "
+
+
+@pytest.fixture
+def chat(pulled):
+    child = pexpect.spawn(
+        sys.executable, ["-m", "ortllm.cli.main", "chat", "smollm2-135m", "--temperature", "0", "--max-tokens", "400"],
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"}, encoding="utf-8", timeout=60, dimensions=(40, 120),
+    )  # fmt: skip
+    child.expect("Type /help")
+    child.expect_exact(PROMPT)
+    yield child
+    if child.isalive():
+        child.terminate(force=True)
+
+
+def test_multi_turn_exchange_with_stats_and_ctrl_c(chat):
+    chat.sendline("What is the capital of France?")
+    chat.expect("Paris")
+    chat.expect(r"tok/s")  # the status line: tokens, TTFT, tok/s
+    chat.expect_exact(PROMPT)
+    chat.sendline("/stats")
+    chat.expect("TTFT")
+    chat.expect_exact(PROMPT)
+    chat.sendline("Write a very long story about a dragon who learns to code.")
+    chat.expect("tokens")  # streaming has started
+    chat.sendintr()  # Ctrl-C stops the answer, not the chat
+    chat.expect("stopped")
+    chat.expect_exact(PROMPT)
+    chat.sendline("What did I ask you first?")
+    chat.expect("tok/s")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+    sessions = SessionStore().list()
+    history = SessionStore().messages(sessions[0].id)
+    users = [m["content"] for m in history if m["role"] == "user"]
+    assert users[0] == "What is the capital of France?" and users[-1] == "What did I ask you first?"
+    assert len(users) == 3 and "Paris" in history[1]["content"]
+
+
+def test_slash_commands(chat):
+    chat.sendline("/help")
+    chat.expect("/reset")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/system You answer in one word.")
+    chat.expect("system prompt set")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/save my-chat")
+    chat.expect("saved as session my-chat")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/load nothing-here")
+    chat.expect("no session named")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/frobnicate")
+    chat.expect("unknown command")
+    chat.expect_exact(PROMPT)
+    chat.sendeof()  # Ctrl-D leaves
+    chat.expect(pexpect.EOF)
+    assert SessionStore().get("my-chat").system_prompt == "You answer in one word."
