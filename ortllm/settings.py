@@ -1,0 +1,124 @@
+"""Server settings: `config.toml`, then `ORTLLM_*` environment variables, then CLI flags (each overrides
+the one before). Validated once at start with messages that name the setting."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import OrtllmError
+
+
+class ConfigError(OrtllmError):
+    """A configuration file or value that cannot be used."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: list[str] = Field(default_factory=list, description="models to load at start")
+    max_queue: int = Field(64, ge=1, description="requests waiting per model before 503")
+    generate_timeout: float = Field(60.0, gt=0, description="seconds before TGI /generate answers 504")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    keep_alive: float = Field(0, ge=0, description="unload a model idle this many seconds (0 = never)")
+    threads: int = Field(128, ge=4, description="HTTP worker threads (each stream holds one)")
+    max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
+
+
+class AuthSettings(_Section):
+    api_keys: list[str] = Field(default_factory=list)
+    key_file: str | None = None
+    jwt_secret: str | None = None
+    jwt_audience: str | None = None
+    protect_metrics: bool = False
+
+
+class RateLimitSettings(_Section):
+    per_minute: int | None = Field(None, ge=0, description="requests per minute per key or IP; 0 = off")
+    storage_uri: str = "memory://"
+
+
+class CorsSettings(_Section):
+    origins: list[str] = Field(
+        default_factory=lambda: [r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"],
+        description="allowed origins (regular expressions or exact origins)",
+    )
+
+
+class Settings(_Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cors: CorsSettings = Field(default_factory=CorsSettings)
+    insecure: bool = False
+
+    @field_validator("server")
+    @classmethod
+    def _check_host(cls, value: ServerSettings) -> ServerSettings:
+        if not value.host:
+            raise ValueError("server.host must not be empty")
+        return value
+
+
+# environment variable → (section, key); lists are comma-separated
+ENV = {
+    "ORTLLM_HOST": ("server", "host"),
+    "ORTLLM_PORT": ("server", "port"),
+    "ORTLLM_MODELS": ("server", "models"),
+    "ORTLLM_MAX_QUEUE": ("server", "max_queue"),
+    "ORTLLM_GENERATE_TIMEOUT": ("server", "generate_timeout"),
+    "ORTLLM_MAX_BODY_BYTES": ("server", "max_body_bytes"),
+    "ORTLLM_KEEP_ALIVE": ("server", "keep_alive"),
+    "ORTLLM_API_KEYS": ("auth", "api_keys"),
+    "ORTLLM_JWT_SECRET": ("auth", "jwt_secret"),
+    "ORTLLM_RATE_LIMIT": ("rate_limit", "per_minute"),
+    "ORTLLM_CORS_ORIGINS": ("cors", "origins"),
+}
+LIST_KEYS = {("server", "models"), ("auth", "api_keys"), ("cors", "origins")}
+
+
+def load_settings(config: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                  env: dict[str, str] | None = None) -> Settings:  # fmt: skip
+    """Layer config.toml (path from the argument or `ORTLLM_CONFIG`), env vars and `overrides`."""
+    env = dict(os.environ if env is None else env)
+    data: dict[str, Any] = {}
+    path = config or env.get("ORTLLM_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"Config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from exc
+    for var, (section, key) in ENV.items():
+        if var in env and env[var] != "":
+            value: Any = env[var]
+            if (section, key) in LIST_KEYS:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            data.setdefault(section, {})[key] = value
+    for section, values in (overrides or {}).items():
+        if section == "insecure":
+            data["insecure"] = values
+            continue
+        for key, value in values.items():
+            if value is not None and value != () and value != []:
+                data.setdefault(section, {})[key] = list(value) if isinstance(value, tuple) else value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"Invalid setting {where}: {err['msg']}") from exc

@@ -1,0 +1,89 @@
+"""One error mapper: each dialect's error body, chosen by the request path (SPEC §6)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+from ortllm.errors import Busy, OrtllmError
+
+log = logging.getLogger("ortllm.web")
+
+# routes of the Rust service seed answer {"error": "..."}
+RUST_PREFIXES = ("/completions", "/chat/", "/sessions", "/readiness")
+
+
+def dialect_of(path: str) -> str:
+    if path.startswith("/api/v1/"):
+        return "spec"
+    if path.startswith("/v1/"):
+        return "openai"
+    if path.startswith(RUST_PREFIXES):
+        return "rust"
+    return "detail"  # /api/*, the TGI routes (/models, /generate) and everything else
+
+
+OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
+SPEC_CODES = {400: "INVALID_REQUEST", 401: "AUTHENTICATION_FAILED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+              413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
+              504: "TIMEOUT"}  # fmt: skip
+
+
+def error_response(status: int, message: str, code: str | None = None, *, details: str = "",
+                   param: str | None = None, path: str | None = None) -> Response:  # fmt: skip
+    """The error body of the dialect that owns `path` (default: the current request's)."""
+    dialect = dialect_of(path if path is not None else request.path)
+    body: dict[str, Any]
+    if dialect == "openai":
+        body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
+                          "param": param, "code": (code or "").lower() or None}}  # fmt: skip
+    elif dialect == "spec":
+        body = {"error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message, "details": details}}
+    elif dialect == "rust":
+        body = {"error": message}
+    else:
+        body = {"detail": message}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    """First pydantic error as 'field: message' (and the field name, for OpenAI's `param`)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "missing":
+        return f"Missing required field: {loc}", loc
+    return (f"{loc}: {msg}" if loc else msg), loc or None
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(OrtllmError)
+    def ortllm_error(exc: OrtllmError) -> Response:
+        response = error_response(exc.status, str(exc), exc.code)
+        if isinstance(exc, Busy):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+
+    @app.errorhandler(ValidationError)
+    def invalid(exc: ValidationError) -> Response:
+        message, param = validation_message(exc)
+        return error_response(400, message, "INVALID_REQUEST", param=param)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        messages = {404: f"Not found: {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
+                    413: "Request body too large"}  # fmt: skip
+        return error_response(status, messages.get(status, exc.description or exc.name))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"Internal error: {type(exc).__name__}", "INTERNAL_ERROR")

@@ -1,0 +1,182 @@
+"""Wire formats of every dialect as pydantic models: they validate requests and generate /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Wire(BaseModel):
+    """Requests ignore unknown fields (clients send extras), but types are checked."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Message(Wire):
+    role: Role
+    content: str
+
+
+class InferenceOptions(Wire):
+    """The seeds' InferenceOptions; ranges are checked by ortllm's one options validator."""
+
+    temperature: float | None = Field(None, description="0.0 to 2.0 (0 = greedy)")
+    top_p: float | None = Field(None, description="0.0 to 1.0")
+    top_k: int | None = Field(None, description="integer >= 0 (0 = off)")
+    max_tokens: int | None = Field(None, description="integer >= 1")
+    stop: list[str] | None = Field(None, description="stop sequences")
+    repeat_penalty: float | None = Field(None, description=">= 0.0 (1 = off)")
+    seed: int | None = None
+
+
+# ---- native (myllm seeds) ----------------------------------------------------------------------
+
+
+class ChatRequest(Wire):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    session_id: str | None = None
+    stream: bool = True
+    options: InferenceOptions | None = None
+
+
+class GenerateRequest(Wire):
+    model: str
+    prompt: str
+    stream: bool = True
+    raw: bool = Field(False, description="send the prompt as is, without the chat template")
+    system: str | None = None
+    options: InferenceOptions | None = None
+
+
+class EmbeddingsRequest(Wire):
+    model: str
+    input: str | list[str]
+
+
+class Usage(Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResponse(Wire):
+    message: Message
+    session_id: str
+    usage: Usage
+
+
+class GenerateResponse(Wire):
+    text: str
+    usage: Usage
+
+
+class EmbeddingResponse(Wire):
+    embedding: list[float] | None = None
+    embeddings: list[list[float]] | None = None
+    model: str
+
+
+class ModelObject(Wire):
+    name: str
+    family: str
+    size_mb: float
+    quantization: str
+    context_size: int
+    template: str
+    parameters: dict[str, Any]
+    loaded: bool
+    kind: str = "chat"
+    variant: str | None = None
+    ep: str | None = None
+    ep_reason: str | None = None
+
+
+class ModelList(Wire):
+    models: list[ModelObject]
+
+
+class StatusMessage(Wire):
+    status: str
+    message: str
+
+
+class Health(Wire):
+    status: str
+    model_loaded: bool
+    memory_usage: str
+    active_connections: int
+    uptime: float
+    timestamp: str
+
+
+# ---- OpenAI ------------------------------------------------------------------------------------
+
+
+class ContentPart(Wire):
+    type: str
+    text: str | None = None
+
+
+class OpenAIMessage(Wire):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type in ("text", "input_text"))
+        return self.content or ""
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class ResponseFormat(Wire):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+class OpenAISampling(Wire):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, description="accepted, not applied (see README)")
+    frequency_penalty: float | None = Field(None, description="accepted, not applied (see README)")
+    top_k: int | None = Field(None, description="extension: top-k sampling")
+    repeat_penalty: float | None = Field(None, description="extension: repetition penalty")
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+class OpenAIEmbeddingsRequest(Wire):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
