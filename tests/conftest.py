@@ -71,3 +71,83 @@ def scheduler(request, pulled: Path):
     sched = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), use_engine=request.param == "engine")
     yield sched
     sched.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`ortllm serve` in a subprocess (the real gunicorn server) on a free port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import time
+
+        import requests
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ["ORTLLM_HOME"]) / f"serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(self.port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise AssertionError(f"server did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(pulled: Path):
+    live = LiveServer("--model", DEFAULT_MODEL)
+    yield live
+    live.stop()
+
+
+def sse_events(response) -> list:
+    """Parse an SSE response as a browser's EventSource would: events separated by blank lines,
+    `data:` lines joined by newlines, one optional space after the colon removed."""
+    import json as _json
+
+    events, data = [], []
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if data:
+                text = "\n".join(data)
+                try:
+                    events.append(_json.loads(text))
+                except ValueError:
+                    events.append(text)
+                data = []
+            continue
+        if line.startswith("data:"):
+            data.append(line[6:] if line.startswith("data: ") else line[5:])
+    if data:
+        events.append("\n".join(data))
+    return events

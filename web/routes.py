@@ -58,7 +58,7 @@ def api_route(bp: Blueprint, rule: str, methods: tuple[str, ...] = ("GET",), *, 
     """Register a view on `bp`; when `body` is set the view receives the parsed model first."""
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
-        ROUTES.append(RouteDoc(rule, methods, tag, summary, body, response, streams))
+        ROUTES.append(RouteDoc((bp.url_prefix or "") + rule, methods, tag, summary, body, response, streams))
 
         @wraps(view)
         def wrapper(**kwargs: Any) -> Any:
