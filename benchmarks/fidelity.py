@@ -202,6 +202,17 @@ def run_config(name: str, hf_dir: Path, work: Path, ids: np.ndarray, ref: float,
     return result
 
 
+def time_config(result: Result, work: Path, prompt: np.ndarray, threads: int, repeats: int) -> None:
+    """Record one scored config's decode speed; a model genai cannot run gets the error instead."""
+    if result.error is not None:
+        return
+    print(f"timing {result.name} ...", file=sys.stderr)
+    try:
+        result.decode_tok_s = round(decode_speed(work / result.name, prompt, threads, repeats), 1)
+    except Exception as exc:  # scored by onnxruntime but not runnable by onnxruntime-genai
+        result.error = f"decode: {first_line(exc)}"
+
+
 def check_sanity(results: list[Result]) -> None:
     """Warn when the fp32 build does not reproduce the reference: the harness would be measuring itself."""
     for r in results:
@@ -276,12 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs.split(","):
             print(f"building {name} ...", file=sys.stderr)
             results.append(run_config(name, hf_dir, Path(tmp), ids, ref, args.threads))
-        # timed after all builds so that no build's disk writes or memory churn overlaps a measurement
-        for result in results if args.speed else []:
-            if result.error is None:
-                print(f"timing {result.name} ...", file=sys.stderr)
-                speed = decode_speed(Path(tmp) / result.name, ids[:, :64], args.threads, args.repeats)
-                result.decode_tok_s = round(speed, 1)
+        if args.speed:  # after all builds, so that no build's disk writes overlap a measurement
+            for result in results:
+                time_config(result, Path(tmp), ids[:, :64], args.threads, args.repeats)
     check_sanity(results)
     render(results, ref, gguf_mb)
     if args.json:

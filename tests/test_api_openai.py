@@ -101,7 +101,8 @@ def test_bad_requests_are_400_error_objects(client, server):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=M, messages=QUESTION, n=2)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=M, messages=QUESTION, response_format={"type": "json_object"})
+        client.chat.completions.create(model=M, messages=QUESTION, response_format={"type": "json_schema",
+                                                                                    "json_schema": {"name": "x"}})
     body = requests.post(server.url + "/v1/chat/completions", json={"model": M}).json()
     assert body["error"]["message"] == "Missing required field: messages" and body["error"]["param"] == "messages"
 
@@ -112,3 +113,24 @@ def test_langchain_invoke_and_stream(server):
     llm = ChatOpenAI(base_url=server.url + "/v1", api_key="any-key", model=M, temperature=0)
     assert "Paris" in llm.invoke("What is the capital of France?").content
     assert "Paris" in "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
+
+
+def test_response_format_json_schema_constrains_the_output(client):
+    import json
+
+    # bounded strings: the 135M model otherwise loops inside a string until max_tokens
+    text = {"type": "string", "maxLength": 40}
+    schema = {"type": "object", "properties": {"city": text, "country": text},
+              "required": ["city", "country"], "additionalProperties": False}  # fmt: skip
+    r = client.chat.completions.create(
+        model=M, temperature=0, max_tokens=300, messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    data = json.loads(r.choices[0].message.content)
+    assert set(data) == {"city", "country"} and all(isinstance(v, str) for v in data.values())
+    # an open object lets the small model add keys until max_tokens; the output is still JSON, not prose
+    r = client.chat.completions.create(model=M, temperature=0, max_tokens=40, messages=QUESTION,
+                                       response_format={"type": "json_object"})  # fmt: skip
+    assert r.choices[0].message.content.lstrip().startswith("{")
+    assert not r.choices[0].message.content.startswith("The capital")

@@ -2,13 +2,14 @@
 
 Mapping rules: `max_completion_tokens` wins over `max_tokens`; `presence_penalty` and
 `frequency_penalty` are accepted and not applied (the runtime has a multiplicative
-`repeat_penalty`, an extension field here, as is `top_k`); `n` must be 1; a `response_format`
-other than text is refused with 400 because the CPU runtime has no constrained decoding.
+`repeat_penalty`, an extension field here, as is `top_k`); `n` must be 1; `response_format`
+json_object / json_schema constrain the output with the runtime's guidance (llguidance).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from typing import Any
@@ -34,6 +35,19 @@ def sampling(body: p.OpenAISampling, max_tokens: int | None) -> dict[str, Any]:
             "stop": stop, "seed": body.seed, "repeat_penalty": body.repeat_penalty}  # fmt: skip
 
 
+def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
+    """`response_format` as a grammar for the runtime's constrained decoding (llguidance)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ("json_schema", json.dumps({"type": "object"}))
+    spec = fmt.json_schema or {}
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidOptions("response_format.json_schema.schema must be a JSON Schema object")
+    return ("json_schema", json.dumps(schema))
+
+
 def usage_of(event: TokenEvent) -> dict[str, Any]:
     u = event.usage
     assert u is not None
@@ -53,12 +67,11 @@ def check_final(event: TokenEvent) -> None:
 @api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat completion (OpenAI)",
            body=p.ChatCompletionRequest, streams=True)  # fmt: skip
 def chat_completions(body: p.ChatCompletionRequest) -> Response:
-    if body.response_format and body.response_format.type != "text":
-        raise InvalidOptions(f"response_format {body.response_format.type} is not supported by this runtime")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages if m.role != "tool"]  # fmt: skip
     max_tokens = body.max_completion_tokens or body.max_tokens
-    scheduler, chat = services().chat(body.model, messages, sampling(body, max_tokens), store=False)
+    scheduler, chat = services().chat(body.model, messages, sampling(body, max_tokens), store=False,
+                                      guidance=guidance_of(body.response_format))
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     if not body.stream:
         parts, final = [], None

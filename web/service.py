@@ -77,8 +77,8 @@ class Services:
         return scheduler, scheduler.submit(request)
 
     def chat(self, model: str, messages: list[dict[str, str]], raw_options: dict[str, Any] | None, *,
-             session_id: str | None = None, system_prompt: str | None = None,
-             store: bool = True) -> tuple[Scheduler, ChatSession]:  # fmt: skip
+             session_id: str | None = None, system_prompt: str | None = None, store: bool = True,
+             guidance: tuple[str, str] | None = None) -> tuple[Scheduler, ChatSession]:  # fmt: skip
         """Start a chat turn; with `store`, history comes from and goes to the session store."""
         scheduler = self.scheduler(model)
         options = self.options(scheduler, raw_options)
@@ -87,7 +87,9 @@ class Services:
                              session_id=session_id, system_prompt=system_prompt)  # fmt: skip
         else:
             turn = ChatTurn("", messages)
-        stream = scheduler.submit(GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None))
+        request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
+                                    guidance=guidance)
+        stream = scheduler.submit(request)
         return scheduler, ChatSession(self.sessions if store else None, turn, stream)
 
     # ---- model facts -------------------------------------------------------------------------

@@ -328,6 +328,8 @@ class Scheduler:
             turn.set_repetition_penalty(o.repeat_penalty if o.repeat_penalty > 0 else 1.0)
             if o.seed is not None:
                 turn.set_seed(o.seed)
+            if job.request.guidance:
+                turn.set_guidance(*job.request.guidance)
             job.turn_id = request.begin_turn(np.asarray(job.prompt_ids, dtype=np.int32), turn)
             job.og_request = request
             job.decoder = self.model.tokenizer.create_stream()
@@ -404,6 +406,8 @@ class Scheduler:
         if o.seed is not None:
             search["random_seed"] = o.seed
         params.set_search_options(**search)
+        if job.request.guidance:
+            params.set_guidance(*job.request.guidance)
         generator = og.Generator(self.model.model, params)
         generator.append_tokens(np.asarray([job.prompt_ids], dtype=np.int32))
         job.decoder = self.model.tokenizer.create_stream()
