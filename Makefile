@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install run test lint format clean
+.PHONY: install run chat test lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed  ## create .venv with the project, the convert extra and test tools
 
-run: install  ## convert the default model if needed, then chat with it
+run: install  ## convert the default model if needed, then serve it on 127.0.0.1:8000
+	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
+	$(BIN)/ortllm serve --model $(MODEL) $(SERVE_ARGS)
+
+chat: install  ## convert the default model if needed, then chat in the terminal
 	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
 	$(BIN)/ortllm chat $(MODEL)
 
