@@ -153,13 +153,13 @@ def onnx_ppl(model_dir: Path, ids: np.ndarray, threads: int) -> float:
     return perplexity(logits, ids)
 
 
-def decode_speed(model_dir: Path, prompt: np.ndarray, threads: int, repeats: int, tokens: int = 128) -> float:
-    """Best greedy decode tokens/s with onnxruntime-genai over `repeats` runs after a warm-up."""
+def decode_speed(model_dir: Path, prompt: np.ndarray, threads: int, tokens: int = 128) -> float:
+    """Greedy decode tokens/s with onnxruntime-genai, timed after a warm-up run."""
     config = og.Config(str(model_dir))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
     generate(model, prompt, 16)
-    return max(generate(model, prompt, tokens) for _ in range(repeats))
+    return generate(model, prompt, tokens)
 
 
 def generate(model: og.Model, prompt: np.ndarray, tokens: int) -> float:
@@ -202,15 +202,19 @@ def run_config(name: str, hf_dir: Path, work: Path, ids: np.ndarray, ref: float,
     return result
 
 
-def time_config(result: Result, work: Path, prompt: np.ndarray, threads: int, repeats: int) -> None:
-    """Record one scored config's decode speed; a model genai cannot run gets the error instead."""
-    if result.error is not None:
-        return
-    print(f"timing {result.name} ...", file=sys.stderr)
-    try:
-        result.decode_tok_s = round(decode_speed(work / result.name, prompt, threads, repeats), 1)
-    except Exception as exc:  # scored by onnxruntime but not runnable by onnxruntime-genai
-        result.error = f"decode: {first_line(exc)}"
+def time_all(results: list[Result], work: Path, prompt: np.ndarray, threads: int, rounds: int) -> None:
+    """Best decode speed of each scored config over `rounds` round-robin passes (spreads load spikes)."""
+    for round_no in range(1, rounds + 1):
+        print(f"timing decode, round {round_no}/{rounds} ...", file=sys.stderr)
+        for result in results:
+            if result.error is not None:
+                continue
+            try:
+                speed = decode_speed(work / result.name, prompt, threads)
+            except Exception as exc:  # scored by onnxruntime but not runnable by onnxruntime-genai
+                result.error = f"decode: {first_line(exc)}"
+                continue
+            result.decode_tok_s = round(max(speed, result.decode_tok_s or 0.0), 1)
 
 
 def check_sanity(results: list[Result]) -> None:
@@ -263,7 +267,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}"
     )
     parser.add_argument("--speed", action="store_true", help="also time 128-token greedy decoding")
-    parser.add_argument("--repeats", type=int, default=3, help="timed decoding runs per config (best counts)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed decoding rounds (the best counts)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for scoring and decoding")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -288,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"building {name} ...", file=sys.stderr)
             results.append(run_config(name, hf_dir, Path(tmp), ids, ref, args.threads))
         if args.speed:  # after all builds, so that no build's disk writes overlap a measurement
-            for result in results:
-                time_config(result, Path(tmp), ids[:, :64], args.threads, args.repeats)
+            time_all(results, Path(tmp), ids[:, :64], args.threads, args.rounds)
     check_sanity(results)
     render(results, ref, gguf_mb)
     if args.json:

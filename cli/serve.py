@@ -17,9 +17,15 @@ from ortllm.settings import load_settings
 @click.option("--max-queue", type=int, help="Requests waiting per model before 503 (default 64).")
 @click.option("--keep-alive", type=float, help="Unload a model after this many idle seconds (0 = never).")
 @click.option("--generate-timeout", type=float, help="Seconds before TGI-style /generate answers 504 (default 60).")
+@click.option("--api-key", "api_keys", multiple=True,
+              help="Require this key as 'Authorization: Bearer KEY' (repeatable; NAME:KEY names it in logs).")
+@click.option("--rate-limit", type=int, help="Requests per minute per key or IP (0 = off; default 60 with auth "
+              "or a non-loopback host, else off).")
+@click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback host without authentication.")
 @click.option("--print-config", is_flag=True, help="Print the effective settings as JSON and exit.")
 def serve(host: str | None, port: int | None, models: tuple[str, ...], config: str | None, max_queue: int | None,
-          keep_alive: float | None, generate_timeout: float | None, print_config: bool) -> None:  # fmt: skip
+          keep_alive: float | None, generate_timeout: float | None, api_keys: tuple[str, ...],
+          rate_limit: int | None, insecure: bool | None, print_config: bool) -> None:  # fmt: skip
     """Serve models over HTTP: native /api, OpenAI /v1, SSE streaming, Swagger UI at /docs.
 
     \b
@@ -30,11 +36,20 @@ def serve(host: str | None, port: int | None, models: tuple[str, ...], config: s
     """
     settings = load_settings(config, {"server": {"host": host, "port": port, "models": models,
                                                  "max_queue": max_queue, "keep_alive": keep_alive,
-                                                 "generate_timeout": generate_timeout}})  # fmt: skip
+                                                 "generate_timeout": generate_timeout},
+                                      "auth": {"api_keys": api_keys}, "rate_limit": {"per_minute": rate_limit},
+                                      "insecure": insecure})  # fmt: skip
     if print_config:
-        click.echo(json.dumps(settings.model_dump(), indent=2))
+        shown = settings.model_dump()
+        shown["auth"]["api_keys"] = [k.partition(":")[0] + ":***" if ":" in k else "***" for k in settings.auth.api_keys]
+        shown["auth"]["jwt_secret"] = "***" if settings.auth.jwt_secret else None
+        click.echo(json.dumps(shown, indent=2))
         return
+    from ortllm.web.security import check_exposure, load_keys
     from ortllm.web.server import serve as run_server
+
+    check_exposure(settings)
+    load_keys(settings)  # a bad key file or a too-short key fails here, before binding
 
     click.echo(f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True)
     run_server(settings)

@@ -87,3 +87,17 @@ class SessionNotFound(OrtllmError):
 
     status = 404
     code = "SESSION_NOT_FOUND"
+
+
+class GenerationTimeout(OrtllmError):
+    """A generation that did not finish within the configured time (it is cancelled)."""
+
+    status = 504
+    code = "TIMEOUT"
+
+
+class GenerationFailed(OrtllmError):
+    """The runtime failed while generating (the worker keeps serving other requests)."""
+
+    status = 500
+    code = "GENERATION_FAILED"

@@ -111,7 +111,8 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, dict[st
             data.setdefault(section, {})[key] = value
     for section, values in (overrides or {}).items():
         if section == "insecure":
-            data["insecure"] = values
+            if values is not None:
+                data["insecure"] = values
             continue
         for key, value in values.items():
             if value is not None and value != () and value != []:

@@ -101,9 +101,9 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.output()}")
             try:
-                if requests.get(self.url + "/health", timeout=2).ok:
+                if requests.get(self.url + "/health", timeout=5).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still loading models
                 time.sleep(0.2)
         raise AssertionError(f"server did not start: {self.output()}")
 

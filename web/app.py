@@ -13,7 +13,7 @@ from ortllm.runtime.registry import ModelRegistry
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
 
-from . import docs, errors, native, openai_api
+from . import docs, errors, metrics, native, openai_api, rust, security, sessions_api, spec_v1, tgi, ui, ws
 from .service import Services
 
 log = logging.getLogger("ortllm.web")
@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     services = Services(settings, registry, sessions or SessionStore())
     app.extensions["ortllm"] = services
     errors.register(app)
-    for blueprint in (native.bp, openai_api.bp, docs.bp, docs.swagger):
+    security.install(app, settings)
+    for blueprint in (native.bp, openai_api.bp, rust.bp, ws.bp, tgi.bp, spec_v1.bp, sessions_api.bp, metrics.bp,
+                      docs.bp, docs.swagger, ui.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = ConnectionCounter(app.wsgi_app, services)  # type: ignore[method-assign]
     for name in settings.server.models:

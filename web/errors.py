@@ -80,7 +80,7 @@ def register(app: Flask) -> None:
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         messages = {404: f"Not found: {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
-                    413: "Request body too large"}  # fmt: skip
+                    413: "Request body too large", 429: f"Rate limit exceeded: {exc.description}"}  # fmt: skip
         return error_response(status, messages.get(status, exc.description or exc.name))
 
     @app.errorhandler(Exception)

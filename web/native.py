@@ -10,10 +10,11 @@ from flask import Blueprint, Response, jsonify
 
 from ortllm import __version__
 from ortllm.catalog import load_catalog
-from ortllm.errors import OrtllmError
+from ortllm.errors import GenerationFailed
 from ortllm.runtime.types import ERROR, TokenEvent
 
 from . import protocol as p
+from . import ui
 from .routes import api_route
 from .service import services
 from .sse import sse_response
@@ -42,13 +43,15 @@ def collect(events) -> tuple[str, TokenEvent]:
             final = event
     assert final is not None
     if final.finish_reason == ERROR:
-        raise OrtllmError(final.error or "generation failed")
+        raise GenerationFailed(final.error or "generation failed")
     return "".join(parts), final
 
 
 @bp.get("/")
 def root() -> Response:
-    """Server information: the union of the MyLLM and TGI seeds' root documents."""
+    """Browsers get the web UI; API clients the server information (the MyLLM and TGI seeds' union)."""
+    if ui.wants_html():
+        return ui.index()
     svc = services()
     installed = [m.name for m in svc.installed()]
     return jsonify({
@@ -66,6 +69,7 @@ def root() -> Response:
 @api_route(bp, "/health", tag="health", summary="Health check (always open)", response=p.Health)
 def health() -> Response:
     svc = services()
+    svc.metrics.health_checks.inc()
     return jsonify({
         "status": "healthy",
         "model_loaded": bool(svc.registry.loaded()),

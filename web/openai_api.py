@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import InvalidOptions, ModelNotFound, OrtllmError
+from ortllm.errors import GenerationFailed, InvalidOptions, ModelNotFound
 from ortllm.runtime.types import ERROR, TokenEvent
 
 from . import protocol as p
@@ -61,7 +61,7 @@ def finish_reason(event: TokenEvent) -> str:
 
 def check_final(event: TokenEvent) -> None:
     if event.finish_reason == ERROR:
-        raise OrtllmError(event.error or "generation failed")
+        raise GenerationFailed(event.error or "generation failed")
 
 
 @api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat completion (OpenAI)",

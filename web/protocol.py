@@ -180,3 +180,159 @@ class OpenAIEmbeddingsRequest(Wire):
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+
+
+# ---- Rust service ------------------------------------------------------------------------------
+
+
+class RustCompletionRequest(Wire):
+    model: str
+    prompt: str = Field(min_length=1)
+    max_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+
+class RustCompletionResponse(Wire):
+    text: str
+    model: str
+    tokens: int
+
+
+class RustChatRequest(Wire):
+    """The kebab-case chat body of `/chat/completions` and `/chat/ws`."""
+
+    model_name: str = Field(alias="model-name")
+    prompt: str = Field(min_length=1)
+    session_id: str | None = Field(None, alias="session-id", description="auto: a new session (X-Session-Id)")
+    max_token: int = Field(512, alias="max-token")
+    temperature: float = 0.7
+    top_p: float = Field(0.95, alias="top-p")
+    top_k: int = Field(40, alias="top-k")
+    repeat_penalty: float = Field(1.1, alias="repeat-penalty")
+    system_prompt: str | None = Field(None, alias="system-prompt")
+    stop: list[str] = Field(default_factory=list)
+    device: str = Field("cpu", description="cpu, cuda, dml or webgpu (400 when not available here)")
+    multi_turn: bool = Field(False, alias="multi-turn", description="WebSocket only: keep the socket open")
+
+
+class Rollback(Wire):
+    amount: int = Field(ge=0)
+
+
+class Readiness(Wire):
+    status: str
+    models_available: int
+    timestamp: str
+
+
+# ---- TGI orchestrator --------------------------------------------------------------------------
+
+
+class TGIModel(Wire):
+    id: str
+    name: str
+    hf_name: str
+    running: bool
+    context_length: int
+    quantization: str
+
+
+class TGIModelList(Wire):
+    models: list[TGIModel]
+
+
+class TGIStarted(Wire):
+    message: str
+    port: int
+    container_name: str
+
+
+class TGIGenerateRequest(Wire):
+    model_id: str
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = 200
+    temperature: float = 0.7
+    top_p: float = 0.95
+
+
+class TGIGenerateResponse(Wire):
+    generated_text: str
+    model_id: str
+
+
+# ---- API design spec (/api/v1) -----------------------------------------------------------------
+
+
+class SpecGenerateRequest(Wire):
+    prompt: str = Field(min_length=1)
+    model: str | None = Field(None, description="absent or 'default': the first loaded model")
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] | None = None
+    stream: bool = False
+
+
+class SpecGenerateResponse(Wire):
+    text: str
+    usage: Usage
+    latency: float
+
+
+class SpecBatchRequest(Wire):
+    requests: list[SpecGenerateRequest] = Field(min_length=1, max_length=64)
+
+
+class SpecBatchResponse(Wire):
+    results: list[SpecGenerateResponse]
+
+
+class SpecModel(Wire):
+    name: str
+    format: str
+    size: str
+    loaded: bool
+    memory_usage: str
+    quantization: str
+
+
+class SpecModelList(Wire):
+    models: list[SpecModel]
+
+
+class SpecLoadRequest(Wire):
+    quantization: str | None = Field(None, description="e.g. q4_0, int4, int8, fp16, fp32")
+    prefer_gpu: bool = False
+
+
+# ---- sessions for the web UI (/api/sessions) ---------------------------------------------------
+
+
+class SessionCreate(Wire):
+    title: str | None = None
+    model: str | None = None
+    system_prompt: str | None = None
+    messages: list[Message] = Field(default_factory=list, description="seed the history (branch a conversation)")
+
+
+class SessionPatch(Wire):
+    title: str | None = None
+    system_prompt: str | None = None
+
+
+class SessionObject(Wire):
+    id: str
+    title: str | None
+    model: str | None
+    system_prompt: str | None
+    created: float
+    updated: float
+    message_count: int
+
+
+class SessionList(Wire):
+    sessions: list[SessionObject]

@@ -23,6 +23,8 @@ from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel
 
+from .metrics import Metrics, MeteredStream
+
 
 class Services:
     """The app's shared objects (one per app), reachable as `services()` inside a request."""
@@ -31,6 +33,7 @@ class Services:
         self.settings = settings
         self.registry = registry
         self.sessions = sessions
+        self.metrics = Metrics(registry)
         self.started = time.time()
         self._connections = 0
         self._lock = threading.Lock()
@@ -40,10 +43,12 @@ class Services:
     def connection_opened(self) -> None:
         with self._lock:
             self._connections += 1
+            self.metrics.active_connections.set(self._connections)
 
     def connection_closed(self) -> None:
         with self._lock:
             self._connections -= 1
+            self.metrics.active_connections.set(self._connections)
 
     @property
     def active_connections(self) -> int:
@@ -65,22 +70,28 @@ class Services:
                                 max_tokens_limit=self.settings.server.max_tokens_limit)  # fmt: skip
 
     def complete(self, model: str, prompt: str, raw_options: dict[str, Any] | None, *, template: bool,
-                 system: str | None = None) -> tuple[Scheduler, Stream]:  # fmt: skip
+                 system: str | None = None) -> tuple[Scheduler, MeteredStream]:  # fmt: skip
         """Start a stateless generation: the chat template applied (`template`) or the prompt as is."""
         scheduler = self.scheduler(model)
+        self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
         if template:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             request = GenerationRequest(options, messages=messages)
         else:
             request = GenerationRequest(options, prompt=prompt)
-        return scheduler, scheduler.submit(request)
+        return scheduler, self.metered(scheduler, scheduler.submit(request))
+
+    def metered(self, scheduler: Scheduler, stream: Stream) -> MeteredStream:
+        """A stream whose outcome is counted in /metrics."""
+        return MeteredStream(stream, self.metrics, scheduler.model.name)
 
     def chat(self, model: str, messages: list[dict[str, str]], raw_options: dict[str, Any] | None, *,
              session_id: str | None = None, system_prompt: str | None = None, store: bool = True,
              guidance: tuple[str, str] | None = None) -> tuple[Scheduler, ChatSession]:  # fmt: skip
         """Start a chat turn; with `store`, history comes from and goes to the session store."""
         scheduler = self.scheduler(model)
+        self.metrics.chat_completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
         if store:
             turn = plan_turn(self.sessions, model=scheduler.model.name, messages=messages,
@@ -89,7 +100,7 @@ class Services:
             turn = ChatTurn("", messages)
         request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
                                     guidance=guidance)
-        stream = scheduler.submit(request)
+        stream = self.metered(scheduler, scheduler.submit(request))
         return scheduler, ChatSession(self.sessions if store else None, turn, stream)
 
     # ---- model facts -------------------------------------------------------------------------
@@ -123,7 +134,7 @@ class Services:
 class ChatSession:
     """A chat turn's event stream that stores the reply in the session when the turn completes."""
 
-    def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: Stream) -> None:
+    def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream) -> None:
         self.sessions = sessions
         self.turn = turn
         self.stream = stream

@@ -40,7 +40,12 @@ class ModelRegistry:
 
     def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Scheduler:
         """The model's scheduler, loading it first when `autoload` (else ModelNotFound if not loaded)."""
-        canonical = self.installed(name).name
+        try:
+            canonical = self.installed(name).name
+        except ModelNotFound:
+            if name in self._loaded:  # its files were deleted while it was loaded: let it go
+                self.unload(name)
+            raise
         scheduler = self._loaded.get(canonical)
         if scheduler is None:
             if not autoload:
@@ -68,7 +73,7 @@ class ModelRegistry:
 
     def unload(self, name: str) -> bool:
         """Stop and drop a loaded model; False when it was not loaded."""
-        canonical = self.installed(name).name if self.store.find(name) is None else name
+        canonical = name if name in self._loaded or self.store.find(name) else self.installed(name).name
         with self._lock:
             scheduler = self._loaded.pop(canonical, None)
             self._last_used.pop(canonical, None)

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime_genai as og
 
-from ortllm.errors import Busy, InvalidOptions, ModelLoadError, OrtllmError
+from ortllm.errors import Busy, GenerationFailed, InvalidOptions, ModelLoadError
 
 from .loaded import LoadedModel
 from .options import GenerationOptions
@@ -113,7 +113,7 @@ class Stream:
         final = self.final
         assert final is not None
         if final.finish_reason == ERROR:
-            raise OrtllmError(final.error or "generation failed")
+            raise GenerationFailed(final.error or "generation failed")
         return Result("".join(parts), final.finish_reason or STOP, final.usage or Usage(), final.timings or Timings(),
                       list(self._job.token_ids))  # fmt: skip
 
@@ -290,20 +290,47 @@ class Scheduler:
                     job.og_request.cancel_turn(job.turn_id)
             if not self._active:
                 continue
-            for event in engine.run(buffer):
+            try:
+                events = list(engine.run(buffer))
+            except Exception as exc:  # the step failed: fail what it held, start a fresh Engine, keep serving
+                log.exception("engine step failed for %s", self.model.name)
+                for job in list(self._active.values()):
+                    job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+                self._active.clear()
+                engine = og.Engine(self.model.model)
+                buffer = engine.create_event_buffer(256)
+                continue
+            for event in events:
                 job = self._active.get(id(event.request))
                 if job is None:
                     continue
-                flags = int(event.flags)
-                if flags & token_flag and not job.cancel_sent:
-                    self._on_token(job, int(event.token))
-                    if job.matcher.stopped:
-                        job.cancel_sent = True
-                        job.og_request.cancel_turn(job.turn_id)
-                if flags & (finished_flag | failed_flag):
-                    if event.usage is not None:
-                        job.cached_prompt_tokens = int(event.usage.cached_prompt_tokens)
-                    self._end_turn(job, event, failed=bool(flags & failed_flag))
+                try:
+                    self._on_event(job, event, token_flag, finished_flag | failed_flag, failed_flag)
+                except Exception as exc:  # one request's failure must not stop the others
+                    log.exception("request failed on %s", self.model.name)
+                    self._abort(job, exc)
+
+    def _on_event(self, job: Job, event: Any, token_flag: int, end_flags: int, failed_flag: int) -> None:
+        flags = int(event.flags)
+        if flags & token_flag and not job.cancel_sent:
+            self._on_token(job, int(event.token))
+            if job.matcher.stopped:
+                job.cancel_sent = True
+                job.og_request.cancel_turn(job.turn_id)
+        if flags & end_flags:
+            if event.usage is not None:
+                job.cached_prompt_tokens = int(event.usage.cached_prompt_tokens)
+            self._end_turn(job, event, failed=bool(flags & failed_flag))
+
+    def _abort(self, job: Job, exc: Exception) -> None:
+        """Fail one Engine request and release its slot."""
+        self._active.pop(id(job.og_request), None)
+        try:
+            job.og_request.cancel_turn(job.turn_id)
+            job.og_request.close()
+        except Exception:  # already finished or closed: nothing to release
+            pass
+        job.finish(ERROR, f"generation failed: {_first_line(exc)}")
 
     def _begin_turn(self, engine: Any, job: Job) -> None:
         job.started = time.monotonic()

@@ -1,0 +1,114 @@
+"""Prometheus metrics with both seeds' names, recorded where every generation passes (the Services)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from ortllm.runtime.types import ERROR, TokenEvent
+
+from .routes import api_route
+
+if TYPE_CHECKING:
+    from ortllm.runtime.registry import ModelRegistry
+    from ortllm.runtime.scheduler import Stream
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 3, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """One app's metrics in their own registry (several apps can live in one process)."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.health_checks = Counter("health_check_requests", "Health check requests", registry=r)
+        self.completions = Counter("completions_requests", "Completion requests", ["model"], registry=r)
+        self.chat_completions = Counter("chat_completions_requests", "Chat completion requests", ["model"], registry=r)
+        self.duration = Histogram("completions_duration_seconds", "Request latency: submit to last token", ["model"],
+                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tokens = Counter("completions_tokens", "Tokens generated", ["model"], registry=r)
+        self.errors = Counter("completions_errors", "Failed generations", ["model"], registry=r)
+        self.inference = Histogram("model_inference_seconds", "Model inference time", ["model"],
+                                   buckets=(1, 3, 5, 10, 30, 60), registry=r)  # fmt: skip
+        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token", ["model"],
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)  # fmt: skip
+        self.tps = Histogram("decode_tokens_per_second", "Decode speed of each request", ["model"],
+                             buckets=(5, 10, 25, 50, 75, 100, 150, 200, 300), registry=r)  # fmt: skip
+        self.active_connections = Gauge("active_connections", "HTTP requests and streams in flight", registry=r)
+        r.register(_SchedulerCollector(models))
+
+    def observe(self, model: str, final: TokenEvent) -> None:
+        """Record one finished generation."""
+        if final.finish_reason == ERROR:
+            self.errors.labels(model).inc()
+            return
+        if final.usage:
+            self.tokens.labels(model).inc(final.usage.completion_tokens)
+        if final.timings:
+            t = final.timings
+            self.duration.labels(model).observe(t.total_s)
+            self.inference.labels(model).observe(max(0.0, t.total_s - t.queued_s))
+            if final.usage and final.usage.completion_tokens:
+                self.ttft.labels(model).observe(t.ttft_s)
+            if t.decode_tokens_per_s:
+                self.tps.labels(model).observe(t.decode_tokens_per_s)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MeteredStream:
+    """A Stream that reports its final event to the metrics; otherwise the same interface."""
+
+    def __init__(self, stream: Stream, metrics: Metrics, model: str) -> None:
+        self._stream = stream
+        self._metrics = metrics
+        self._model = model
+        self.prompt_tokens = stream.prompt_tokens
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        for event in self._stream:
+            if event.done:
+                self._metrics.observe(self._model, event)
+            yield event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.cancel()
+
+
+class _SchedulerCollector:
+    """Queue depth and running batch size of each loaded model, read at scrape time."""
+
+    def __init__(self, models: ModelRegistry) -> None:
+        self.models = models
+
+    def collect(self):
+        depth = GaugeMetricFamily("queue_depth", "Requests waiting for a slot", labels=["model"])
+        batch = GaugeMetricFamily("batch_size", "Requests generating now", labels=["model"])
+        for name, scheduler in self.models.loaded().items():
+            depth.add_metric([name], scheduler.queue_depth)
+            batch.add_metric([name], scheduler.active_count)
+        yield depth
+        yield batch
+
+
+bp = Blueprint("metrics", __name__)
+
+
+@api_route(bp, "/metrics", tag="health", summary="Prometheus metrics (text exposition format)")
+def metrics() -> Response:
+    from .service import services
+
+    body, content_type = services().metrics.render()
+    return Response(body, content_type=content_type)

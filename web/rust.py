@@ -1,0 +1,123 @@
+"""The Rust service dialect: `/readiness`, `/completions`, `/chat/completions` (kebab-case body), sessions
+and history. Streams are SSE of raw token text; errors are `{"error": "..."}`. `WS /chat/ws` is in ws.py."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from flask import Blueprint, Response, jsonify
+
+from ortllm.errors import InvalidOptions
+from ortllm.runtime.loaded import available_eps, variant_ep
+from ortllm.runtime.types import ERROR, TokenEvent
+
+from . import protocol as p
+from .errors import error_response
+from .native import collect
+from .routes import api_route
+from .service import ChatSession, services
+from .sse import sse_response
+
+bp = Blueprint("rust", __name__)
+TAG = "Rust service"
+DEVICES = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "directml": "dml", "webgpu": "webgpu"}
+
+
+def use_device(model: str, device: str) -> None:
+    """Load `model` on the execution provider `device` names; 400 when this machine or model has none."""
+    ep = DEVICES.get(device.lower())
+    if ep == "cpu":
+        return
+    if device.lower() == "metal":
+        raise InvalidOptions("device 'metal' is not supported: onnxruntime-genai has no Metal execution provider")
+    if ep is None:
+        raise InvalidOptions(f"Unknown device '{device}': use cpu, cuda, dml or webgpu")
+    registry = services().registry
+    installed = registry.installed(model)
+    if ep not in available_eps():
+        raise InvalidOptions(f"device '{device}' is not available here: this onnxruntime-genai supports "
+                             f"{', '.join(available_eps())}")  # fmt: skip
+    if ep not in {variant_ep(v) for v in installed.variants.values()}:
+        raise InvalidOptions(f"Model '{installed.name}' has no {ep} variant; build one with: "
+                             f"ortllm convert {installed.get('catalog_name') or installed.name} --ep {ep}")  # fmt: skip
+    registry.load(installed.name, ep=ep)
+
+
+def start_chat(body: p.RustChatRequest) -> ChatSession:
+    """Start one chat turn of the kebab-case body; the session's stored history comes first."""
+    use_device(body.model_name, body.device)
+    options = {"max_tokens": body.max_token, "temperature": body.temperature, "top_p": body.top_p,
+               "top_k": body.top_k, "repeat_penalty": body.repeat_penalty, "stop": body.stop}  # fmt: skip
+    _, session = services().chat(body.model_name, [{"role": "user", "content": body.prompt}], options,
+                                 session_id=body.session_id, system_prompt=body.system_prompt)  # fmt: skip
+    return session
+
+
+def raw_tokens(events: Iterable[TokenEvent]) -> Iterator[str]:
+    """Token texts as raw SSE events; a failed generation ends with `__ERROR__:message`."""
+    for event in events:
+        if event.text:
+            yield event.text
+        if event.done and event.finish_reason == ERROR:
+            yield f"__ERROR__:{event.error}"
+
+
+@api_route(bp, "/readiness", tag=TAG, summary="Ready when a model is loaded (503 until then)", response=p.Readiness)
+def readiness() -> Response:
+    loaded = services().registry.loaded()
+    if not loaded:
+        return error_response(503, "Not ready: no model is loaded yet")
+    return jsonify({"status": "ready", "models_available": len(loaded),
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+
+
+@api_route(bp, "/completions", ("POST",), tag=TAG, summary="Text completion, no chat template (stream: SSE)",
+           body=p.RustCompletionRequest, response=p.RustCompletionResponse, streams=True)  # fmt: skip
+def completions(body: p.RustCompletionRequest) -> Response:
+    options = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+               "stop": body.stop}  # fmt: skip
+    _, stream = services().complete(body.model, body.prompt, options, template=False)
+    if body.stream:
+
+        def events():
+            with stream:
+                yield from raw_tokens(stream)
+
+        return sse_response(events())
+    with stream:
+        text, final = collect(stream)
+    assert final.usage is not None
+    return jsonify({"text": text, "model": body.model, "tokens": final.usage.completion_tokens})
+
+
+@api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat with session history: SSE of raw tokens",
+           body=p.RustChatRequest, streams=True)  # fmt: skip
+def chat_completions(body: p.RustChatRequest) -> Response:
+    session = start_chat(body)
+    response = sse_response(raw_tokens(session))
+    response.headers["X-Session-Id"] = session.session_id
+    return response
+
+
+@api_route(bp, "/sessions", tag=TAG, summary="Session ids, most recent first")
+def list_sessions() -> Response:
+    return jsonify([s.id for s in services().sessions.list()])
+
+
+@api_route(bp, "/chat/history/<path:session_id>", tag=TAG, summary="A session's messages, system prompt first")
+def history(session_id: str) -> Response:
+    return jsonify(services().sessions.history(session_id))
+
+
+@api_route(bp, "/chat/history/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")
+def delete_history(session_id: str) -> Response:
+    services().sessions.delete(session_id)
+    return Response(status=204)
+
+
+@api_route(bp, "/chat/history/<path:session_id>/rollback", ("POST",), tag=TAG,
+           summary="Remove the last `amount` messages", body=p.Rollback)  # fmt: skip
+def rollback(body: p.Rollback, session_id: str) -> Response:
+    services().sessions.rollback(session_id, body.amount)
+    return jsonify({"status": "ok"})

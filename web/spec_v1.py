@@ -1,0 +1,149 @@
+"""The API design spec dialect under /api/v1: generate (with `latency`), a `{token, finished}` stream, models,
+load, and batch generation run as one batch. Errors are `{"error": {"code", "message", "details"}}`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from ortllm.catalog import load_catalog
+from ortllm.errors import InvalidOptions, OrtllmError
+from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_ep
+from ortllm.runtime.scheduler import Stream
+from ortllm.runtime.types import ERROR
+from ortllm.store import InstalledModel
+
+from . import protocol as p
+from .native import collect, usage_of
+from .routes import api_route
+from .service import services
+from .sse import sse_response
+
+bp = Blueprint("spec_v1", __name__, url_prefix="/api/v1")
+TAG = "API design spec (/api/v1)"
+PRECISIONS = {"q4_0": "int4", "q4_1": "int4", "q4_k": "int4", "q4_k_m": "int4", "int4": "int4", "q8_0": "int8",
+              "int8": "int8", "fp16": "fp16", "f16": "fp16", "bf16": "bf16", "fp32": "fp32", "f32": "fp32"}  # fmt: skip
+
+
+class ModelNotLoaded(OrtllmError):
+    """No model was named and none is loaded (nor the catalog default installed)."""
+
+    status = 503
+    code = "MODEL_NOT_LOADED"
+
+
+def model_or_default(name: str | None) -> str:
+    """The named model; absent or "default": the first loaded model, else the catalog default if installed."""
+    if name and name != "default":
+        return name
+    svc = services()
+    loaded = list(svc.registry.loaded())
+    if loaded:
+        return loaded[0]
+    default = load_catalog().default
+    if svc.registry.store.find(default) is None:
+        raise ModelNotLoaded("No model is loaded: name one in `model` or load one with POST /api/v1/models/{name}/load")
+    return default
+
+
+def start(body: p.SpecGenerateRequest) -> Stream:
+    options = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+               "top_k": body.top_k, "stop": body.stop}  # fmt: skip
+    _, stream = services().complete(model_or_default(body.model), body.prompt, options, template=True)
+    return stream
+
+
+def result(stream: Stream, started: float) -> dict[str, Any]:
+    with stream:
+        text, final = collect(stream)
+    return {"text": text, "usage": usage_of(final), "latency": round(time.monotonic() - started, 3)}
+
+
+def human_size(size_mb: float) -> str:
+    return f"{size_mb / 1000:.1f}GB" if size_mb >= 1000 else f"{size_mb:.0f}MB"
+
+
+def spec_model(model: InstalledModel) -> dict[str, Any]:
+    m = services().model_object(model)
+    return {"name": m["name"], "format": "onnx", "size": human_size(m["size_mb"]), "loaded": m["loaded"],
+            "memory_usage": human_size(m["size_mb"] if m["loaded"] else 0), "quantization": m["quantization"]}  # fmt: skip
+
+
+@api_route(bp, "/generate", ("POST",), tag=TAG, summary="Generate text (chat template applied)",
+           body=p.SpecGenerateRequest, response=p.SpecGenerateResponse, streams=True)  # fmt: skip
+def generate(body: p.SpecGenerateRequest) -> Response:
+    if body.stream:
+        return generate_stream(body)
+    started = time.monotonic()
+    return jsonify(result(start(body), started))
+
+
+@api_route(bp, "/generate/stream", ("POST",), tag=TAG, summary="SSE of {token, finished}; the last has finished: true",
+           body=p.SpecGenerateRequest, streams=True)  # fmt: skip
+def generate_stream(body: p.SpecGenerateRequest) -> Response:
+    stream = start(body)
+
+    def events() -> Iterator[dict[str, Any]]:
+        held = ""  # each token goes out when the next arrives, so the last one can carry finished: true
+        with stream:
+            for event in stream:
+                if event.text:
+                    if held:
+                        yield {"token": held, "finished": False}
+                    held = event.text
+                if event.done:
+                    last: dict[str, Any] = {"token": held, "finished": True, "finish_reason": event.finish_reason}
+                    if event.finish_reason == ERROR:
+                        last["error"] = {"code": "GENERATION_FAILED", "message": event.error, "details": ""}
+                    else:
+                        last["usage"] = usage_of(event)
+                    yield last
+
+    return sse_response(events())
+
+
+@api_route(bp, "/models", tag=TAG, summary="Installed models: format, size, loaded, memory", response=p.SpecModelList)
+def list_models() -> Response:
+    return jsonify({"models": [spec_model(m) for m in services().installed()]})
+
+
+@api_route(bp, "/models/<path:model_name>/load", ("POST",), tag=TAG, summary="Load a model (quantization, prefer_gpu)",
+           body=p.SpecLoadRequest, response=p.SpecModel, optional_body=True)  # fmt: skip
+def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
+    svc = services()
+    model = svc.registry.installed(model_name)
+    variants = list(model.variants.values())
+    if body.quantization:
+        precision = PRECISIONS.get(body.quantization.lower(), body.quantization.lower())
+        variants = [v for v in variants if v.precision == precision]
+        if not variants:
+            have = ", ".join(sorted({v.precision for v in model.variants.values()}))
+            raise InvalidOptions(f"Model '{model.name}' has no {body.quantization} build (it has: {have})")
+    eps = [ep for ep in EP_PREFERENCE if ep in available_eps() and ep in {variant_ep(v) for v in variants}]
+    if not eps:
+        raise InvalidOptions(f"No build of '{model.name}' can run here (available: {', '.join(available_eps())})")
+    gpus = [ep for ep in eps if ep != "cpu"]
+    ep = gpus[0] if body.prefer_gpu and gpus else ("cpu" if "cpu" in eps else eps[0])
+    svc.registry.load(model.name, ep=ep)
+    return jsonify({**spec_model(model), "device": ep})
+
+
+@api_route(bp, "/batch/generate", ("POST",), tag=TAG, summary="Several generations run together, results in order",
+           body=p.SpecBatchRequest, response=p.SpecBatchResponse)  # fmt: skip
+def batch_generate(body: p.SpecBatchRequest) -> Response:
+    started = time.monotonic()
+    streams: list[Stream] = []
+    try:
+        for i, item in enumerate(body.requests):  # submit all first: the scheduler batches them
+            try:
+                streams.append(start(item))
+            except OrtllmError as exc:
+                exc.args = (f"requests[{i}]: {exc}",)
+                raise
+        return jsonify({"results": [result(s, started) for s in streams]})
+    finally:
+        for s in streams:
+            s.cancel()

@@ -1,0 +1,88 @@
+"""The TGI orchestrator dialect: `/models` (shared with the Rust seed's model routes), start/stop, `/generate`.
+
+A "container" is a loaded model in this process: start loads it, stop unloads it, and `port` is this
+server's own. Errors are `{"detail": ...}`."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from ortllm.errors import GenerationTimeout, ModelNotFound
+from ortllm.runtime.types import CANCELLED
+
+from . import protocol as p
+from .native import collect
+from .routes import api_route
+from .service import services
+
+bp = Blueprint("tgi", __name__)
+TAG = "TGI orchestrator"
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """The TGI model object, with the Rust seed's `context_length` and `quantization`."""
+    svc = services()
+    m = svc.model_object(svc.registry.installed(name))
+    return {"id": m["name"], "name": m["name"], "hf_name": m["hf_name"], "running": m["loaded"],
+            "context_length": m["context_size"], "quantization": m["quantization"]}  # fmt: skip
+
+
+def container_name(name: str) -> str:
+    return f"ortllm-{name}"
+
+
+@api_route(bp, "/models", tag=TAG, summary="Installed models and whether each is running", response=p.TGIModelList)
+def list_models() -> Response:
+    return jsonify({"models": [model_card(m.name) for m in services().installed()]})
+
+
+@api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model (Rust seed's details)", response=p.TGIModel)
+def get_model(model_id: str) -> Response:
+    return jsonify(model_card(model_id))
+
+
+@api_route(bp, "/models/<path:model_id>/start", ("POST",), tag=TAG, summary="Load a model (start its 'container')",
+           response=p.TGIStarted)  # fmt: skip
+def start(model_id: str) -> Response:
+    svc = services()
+    name = svc.registry.installed(model_id).name
+    state = "already running" if svc.registry.is_loaded(name) else "started"
+    svc.registry.load(name)
+    return jsonify({"message": f"Container for {model_id} {state}", "port": svc.settings.server.port,
+                    "container_name": container_name(name)})  # fmt: skip
+
+
+@api_route(bp, "/models/<path:model_id>/stop", ("POST",), tag=TAG, summary="Unload a model (404 when not running)")
+def stop(model_id: str) -> Response:
+    registry = services().registry
+    if not registry.unload(registry.installed(model_id).name):
+        raise ModelNotFound(f"Container for {model_id} is not running")
+    return jsonify({"message": f"Container for {model_id} stopped"})
+
+
+@api_route(bp, "/generate", ("POST",), tag=TAG, summary="Generate text (loads the model; 504 after the timeout)",
+           body=p.TGIGenerateRequest, response=p.TGIGenerateResponse)  # fmt: skip
+def generate(body: p.TGIGenerateRequest) -> Response:
+    svc = services()
+    options = {"max_tokens": body.max_new_tokens, "temperature": body.temperature, "top_p": body.top_p}
+    _, stream = svc.complete(body.model_id, body.prompt, options, template=False)
+    timeout = svc.settings.server.generate_timeout
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        stream.cancel()
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    try:
+        with stream:
+            text, final = collect(stream)
+    finally:
+        timer.cancel()
+    if expired.is_set() and final.finish_reason == CANCELLED:
+        raise GenerationTimeout(f"Generation did not finish within {timeout:g} seconds")
+    return jsonify({"generated_text": text, "model_id": body.model_id})
