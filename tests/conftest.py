@@ -84,12 +84,12 @@ def free_port() -> int:
 class LiveServer:
     """`ortllm serve` in a subprocess (the real gunicorn server) on a free port."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
         import time
 
         import requests
 
-        self.port = free_port()
+        self.port = port or free_port()  # a fixed port: restart a stopped server where clients expect it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ["ORTLLM_HOME"]) / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(

@@ -69,3 +69,10 @@ def test_print_config():
     out = json.loads(ortllm("serve", "--port", "8123", "--print-config", check=True).stdout)
     assert out["server"]["port"] == 8123 and out["server"]["host"] == "127.0.0.1"
     assert "bad.toml" in ortllm("serve", "--config", "bad.toml", "--print-config").stderr
+
+
+def test_sample_config_is_valid():
+    from tests.conftest import REPO
+
+    settings = load_settings(REPO / "config.example.toml", env={})
+    assert settings.server.models == ["smollm2-135m"] and settings.rate_limit.storage_uri == "memory://"

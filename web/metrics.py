@@ -40,6 +40,8 @@ class Metrics:
         self.tps = Histogram("decode_tokens_per_second", "Decode speed of each request", ["model"],
                              buckets=(5, 10, 25, 50, 75, 100, 150, 200, 300), registry=r)  # fmt: skip
         self.active_connections = Gauge("active_connections", "HTTP requests and streams in flight", registry=r)
+        self.requests = Counter("http_requests", "HTTP requests by dialect, caller (API key name) and status",
+                                ["dialect", "identity", "status"], registry=r)  # fmt: skip
         r.register(_SchedulerCollector(models))
 
     def observe(self, model: str, final: TokenEvent) -> None:

@@ -97,8 +97,8 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
             content: dict[str, Any] = {}
             if route.response is not None:
                 content["application/json"] = {"schema": ref(route.response)}
-            if route.streams:
-                content["text/event-stream"] = {"schema": {"type": "string"}}
+            if route.streams:  # SSE: a sequence of `data:` events, described per route in its summary
+                content["text/event-stream"] = {}
             if content:
                 op["responses"]["200"]["content"] = content
             op["responses"]["400"] = {"description": "Bad request (the dialect's error body)"}

@@ -125,6 +125,17 @@ class Authenticator:
         return None
 
 
+def count_request(response: Response) -> Response:
+    """Count the request under its dialect, caller name (not the client address) and status."""
+    from .errors import dialect_of
+    from .service import services
+
+    identity = getattr(g, "identity", None)
+    who = identity.name if identity and identity.kind != "anonymous" else "anonymous"
+    services().metrics.requests.labels(dialect_of(request.path), who, str(response.status_code)).inc()
+    return response
+
+
 def rate_key() -> str:
     identity = getattr(g, "identity", None)
     return f"{identity.kind}:{identity.name}" if identity else get_remote_address() or "unknown"
@@ -134,6 +145,7 @@ def install(app: Flask, settings: Settings) -> Authenticator:
     """Wire auth, rate limiting and CORS into the app (in that order: limits are per identity)."""
     auth = Authenticator(settings)
     app.before_request(auth.before_request)
+    app.after_request(count_request)
     per_minute = rate_per_minute(settings)
     limiter = Limiter(
         rate_key,

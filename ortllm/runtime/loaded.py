@@ -49,37 +49,43 @@ def variant_ep(variant: Variant) -> str:
     return "cpu"
 
 
-def choose_variant(model: InstalledModel, force_ep: str | None = None) -> tuple[Variant, str]:
-    """Pick the variant to run and say why; never fall back silently from a forced EP."""
+def variant_candidates(model: InstalledModel, force_ep: str | None = None) -> list[tuple[Variant, str]]:
+    """Variants to try, best first, each with the reason it is chosen; never falls back from a forced EP."""
     variants = model.variants
     by_ep: dict[str, Variant] = {}
     for v in variants.values():
         by_ep.setdefault(variant_ep(v), v)
     usable = available_eps()
+    name = model.get("catalog_name") or model.name
     if force_ep:
         if force_ep not in by_ep:
             raise ModelLoadError(
                 f"Model '{model.name}' has no {force_ep} variant (it has: {', '.join(sorted(variants))}); "
-                f"build one with: ortllm convert {model.get('catalog_name') or model.name} --ep {force_ep}"
+                f"build one with: ortllm convert {name} --ep {force_ep}"
             )
         if force_ep not in usable:
             raise ModelLoadError(
                 f"The {force_ep} execution provider is not available in the installed onnxruntime-genai; "
                 f"install {EP_PACKAGES.get(force_ep, force_ep)}"
             )
-        return by_ep[force_ep], f"{force_ep} requested explicitly"
-    for ep in EP_PREFERENCE:
-        if ep in by_ep and ep in usable:
-            others = [e for e in by_ep if e != ep]
-            why = f"best available of the model's variants ({', '.join(sorted(by_ep))})" if others else (
-                f"the model was built for {ep}")
-            return by_ep[ep], why
-    missing = sorted(by_ep)
-    raise ModelLoadError(
-        f"Model '{model.name}' was built for {', '.join(missing)}, which the installed onnxruntime-genai "
-        f"cannot run (available: {', '.join(usable)}); install {EP_PACKAGES.get(missing[0], missing[0])} "
-        f"or convert a cpu variant: ortllm convert {model.get('catalog_name') or model.name} --ep cpu"
-    )
+        return [(by_ep[force_ep], f"{force_ep} requested explicitly")]
+    ranked = [ep for ep in EP_PREFERENCE if ep in by_ep and ep in usable]
+    if not ranked:
+        missing = sorted(by_ep)
+        raise ModelLoadError(
+            f"Model '{model.name}' was built for {', '.join(missing)}, which the installed onnxruntime-genai "
+            f"cannot run (available: {', '.join(usable)}); install {EP_PACKAGES.get(missing[0], missing[0])} "
+            f"or convert a cpu variant: ortllm convert {name} --ep cpu"
+        )
+    if len(by_ep) == 1:
+        return [(by_ep[ranked[0]], f"the model was built for {ranked[0]}")]
+    others = ", ".join(sorted(by_ep))
+    return [(by_ep[ep], f"best available of the model's variants ({others})") for ep in ranked]
+
+
+def choose_variant(model: InstalledModel, force_ep: str | None = None) -> tuple[Variant, str]:
+    """The variant that would run first, and why (for listings and `ortllm doctor`)."""
+    return variant_candidates(model, force_ep)[0]
 
 
 def default_threads() -> int:
@@ -109,20 +115,20 @@ class LoadedModel:
     def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None) -> None:
         self.installed = installed
         self.name = installed.name
-        self.variant, self.reason = choose_variant(installed, force_ep)
-        self.ep = variant_ep(self.variant)
-        self.path: Path = self.variant.path
-        self.threads = (threads or default_threads()) if self.ep == "cpu" else None
-        try:
-            config = og.Config(str(self.path))
-            if self.threads and hasattr(config, "overlay"):
-                session = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-            self.model = og.Model(config)
-            self.tokenizer = og.Tokenizer(self.model)
-        except Exception as exc:  # ORT's own messages are long C++ traces: keep the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"Could not load model '{self.name}' ({self.variant.id}): {first[:300]}") from exc
+        failures: list[str] = []
+        for variant, reason in variant_candidates(installed, force_ep):
+            try:
+                self._load(variant, threads)
+            except ModelLoadError as exc:
+                if force_ep:
+                    raise
+                failures.append(str(exc))
+                log.warning("%s; trying the next variant", exc)
+                continue
+            self.reason = reason + (f" (after: {'; '.join(failures)})" if failures else "")
+            break
+        else:
+            raise ModelLoadError(failures[-1])
         genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
         self.context_length = int(genai_cfg["model"].get("context_length") or installed.get("context_size") or 2048)
         self.eos_token_ids = _as_list(genai_cfg["model"].get("eos_token_id"))
@@ -133,6 +139,23 @@ class LoadedModel:
         self._special = self._special_tokens()
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
         log.info("loaded %s (%s) on %s: %s", self.name, self.variant.id, self.ep, self.reason)
+
+    def _load(self, variant: Variant, threads: int | None) -> None:
+        self.variant = variant
+        self.ep = variant_ep(variant)
+        self.path: Path = variant.path
+        self.threads = (threads or default_threads()) if self.ep == "cpu" else None
+        try:
+            config = og.Config(str(self.path))
+            if self.threads and hasattr(config, "overlay"):
+                session = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            self.model = og.Model(config)
+            self.tokenizer = og.Tokenizer(self.model)
+        except Exception as exc:  # ORT's own messages are long C++ traces: keep the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""
+            raise ModelLoadError(f"Could not load model '{self.name}' ({variant.id} on {self.ep}): {first[:300]}{hint}") from exc
 
     @property
     def info(self) -> ModelInfo:
