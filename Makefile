@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install run chat test lint format clean
+.PHONY: install run chat test test-genai014 lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,21 @@ chat: install  ## convert the default model if needed, then chat in the terminal
 	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
 	$(BIN)/ortllm chat $(MODEL)
 
-test: install  ## run the test suite (converts the default model once per run)
+test: install  ## run the test suite (converts the default model once per run), then the 0.14 runtime run
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(MAKE) test-genai014
+
+# onnxruntime-genai 0.14.1 is the API of the last DirectML release (onnxruntime-genai-directml):
+# the runtime tests run there unchanged on the model the main run converted (Generator path).
+VENV014 ?= .venv-genai014
+$(VENV014)/.installed: setup.cfg pyproject.toml
+	test -x $(VENV014)/bin/python || $(PYTHON) -m venv $(VENV014)
+	$(VENV014)/bin/python -m pip install -q --upgrade pip
+	$(VENV014)/bin/python -m pip install -q onnxruntime-genai==0.14.1 -e . pytest
+	touch $@
+
+test-genai014: $(VENV014)/.installed  ## runtime tests on onnxruntime-genai 0.14.1 (needs a main run's model)
+	ORTLLM_TEST_PREBUILT=$(ORTLLM_TEST_CACHE)/prebuilt $(VENV014)/bin/python -m pytest -q -ra tests/test_runtime.py
 
 lint: install
 	$(BIN)/ruff check ortllm converters cli web tests benchmarks
@@ -41,4 +54,4 @@ format: install
 	$(BIN)/ruff check --fix ortllm converters cli web tests benchmarks
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV014) .cache build *.egg-info .pytest_cache

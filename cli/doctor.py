@@ -49,6 +49,7 @@ def cpu_features() -> dict[str, bool] | None:
 
 def report() -> dict[str, Any]:
     from ortllm.runtime.loaded import available_eps, choose_variant, default_threads
+    from ortllm.runtime.scheduler import engine_supported
 
     genai = _installed(GENAI_DISTS)
     ort = _installed(ORT_DISTS)
@@ -73,7 +74,7 @@ def report() -> dict[str, Any]:
         "home": str(ortllm_home()),
         "onnxruntime_genai": genai,
         "onnxruntime": ort,
-        "engine_api": importlib.util.find_spec("onnxruntime_genai") is not None and _has_engine(),
+        "engine_api": engine_supported(),
         "execution_providers": available_eps(),
         "cpu_threads": default_threads(),
         "cpu_features": cpu_features(),
@@ -82,12 +83,6 @@ def report() -> dict[str, Any]:
         "models": models,
         "problems": problems,
     }
-
-
-def _has_engine() -> bool:
-    import onnxruntime_genai as og
-
-    return hasattr(og, "Engine")
 
 
 @click.command()

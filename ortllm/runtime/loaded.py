@@ -159,8 +159,10 @@ class LoadedModel:
 
     @property
     def info(self) -> ModelInfo:
+        from .scheduler import engine_supported
+
         return ModelInfo(self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads,
-                         "engine" if hasattr(og, "Engine") else "generator")  # fmt: skip
+                         "engine" if engine_supported() else "generator")  # fmt: skip
 
     @property
     def parameters(self) -> dict[str, Any]:

@@ -37,7 +37,8 @@ DEFAULT_MAX_ACTIVE = 8  # requests handed to the Engine at once (it batches 4 on
 
 
 def engine_supported() -> bool:
-    return hasattr(og, "Engine")
+    """The 0.18 Engine API (requests with turns); 0.14's older Engine (add_request/step) does not count."""
+    return hasattr(og, "Engine") and hasattr(og.Engine, "create_request") and hasattr(og, "TurnOptions")
 
 
 class Job:
