@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install run chat test test-genai014 lint format clean
+.PHONY: install browser run chat test test-genai014 lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ chat: install  ## convert the default model if needed, then chat in the terminal
 	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
 	$(BIN)/ortllm chat $(MODEL)
 
-test: install  ## run the test suite (converts the default model once per run), then the 0.14 runtime run
+# the web UI tests drive the system's Chromium (Debian package); no browser is ever downloaded
+browser:  ## install Debian's chromium when missing (as root with apt; elsewhere the UI tests skip)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "chromium not found: install it (e.g. apt-get install chromium) or the web UI tests are skipped"; fi
+
+test: install browser  ## run the test suite (converts the default model once per run), then the 0.14 runtime run
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 	$(MAKE) test-genai014
 

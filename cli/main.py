@@ -46,9 +46,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import doctor, generate, models, serve
+    from . import bench, doctor, generate, models, serve
 
-    for command in models.COMMANDS + generate.COMMANDS + serve.COMMANDS + doctor.COMMANDS:
+    for command in models.COMMANDS + generate.COMMANDS + serve.COMMANDS + bench.COMMANDS + doctor.COMMANDS:
         cli.add_command(command)
 
 

@@ -276,8 +276,11 @@ def test_websocket_multi_turn_keeps_history_and_survives_errors(server):
     assert end["usage"]["completion_tokens"] > 0 and end["timings"]["total_s"] > 0 and tokens
     ws.send(json.dumps({"model-name": "gpt-4", "prompt": "x"}))
     assert ws.receive(30).startswith("__ERROR__:Model 'gpt-4' not found")
-    ws.send(json.dumps(chat_body(prompt="What is my name?", temperature=0, **{"session-id": sid})))
+    second = chat_body(prompt="What is my name?", temperature=0)
+    del second["session-id"]  # continues the socket's conversation
+    ws.send(json.dumps(second))
     tokens2, end2 = frames_until_end(ws)
+    assert end2["session-id"] == sid
     assert end2["usage"]["prompt_tokens"] > end["usage"]["prompt_tokens"] + end["usage"]["completion_tokens"]
     ws.close()
     history = requests.get(f"{server.url}/chat/history/{sid}").json()
@@ -335,7 +338,7 @@ def test_errors_are_error_strings(server):
     r = requests.post(server.url + "/chat/completions", json={"prompt": "x"})
     assert r.status_code == 400 and r.json() == {"error": "Missing required field: model-name"}
     r = requests.post(server.url + "/chat/completions", json=chat_body(**{"max-token": 0}))
-    assert r.status_code == 400 and r.json() == {"error": "max_tokens must be >= 1"}
+    assert r.status_code == 400 and r.json() == {"error": "max-token: Input should be greater than or equal to 1"}
     r = requests.post(server.url + "/chat/completions", json=chat_body(prompt="hello " * 9000))
     assert r.status_code == 400 and r.json() == {"error": "Prompt too long for context window (8192 tokens)"}
     r = requests.post(f"{server.url}/chat/history/{uuid.uuid4()}/rollback", json={"amount": 1})

@@ -116,5 +116,7 @@ def test_errors_are_detail_objects(server):
     assert r.status_code == 400 and r.json() == {"detail": "temperature must be between 0.0 and 2.0"}
     r = requests.post(server.url + "/generate", json={"model_id": M, "prompt": "x", "max_new_tokens": "many"})
     assert r.status_code == 400 and r.json()["detail"].startswith("max_new_tokens: ")
+    r = requests.post(server.url + "/generate", json={"model_id": M, "prompt": "x", "max_new_tokens": 0})
+    assert r.status_code == 400 and r.json() == {"detail": "max_new_tokens: Input should be greater than or equal to 1"}
     r = requests.get(server.url + "/models/x/stop")
     assert r.status_code == 404 and "detail" in r.json()

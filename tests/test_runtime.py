@@ -163,3 +163,10 @@ def test_sampling_with_a_seed_is_reproducible(scheduler):
     a = scheduler.generate(GenerationRequest(opts, messages=req)).text
     b = scheduler.generate(GenerationRequest(opts, messages=req)).text
     assert a == b
+
+
+def test_min_tokens_masks_end_of_sequence(scheduler):
+    short = ask(scheduler)  # "The capital of France is Paris." then EOS
+    assert short.usage.completion_tokens < 20
+    forced = ask(scheduler, max_tokens=30, min_tokens=30)
+    assert forced.usage.completion_tokens == 30 and forced.finish_reason == LENGTH

@@ -59,6 +59,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     settings = settings or load_settings()
     app = Flask("ortllm")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    # WebSockets (flask-sock): pings find dead peers, so an abandoned /chat/ws frees its thread and stream
+    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": settings.server.max_body_bytes}
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     registry = registry or ModelRegistry(max_queue=settings.server.max_queue)

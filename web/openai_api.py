@@ -32,7 +32,8 @@ TAG = "OpenAI-compatible"
 def sampling(body: p.OpenAISampling, max_tokens: int | None) -> dict[str, Any]:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "max_tokens": max_tokens,
-            "stop": stop, "seed": body.seed, "repeat_penalty": body.repeat_penalty}  # fmt: skip
+            "stop": stop, "seed": body.seed, "repeat_penalty": body.repeat_penalty,
+            "min_tokens": max_tokens if body.ignore_eos else None}  # fmt: skip
 
 
 def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:

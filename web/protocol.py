@@ -154,6 +154,7 @@ class OpenAISampling(Wire):
     frequency_penalty: float | None = Field(None, description="accepted, not applied (see README)")
     top_k: int | None = Field(None, description="extension: top-k sampling")
     repeat_penalty: float | None = Field(None, description="extension: repetition penalty")
+    ignore_eos: bool = Field(False, description="extension (vLLM, llama.cpp): generate exactly max_tokens")
     user: str | None = None
 
     @field_validator("n")
@@ -188,7 +189,7 @@ class OpenAIEmbeddingsRequest(Wire):
 class RustCompletionRequest(Wire):
     model: str
     prompt: str = Field(min_length=1)
-    max_tokens: int = 128
+    max_tokens: int = Field(128, ge=1)
     temperature: float = 0.7
     top_p: float = 0.95
     stop: list[str] = Field(default_factory=list)
@@ -207,7 +208,7 @@ class RustChatRequest(Wire):
     model_name: str = Field(alias="model-name")
     prompt: str = Field(min_length=1)
     session_id: str | None = Field(None, alias="session-id", description="auto: a new session (X-Session-Id)")
-    max_token: int = Field(512, alias="max-token")
+    max_token: int = Field(512, ge=1, alias="max-token")
     temperature: float = 0.7
     top_p: float = Field(0.95, alias="top-p")
     top_k: int = Field(40, alias="top-k")
@@ -219,7 +220,7 @@ class RustChatRequest(Wire):
 
 
 class Rollback(Wire):
-    amount: int = Field(ge=0)
+    amount: int = Field(ge=0, le=1_000_000)
 
 
 class Readiness(Wire):
@@ -253,7 +254,7 @@ class TGIStarted(Wire):
 class TGIGenerateRequest(Wire):
     model_id: str
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = 200
+    max_new_tokens: int = Field(200, ge=1)
     temperature: float = 0.7
     top_p: float = 0.95
 

@@ -95,7 +95,7 @@ def completions(body: p.RustCompletionRequest) -> Response:
            body=p.RustChatRequest, streams=True)  # fmt: skip
 def chat_completions(body: p.RustChatRequest) -> Response:
     session = start_chat(body)
-    response = sse_response(raw_tokens(session))
+    response = sse_response(raw_tokens(session), on_close=session.cancel)
     response.headers["X-Session-Id"] = session.session_id
     return response
 

@@ -12,11 +12,11 @@ from flask import Blueprint, Response, jsonify
 from ortllm.catalog import load_catalog
 from ortllm.errors import InvalidOptions, OrtllmError
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_ep
-from ortllm.runtime.scheduler import Stream
 from ortllm.runtime.types import ERROR
 from ortllm.store import InstalledModel
 
 from . import protocol as p
+from .metrics import MeteredStream
 from .native import collect, usage_of
 from .routes import api_route
 from .service import services
@@ -49,14 +49,14 @@ def model_or_default(name: str | None) -> str:
     return default
 
 
-def start(body: p.SpecGenerateRequest) -> Stream:
+def start(body: p.SpecGenerateRequest) -> MeteredStream:
     options = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                "top_k": body.top_k, "stop": body.stop}  # fmt: skip
     _, stream = services().complete(model_or_default(body.model), body.prompt, options, template=True)
     return stream
 
 
-def result(stream: Stream, started: float) -> dict[str, Any]:
+def result(stream: MeteredStream, started: float) -> dict[str, Any]:
     with stream:
         text, final = collect(stream)
     return {"text": text, "usage": usage_of(final), "latency": round(time.monotonic() - started, 3)}
@@ -76,7 +76,7 @@ def spec_model(model: InstalledModel) -> dict[str, Any]:
            body=p.SpecGenerateRequest, response=p.SpecGenerateResponse, streams=True)  # fmt: skip
 def generate(body: p.SpecGenerateRequest) -> Response:
     if body.stream:
-        return generate_stream(body)
+        return token_stream(start(body))
     started = time.monotonic()
     return jsonify(result(start(body), started))
 
@@ -84,10 +84,14 @@ def generate(body: p.SpecGenerateRequest) -> Response:
 @api_route(bp, "/generate/stream", ("POST",), tag=TAG, summary="SSE of {token, finished}; the last has finished: true",
            body=p.SpecGenerateRequest, streams=True)  # fmt: skip
 def generate_stream(body: p.SpecGenerateRequest) -> Response:
-    stream = start(body)
+    return token_stream(start(body))
+
+
+def token_stream(stream: MeteredStream) -> Response:
+    """SSE of `{token, finished}`; each token goes out when the next arrives, so the last carries finished."""
 
     def events() -> Iterator[dict[str, Any]]:
-        held = ""  # each token goes out when the next arrives, so the last one can carry finished: true
+        held = ""
         with stream:
             for event in stream:
                 if event.text:
@@ -135,7 +139,7 @@ def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
            body=p.SpecBatchRequest, response=p.SpecBatchResponse)  # fmt: skip
 def batch_generate(body: p.SpecBatchRequest) -> Response:
     started = time.monotonic()
-    streams: list[Stream] = []
+    streams: list[MeteredStream] = []
     try:
         for i, item in enumerate(body.requests):  # submit all first: the scheduler batches them
             try:

@@ -12,9 +12,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 
 
 def format_event(data: Any) -> str:
-    """`data: ...` lines for one event; a string with newlines becomes several data lines (SSE spec)."""
+    """`data: ...` lines for one event; a string with line breaks becomes several data lines (SSE spec)."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return "".join(f"data: {line}\n" for line in text.split("\n")) + "\n"
+    # CRLF, CR and LF all end a line in SSE: each line of the text becomes its own data: field
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
 def sse_response(events: Iterable[Any], on_close: Callable[[], None] | None = None) -> Response:

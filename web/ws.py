@@ -3,8 +3,9 @@
 
 Multi-turn opt-in (`/chat/ws?mode=multi`, or `"multi-turn": true` in the first message): each answer is
 framed by `__START__:{"session-id"}` and `__END__:{"session-id", "finish_reason", "usage", "timings"}`, the
-socket stays open for the next request, and `{"action": "cancel"}` ends the current answer ("cancelled");
-`{"action": "close"}` or closing the socket cancels it too."""
+socket stays open for the next request (without a `session-id` it continues the socket's conversation),
+and `{"action": "cancel"}` ends the current answer ("cancelled"); `{"action": "close"}` or closing the
+socket cancels it too."""
 
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ class Connection:
 @sock.route("/chat/ws", bp=bp)
 def chat_ws(ws: Server) -> None:
     conn = Connection(ws)
-    multi, first = request.args.get("mode") == "multi", True
+    multi, first, last_session = request.args.get("mode") == "multi", True, None
     try:
         while (text := conn.inbox.get()) is not None:
             try:
@@ -124,7 +125,10 @@ def chat_ws(ws: Server) -> None:
                 if first:
                     multi = multi or data.get("multi-turn") is True
                 first = False
+                if multi and last_session and not (data.get("session-id") or data.get("session_id")):
+                    data["session-id"] = last_session  # the socket's conversation goes on
                 session = start_chat(p.RustChatRequest.model_validate(data))
+                last_session = session.session_id
             except (OrtllmError, ValidationError) as exc:
                 ws.send(f"__ERROR__:{validation_message(exc)[0] if isinstance(exc, ValidationError) else exc}")
                 if multi:

@@ -22,6 +22,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = field(default_factory=tuple)
     repeat_penalty: float = 1.1
     seed: int | None = None
+    min_tokens: int = 0  # end-of-sequence is masked until this many tokens (benchmarks, `ignore_eos`)
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +70,8 @@ def validate_options(raw: dict[str, Any] | None, defaults: dict[str, Any] | None
             raise InvalidOptions(f"max_tokens must be at most {max_tokens_limit}")
     if "repeat_penalty" in merged:
         kwargs["repeat_penalty"] = _number("repeat_penalty", merged["repeat_penalty"], 0.0, None)
+    if "min_tokens" in merged:
+        kwargs["min_tokens"] = _number("min_tokens", merged["min_tokens"], 0, None, integer=True)
     if "seed" in merged:
         kwargs["seed"] = _number("seed", merged["seed"], 0, 2**63 - 1, integer=True)
     if "stop" in merged:

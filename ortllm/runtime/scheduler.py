@@ -346,6 +346,8 @@ class Scheduler:
             turn = og.TurnOptions(request)
             o = job.options
             turn.set_max_generated_tokens(job.max_new)
+            if o.min_tokens:
+                turn.set_min_generated_tokens(min(o.min_tokens, job.max_new))
             if o.greedy:
                 turn.set_do_sample(False)
             else:
@@ -426,6 +428,7 @@ class Scheduler:
         params = og.GeneratorParams(self.model.model)
         search: dict[str, Any] = {
             "max_length": len(job.prompt_ids) + job.max_new,
+            "min_length": len(job.prompt_ids) + min(o.min_tokens, job.max_new),
             "do_sample": not o.greedy,
             "repetition_penalty": o.repeat_penalty if o.repeat_penalty > 0 else 1.0,
         }

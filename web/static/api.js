@@ -67,7 +67,10 @@ export async function request(method, path, body, { signal } = {}) {
 }
 
 export const api = {
-  health: () => fetch("/health", { headers: { Accept: "application/json" }, cache: "no-store" }).then((r) => r.ok),
+  health: () =>
+    fetch("/health", { headers: { Accept: "application/json" }, cache: "no-store", signal: AbortSignal.timeout(5000) }).then(
+      (r) => r.ok,
+    ),
   models: () => request("GET", "/api/models"),
   sessions: () => request("GET", "/api/sessions"),
   session: (id) => request("GET", `/api/sessions/${encodeURIComponent(id)}`),

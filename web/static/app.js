@@ -2,6 +2,7 @@
 // WebSocket (SSE fallback), settings, regenerate, edit-and-branch, export, API key, themes.
 import { api, ApiError, getApiKey, setApiKey, setUnauthorizedHandler, sseChat } from "./api.js";
 import { Connection } from "./connection.js";
+import { applyIcons, ICONS } from "./icons.js";
 import { copyText, renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -32,6 +33,7 @@ const INTEGER = new Set(["top_k", "max_tokens"]);
 
 const state = {
   models: [],
+  modelsError: "",
   model: store.get("model", ""),
   sessions: [],
   current: null, // {id, title, model, system_prompt}
@@ -142,7 +144,7 @@ function applyTheme(theme) {
   $("hl-light").disabled = theme !== "light";
   const next = theme === "dark" ? "light" : "dark";
   $("theme-btn").setAttribute("aria-label", `Switch to ${next} mode`);
-  $("theme-btn").textContent = theme === "dark" ? "☀" : "☾";
+  $("theme-btn").innerHTML = theme === "dark" ? ICONS.sun : ICONS.moon;
 }
 
 function bindTheme() {
@@ -179,7 +181,7 @@ function showBanner(text, kind = "error", action = null) {
   close.type = "button";
   close.className = "icon-btn";
   close.setAttribute("aria-label", "Dismiss message");
-  close.textContent = "✕";
+  close.innerHTML = ICONS.close;
   close.addEventListener("click", hideBanner);
   banner.append(close);
   banner.hidden = false;
@@ -236,6 +238,7 @@ const connection = new Connection({
   onState(status, mode) {
     const el = $("conn");
     el.dataset.state = status;
+    document.querySelector(".app").dataset.conn = status;
     el.dataset.mode = mode;
     $("conn-text").textContent = CONN_TEXT[status] + (status === "connected" && mode === "sse" ? " (SSE)" : "");
     el.title =
@@ -247,6 +250,7 @@ const connection = new Connection({
           ? "The server cannot be reached; retrying automatically"
           : "Trying to reach the server";
     updateControls();
+    if (status === "connected" && $("banner").dataset.kind === "offline") hideBanner();
     if (status === "connected" && wasOffline) refreshAll();
     wasOffline = status === "offline" || status === "reconnecting";
   },
@@ -263,9 +267,11 @@ async function loadModels() {
   try {
     const { models } = await api.models();
     state.models = (models || []).filter((m) => (m.kind || "chat") === "chat");
+    state.modelsError = "";
   } catch (err) {
     if (!(err instanceof ApiError)) return; // offline: the status indicator says so
     state.models = [];
+    state.modelsError = err.status === 401 ? "API key required" : "models unavailable";
   }
   if (!state.models.some((m) => m.name === state.model)) {
     const loaded = state.models.find((m) => m.loaded);
@@ -282,7 +288,7 @@ function renderModels() {
   const select = $("model-select");
   select.replaceChildren();
   if (!state.models.length) {
-    const option = new Option("no models installed", "");
+    const option = new Option(state.modelsError || "no models installed", "");
     select.append(option);
     select.disabled = true;
   } else {
@@ -354,20 +360,20 @@ function renderSessions() {
     meta.textContent = `${count} message${count === 1 ? "" : "s"}${s.model ? ` · ${s.model}` : ""}`;
     open.append(title, meta);
     open.addEventListener("click", () => openSession(s.id));
-    const rename = iconButton("✎", `Rename conversation ${sessionTitle(s)}`, () => startRename(li, s));
+    const rename = iconButton("pencil", `Rename conversation ${sessionTitle(s)}`, () => startRename(li, s));
     rename.classList.add("session-rename");
-    const del = iconButton("🗑", `Delete conversation ${sessionTitle(s)}`, () => confirmDelete(s));
+    const del = iconButton("trash", `Delete conversation ${sessionTitle(s)}`, () => confirmDelete(s));
     del.classList.add("session-delete");
     li.append(open, rename, del);
     list.append(li);
   }
 }
 
-function iconButton(text, label, onClick) {
+function iconButton(icon, label, onClick) {
   const b = document.createElement("button");
   b.type = "button";
   b.className = "icon-btn";
-  b.textContent = text;
+  b.innerHTML = ICONS[icon];
   b.setAttribute("aria-label", label);
   b.title = label;
   b.addEventListener("click", onClick);
@@ -991,6 +997,10 @@ function bindLayout() {
     if (state.streaming) return;
     const text = input.value;
     if (!text.trim()) return;
+    if (connection.state === "offline") {
+      showBanner("The server is offline; reconnecting automatically. Your message was kept: send it again when connected.", "offline");
+      return;
+    }
     input.value = "";
     grow();
     send(text);
@@ -1017,6 +1027,7 @@ async function refreshAll() {
 
 async function init() {
   welcome = $("welcome");
+  applyIcons();
   bindTheme();
   bindSettings();
   bindKeyDialog();

@@ -4,9 +4,10 @@
 import { api, getApiKey } from "./api.js";
 
 const WS_FAILURES_BEFORE_SSE = 2;
-const MAX_DELAY_MS = 5000;
+const MAX_DELAY_MS = 3000;
 const SSE_POLL_MS = 5000;
 const CANCEL_GRACE_MS = 5000;
+const HEARTBEAT_MS = 5000; // while the socket is open: a server shutting down keeps idle sockets open a while
 
 export class Connection {
   /** onState(state, mode): state is connecting | connected | reconnecting | offline; mode ws | sse */
@@ -78,16 +79,43 @@ export class Connection {
       this.wsFailures = 0;
       this.attempt = 0;
       this.setState("connected", "ws");
+      this.heartbeat(ws);
     };
     ws.onmessage = (event) => this.frame(typeof event.data === "string" ? event.data : "");
     ws.onclose = () => {
       if (this.ws !== ws) return;
-      this.ws = null;
       if (!opened) this.wsFailures++;
-      this.failActive("The connection to the server was lost");
-      if (this.state === "connected" && this.mode === "ws") this.setState("reconnecting");
-      this.probe();
+      this.drop(ws);
     };
+  }
+
+  /** Forget a socket that closed or stopped answering, then find out whether the server is still there. */
+  drop(ws) {
+    ws.onclose = null;
+    if (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING) ws.close();
+    if (this.ws === ws) this.ws = null;
+    clearTimeout(this.beat);
+    this.failActive("The connection to the server was lost");
+    if (this.state === "connected" && this.mode === "ws") this.setState("reconnecting");
+    this.probe();
+  }
+
+  /** While the socket is idle, check that the server still accepts requests; if not, drop the socket. */
+  heartbeat(ws) {
+    clearTimeout(this.beat);
+    this.beat = setTimeout(async () => {
+      if (this.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+      if (this.active) return this.heartbeat(ws); // tokens arriving prove the link
+      let up = false;
+      try {
+        up = await api.health();
+      } catch {
+        up = false;
+      }
+      if (this.ws !== ws) return;
+      if (up) this.heartbeat(ws);
+      else this.drop(ws);
+    }, HEARTBEAT_MS);
   }
 
   /** After a failure: is the server there at all? Then retry the socket, or fall back to SSE. */

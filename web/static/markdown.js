@@ -19,7 +19,7 @@ const marked = new Marked({
     // no remote images (tracking pixels, requests to arbitrary hosts): a link instead
     image({ href, text }) {
       const label = escapeHtml(text || href || "image");
-      return `<a href="${escapeHtml(href || "")}">🖼 ${label}</a>`;
+      return `<a href="${escapeHtml(href || "")}">[image: ${label}]</a>`;
     },
   },
 });

@@ -1,0 +1,174 @@
+"""`ortllm bench`: engine and serving benchmarks, with llama.cpp measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from ortllm import benchmark as b
+from ortllm.catalog import load_catalog
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(logical=False),
+            "threads": psutil.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)}  # fmt: skip
+
+
+def _gguf_of(model: Any, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    for variant in model.variants.values():
+        source = variant.info.get("source_weights", "")
+        if source.endswith(".gguf") and Path(source).is_file():
+            return Path(source)
+    raise click.UsageError("the model was not converted from a GGUF file here: pass --gguf PATH for the peer")
+
+
+def _write(data: dict[str, Any], out: str | None) -> None:
+    if out:
+        Path(out).write_text(json.dumps(data, indent=2))
+
+
+def _ratio(ours: float, peer: float) -> str:
+    return f"{ours / peer:.2f}×" if peer else "–"
+
+
+compare_options = [
+    click.option("--compare", type=click.Choice(["llama-cpp"]), help="Measure llama.cpp on the same GGUF too."),
+    click.option("--llama-cpp", "llama_dir", help="Folder with llama-bench and llama-server (or $ORTLLM_LLAMA_CPP)."),
+    click.option("--gguf", help="GGUF for the peer (default: the one the model was converted from)."),
+    click.option("--json", "out", help="Also write the results as JSON to this file."),
+]  # fmt: skip
+
+
+def with_compare(func):
+    for option in reversed(compare_options):
+        func = option(func)
+    return func
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: `engine` (like llama-bench) and `serve` (like vLLM's bench serve)."""
+
+
+@bench.command()
+@click.argument("model", required=False)
+@click.option("--pp", default=512, show_default=True, help="Prompt length for prompt processing.")
+@click.option("--tg", default=128, show_default=True, help="Tokens to generate.")
+@click.option("--batch", "batches", default="1,2,4,8", show_default=True, help="Concurrent requests to measure.")
+@click.option("--reps", default=3, show_default=True, help="Repetitions (after one warm-up).")
+@click.option("--threads", type=int, help="Intra-op threads (default: physical cores).")
+@click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True)
+@with_compare
+def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads: int | None, api: str,
+           compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
+    """Prompt processing (ppN) and generation (tgN) tokens/s, TTFT, peak RSS, batched throughput."""
+    from ortllm.runtime.registry import ModelRegistry
+
+    console = Console()
+    registry = ModelRegistry(use_engine={"auto": None, "engine": True, "generator": False}[api], threads=threads)
+    name = model or load_catalog().default
+    scheduler = registry.get(name)
+    installed = scheduler.model.installed
+    with console.status("measuring memory bandwidth"):
+        bandwidth = b.memory_bandwidth_gbs()
+    weights = b.weight_bytes(scheduler.model.path)
+    with console.status(f"benchmarking {scheduler.model.name} (pp{pp}, tg{tg}, batches {batches})"):
+        ours = b.engine_bench(scheduler, pp=pp, tg=tg, batches=_ints(batches), reps=reps)
+    registry.close()
+    ceiling = bandwidth * 1e9 / weights
+    result: dict[str, Any] = {"model": installed.name, "variant": scheduler.model.variant.id, "machine": _machine(),
+                              "ortllm": ours, "memory_bandwidth_gbs": round(bandwidth, 1),
+                              "weight_mb": round(weights / 1e6, 1), "decode_ceiling_tok_s": round(ceiling, 1)}  # fmt: skip
+    peer: dict[str, Any] = {}
+    if compare:
+        binaries = b.find_llama_cpp(llama_dir)
+        with console.status("running llama-bench"):
+            peer = b.llama_bench(binaries, _gguf_of(installed, gguf), pp=pp, tg=tg,
+                                 threads=ours["threads"] or psutil.cpu_count(logical=False) or 1, reps=reps)  # fmt: skip
+        result["llama_cpp"] = peer
+    table = Table("metric", "ortllm", *(["llama.cpp", "ratio"] if peer else []),
+                  title=f"{installed.name} ({scheduler.model.variant.id}, {ours['api']}, {ours['threads']} threads)")  # fmt: skip
+    for key in (f"pp{pp}_tok_s", f"tg{tg}_tok_s"):
+        row = [key, f"{ours[key]['mean']:.1f} ± {ours[key]['sd']:.1f}"]
+        if peer:
+            row += [f"{peer[key]['mean']:.1f} ± {peer[key]['sd']:.1f}", _ratio(ours[key]["mean"], peer[key]["mean"])]
+        table.add_row(*row)
+    table.add_row("TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *(["", ""] if peer else []))
+    for size, agg in ours["batch_aggregate_tok_s"].items():
+        table.add_row(f"{size} concurrent, aggregate tok/s", f"{agg['mean']:.1f} ± {agg['sd']:.1f}",
+                      *(["", ""] if peer else []))  # fmt: skip
+    table.add_row("peak RSS", f"{ours['peak_rss_mb']:.0f} MB", *(["", ""] if peer else []))
+    console.print(table)
+    console.print(f"memory bandwidth {bandwidth:.1f} GB/s, {weights / 1e6:.0f} MB of weights per token → decode "
+                  f"ceiling {ceiling:.0f} tok/s; tg reached {ours[f'tg{tg}_tok_s']['mean'] / ceiling:.0%} of it")  # fmt: skip
+    _write(result, out)
+
+
+@bench.command()
+@click.argument("model", required=False)
+@click.option("--url", help="A running ortllm server (default: start one on a free port).")
+@click.option("--concurrency", default="1,4,8,16", show_default=True, help="Concurrent streaming clients.")
+@click.option("--requests", "per_client", default=2, show_default=True, help="Requests per client.")
+@click.option("--api-key", help="Bearer key for a server that requires one.")
+@with_compare
+def serve(model: str | None, url: str | None, concurrency: str, per_client: int, api_key: str | None,
+          compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
+    """TTFT, TPOT, ITL p50/p90/p99, output tok/s and request throughput under concurrent streams."""
+    console = Console()
+    name = model or load_catalog().default
+    levels = _ints(concurrency)
+    server = None if url else b.ServerProcess.ortllm(name)
+    target = url or server.url  # type: ignore[union-attr]
+    try:
+        with console.status(f"ortllm: {levels} concurrent streams against {target}"):
+            ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client, api_key=api_key)
+    finally:
+        if server:
+            server.stop()
+    result: dict[str, Any] = {"model": name, "machine": _machine(), "ortllm": ours}
+    peer: dict[str, Any] = {}
+    if compare:
+        from ortllm.runtime.loaded import default_threads
+        from ortllm.store import ModelStore
+
+        binaries = b.find_llama_cpp(llama_dir)
+        source = _gguf_of(ModelStore().get(load_catalog().canonical(name)), gguf)
+        llama = b.ServerProcess.llama(binaries, source, parallel=max(levels), threads=default_threads())
+        try:
+            with console.status(f"llama-server -np {max(levels)}: the same load"):
+                peer = b.serve_bench(llama.url, name, concurrency=levels, requests_per_client=per_client)
+        finally:
+            llama.stop()
+        result["llama_server"] = peer
+    table = Table("clients", "output tok/s", "per-stream tok/s", "TTFT p50 / p99 / max", "ITL p50 / p99", "req/s",
+                  "errors", *(["vs llama-server (tok/s, max TTFT)"] if peer else []), title=f"serving {name}")  # fmt: skip
+    for level, r in ours.items():
+        row = [level, f"{r['output_tok_s']:.1f}", f"{r['single_stream_tok_s']:.1f}",
+               f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} / {r['ttft_s']['max']:.2f} s",
+               f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} ms", f"{r['requests_per_s']:.2f}", str(r["errors"])]  # fmt: skip
+        if peer:
+            p = peer[level]
+            row.append(f"{_ratio(r['output_tok_s'], p['output_tok_s'])} ({p['output_tok_s']:.1f}), "
+                       f"{p['ttft_s']['max']:.2f} s")  # fmt: skip
+        table.add_row(*row)
+    console.print(table)
+    _write(result, out)
+
+
+COMMANDS = [bench]

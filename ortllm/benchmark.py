@@ -1,0 +1,278 @@
+"""Measurements behind `ortllm bench`: the engine alone (like llama-bench), a server under concurrent
+streaming load (like vLLM's bench serve), the machine's memory-bandwidth ceiling, and llama.cpp as
+the peer measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILLER = ("The quick brown fox jumps over the lazy dog while the compiler turns source code into machine "
+          "instructions, and the database index keeps sorted keys in balanced trees. ")  # fmt: skip
+
+
+@dataclass
+class Stat:
+    """Repeated measurements of one quantity."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else 0.0
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.values:
+            return 0.0
+        ordered = sorted(self.values)
+        return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+    def summary(self) -> dict[str, float]:
+        return {"mean": round(self.mean, 3), "sd": round(self.sd, 3), "n": len(self.values)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if os.uname().sysname != "Darwin" else peak / 1e6
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Sustained read bandwidth (GB/s): the best of several sums over an array larger than the caches."""
+    data = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of weights a decode step reads (the ONNX graph and its external data)."""
+    return sum(f.stat().st_size for f in model_dir.glob("*.onnx*"))
+
+
+def prompt_of(model: Any, n_tokens: int) -> list[int]:
+    """A fixed English prompt of exactly `n_tokens` tokens."""
+    ids = model.encode(FILLER * (n_tokens // 20 + 2))
+    return ids[:n_tokens]
+
+
+def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple[int, ...] = (1, 2, 4, 8),
+                 reps: int = 3, warmup: int = 1) -> dict[str, Any]:  # fmt: skip
+    """pp (prompt tok/s), tg (generation tok/s), TTFT and batched throughput through the runtime's scheduler."""
+    from ortllm.runtime.options import validate_options
+    from ortllm.runtime.types import GenerationRequest
+
+    model = scheduler.model
+    long_prompt = prompt_of(model, pp)
+    short_prompt = prompt_of(model, 16)
+
+    def run(tokens: list[int], max_tokens: int) -> Any:
+        # ignore EOS: greedy decoding of exactly max_tokens tokens, as llama-bench does
+        options = validate_options({"temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                                    "repeat_penalty": 1.0})  # fmt: skip
+        request = GenerationRequest(options, prompt_tokens=tokens)
+        with scheduler.submit(request) as stream:
+            return stream.result()
+
+    for _ in range(warmup):
+        run(short_prompt, 8)
+    pp_stat, ttft_stat, tg_stat = Stat(), Stat(), Stat()
+    for _ in range(reps):
+        r = run(long_prompt, 1)
+        pp_stat.values.append(pp / r.timings.ttft_s)
+        r = run(short_prompt, tg)
+        ttft_stat.values.append(r.timings.ttft_s)
+        if r.usage.completion_tokens > 1:
+            tg_stat.values.append(r.timings.decode_tokens_per_s)
+    batch_results = {}
+    for size in batches:
+        agg = Stat()
+        for _ in range(reps):
+            results: list[Any] = []
+            start = time.perf_counter()
+            threads = [threading.Thread(target=lambda: results.append(run(short_prompt, tg))) for _ in range(size)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            agg.values.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
+        batch_results[str(size)] = agg.summary()
+    return {
+        f"pp{pp}_tok_s": pp_stat.summary(), f"tg{tg}_tok_s": tg_stat.summary(), "ttft_s": ttft_stat.summary(),
+        "batch_aggregate_tok_s": batch_results, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": model.threads, "api": scheduler.api,
+    }  # fmt: skip
+
+
+# ---- serving: N concurrent streaming clients against an OpenAI-compatible /v1/completions ------------
+
+
+def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: dict[str, str]) -> dict[str, Any]:
+    import requests
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    start = time.perf_counter()
+    stamps: list[float] = []
+    try:
+        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600, headers=headers) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}"}
+            for line in r.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                text = json.loads(data)["choices"][0].get("text") if data.startswith("{") else ""
+                if text:
+                    stamps.append(time.perf_counter())
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    if not stamps:
+        return {"error": "no tokens"}
+    end = time.perf_counter()
+    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - start, "tokens": len(stamps), "latency": end - start,
+            "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0, "itl": itl}  # fmt: skip
+
+
+def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int = 2,
+                prompt_tokens: tuple[int, ...] = (32, 128, 384), max_tokens: tuple[int, ...] = (64, 128),
+                stagger_s: float = 0.05, api_key: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Mixed-length streaming requests at each concurrency; clients start staggered (late arrivals)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    _stream_once(url, model, "Hello", 4, headers)  # warm-up
+    out: dict[str, Any] = {}
+    for n in concurrency:
+        samples: list[dict[str, Any]] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            time.sleep(i * stagger_s)
+            for k in range(requests_per_client):
+                words = prompt_tokens[(i + k) % len(prompt_tokens)]
+                prompt = " ".join((FILLER.split() * (words // 10 + 1))[: words // 1])
+                res = _stream_once(url, model, prompt, max_tokens[(i + k) % len(max_tokens)], headers)
+                with lock:
+                    samples.append(res)
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+        ok = [s for s in samples if "error" not in s]
+        ttft, tpot = Stat([s["ttft"] for s in ok]), Stat([s["tpot"] for s in ok if s["tpot"]])
+        itl = Stat([x for s in ok for x in s["itl"]])
+        out[str(n)] = {
+            "requests": len(samples), "errors": len(samples) - len(ok),
+            "ttft_s": {"p50": round(ttft.pct(50), 3), "p90": round(ttft.pct(90), 3), "p99": round(ttft.pct(99), 3),
+                       "max": round(max(ttft.values, default=0), 3)},
+            "tpot_ms": round(tpot.mean * 1000, 2),
+            "itl_ms": {"p50": round(itl.pct(50) * 1000, 2), "p90": round(itl.pct(90) * 1000, 2),
+                       "p99": round(itl.pct(99) * 1000, 2)},
+            "output_tok_s": round(sum(s["tokens"] for s in ok) / wall, 1),
+            "single_stream_tok_s": round(1 / tpot.mean, 1) if tpot.mean else 0.0,
+            "requests_per_s": round(len(ok) / wall, 3),
+        }  # fmt: skip
+    return out
+
+
+# ---- the llama.cpp peer -----------------------------------------------------------------------------
+
+
+def find_llama_cpp(path: str | None) -> Path:
+    """The folder holding llama-bench and llama-server (`--llama-cpp`, `$ORTLLM_LLAMA_CPP`, or PATH)."""
+    candidates = [path, os.environ.get("ORTLLM_LLAMA_CPP")]
+    for c in candidates:
+        if c and (Path(c) / "llama-bench").exists():
+            return Path(c)
+    found = shutil.which("llama-bench")
+    if found:
+        return Path(found).parent
+    from ortllm.errors import MissingDependency
+
+    raise MissingDependency("llama.cpp not found: build llama-bench and llama-server (see benchmarks/NOTES.md) "
+                            "and pass --llama-cpp DIR or set ORTLLM_LLAMA_CPP")  # fmt: skip
+
+
+def llama_bench(binaries: Path, gguf: Path, *, pp: int, tg: int, threads: int, reps: int) -> dict[str, Any]:
+    cmd = [str(binaries / "llama-bench"), "-m", str(gguf), "-p", str(pp), "-n", str(tg), "-t", str(threads),
+           "-r", str(reps), "-o", "json"]  # fmt: skip
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    out = {}
+    for row in rows:
+        key = f"pp{row['n_prompt']}_tok_s" if row["n_prompt"] else f"tg{row['n_gen']}_tok_s"
+        out[key] = {"mean": round(row["avg_ts"], 3), "sd": round(row["stddev_ts"], 3), "n": reps}
+    return out
+
+
+class ServerProcess:
+    """A benchmark target started on a free loopback port and stopped afterwards."""
+
+    def __init__(self, cmd: list[str], port: int, health: str = "/health", timeout_s: float = 120) -> None:
+        import requests
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{Path(cmd[0]).name} exited while starting")
+            try:
+                if requests.get(self.url + health, timeout=5).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{Path(cmd[0]).name} did not start")
+
+    @classmethod
+    def ortllm(cls, model: str) -> ServerProcess:
+        import sys
+
+        port = free_port()
+        return cls([sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model], port)
+
+    @classmethod
+    def llama(cls, binaries: Path, gguf: Path, *, parallel: int, threads: int, ctx_per_slot: int = 1024) -> ServerProcess:
+        """llama.cpp's own server (continuous batching, what Ollama runs underneath)."""
+        port = free_port()
+        return cls([str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                    "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui"], port)  # fmt: skip
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
