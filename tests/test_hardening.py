@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,11 @@ DIALECT_ROUTES = [
     ("/v1/chat/completions", "POST", {"model": M, "messages": [{"role": "user", "content": "hi"}]},
      lambda b: b["error"]["message"]),
     ("/api/chat", "POST", {"model": M, "messages": [{"role": "user", "content": "hi"}]}, lambda b: b["detail"]),
+    ("/api/v1/models", "GET", None, lambda b: b["error"]["message"]),
+    ("/sessions", "GET", None, lambda b: b["error"]),
+    ("/completions", "POST", {"model": M, "prompt": "hi"}, lambda b: b["error"]),
+    ("/models", "GET", None, lambda b: b["detail"]),
+    ("/generate", "POST", {"model_id": M, "prompt": "hi"}, lambda b: b["detail"]),
 ]  # fmt: skip
 
 
@@ -48,6 +54,32 @@ def test_missing_or_wrong_key_is_401_in_the_dialects_format(secured, path, metho
         r = requests.request(method, secured.url + path, json=body, headers=headers)
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
         assert "API key" in message(r.json())
+
+
+def test_websocket_needs_the_key_on_connect(secured):
+    from simple_websocket import Client, ConnectionClosed
+    from simple_websocket import ConnectionError as WSConnectionError
+
+    ws_url = secured.url.replace("http", "ws", 1) + "/chat/ws"
+    with pytest.raises(WSConnectionError) as info:
+        Client.connect(ws_url)
+    assert info.value.status_code == 401
+    ws = Client.connect(f"{ws_url}?token={KEY}")
+    try:
+        ws.send(json.dumps({"model-name": M, "prompt": "What is the capital of France?", "temperature": 0}))
+        frames = []
+        while True:
+            try:
+                frame = ws.receive(timeout=60)
+            except Exception:  # the server closes the socket when the answer is complete
+                break
+            if frame is None:
+                break
+            frames.append(frame)
+        assert "Paris" in "".join(frames) and not any(f.startswith("__ERROR__") for f in frames)
+    finally:
+        with contextlib.suppress(ConnectionClosed):  # the server already closed it after the answer
+            ws.close()
 
 
 def test_valid_key_and_jwt_are_accepted(secured):
