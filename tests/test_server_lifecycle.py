@@ -76,3 +76,20 @@ def test_sample_config_is_valid():
 
     settings = load_settings(REPO / "config.example.toml", env={})
     assert settings.server.models == ["smollm2-135m"] and settings.rate_limit.storage_uri == "memory://"
+
+
+def test_sigterm_with_an_idle_websocket_exits_promptly(pulled):
+    from simple_websocket import Client, ConnectionClosed
+
+    live = LiveServer("--model", DEFAULT_MODEL)
+    try:
+        ws = Client.connect(live.url.replace("http", "ws", 1) + "/chat/ws?mode=multi")
+        time.sleep(0.5)
+        started = time.monotonic()
+        live.proc.send_signal(signal.SIGTERM)
+        assert live.proc.wait(30) == 0
+        assert time.monotonic() - started < 8  # not gunicorn's whole grace period
+        with pytest.raises(ConnectionClosed):  # the server ended the idle socket
+            ws.receive(timeout=5)
+    finally:
+        live.stop()

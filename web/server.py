@@ -15,9 +15,11 @@ log = logging.getLogger("ortllm.server")
 
 
 def shutdown(app: Any) -> None:
-    """Cancel every stream and unload the models (streams end with a final 'cancelled' event)."""
-    services = app.extensions["ortllm"]
-    services.registry.close()
+    """Cancel every stream, end open WebSockets and unload the models (streams end 'cancelled')."""
+    from .ws import close_all
+
+    close_all()
+    app.extensions["ortllm"].registry.close()
 
 
 def serve(settings: Settings) -> None:

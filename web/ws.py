@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import threading
+import weakref
 from typing import Any
 
 from flask import Blueprint, request
@@ -33,6 +34,13 @@ log = logging.getLogger("ortllm.web")
 bp = Blueprint("rust_ws", __name__)
 sock = Sock()
 POLL_S = 1.0  # how often the reader checks that the handler is still running
+OPEN: weakref.WeakSet[Connection] = weakref.WeakSet()  # sockets to end on shutdown
+
+
+def close_all() -> None:
+    """End every open socket (server shutdown): idle multi-turn sockets must not hold the exit."""
+    for conn in list(OPEN):
+        conn.end()
 
 
 def action_of(text: str) -> str | None:
@@ -65,7 +73,13 @@ class Connection:
         self.inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.current: ChatSession | None = None
         self.running = True
+        OPEN.add(self)
         threading.Thread(target=self._read, name="ortllm-ws-reader", daemon=True).start()
+
+    def end(self) -> None:
+        """Cancel the current answer and let the handler return (it then closes the socket)."""
+        self.cancel()
+        self.inbox.put(None)
 
     def _read(self) -> None:
         try:
@@ -143,3 +157,4 @@ def chat_ws(ws: Server) -> None:
                 return
     finally:
         conn.running = False
+        OPEN.discard(conn)
