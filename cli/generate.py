@@ -56,8 +56,9 @@ def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
     except ModelNotFound:
         if load_catalog().find(name) is None:
             raise
-        from .models import _run_convert
         from ortllm.converters.pipeline import ConvertRequest
+
+        from .models import _run_convert
 
         click.echo(f"{name} is not installed yet; pulling it first", err=True)
         _run_convert(ConvertRequest(load_catalog().get(name).name))
@@ -192,7 +193,6 @@ class TerminalChat:
         stream = self.scheduler.submit(GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id))
         parts: list[str] = []
         started = time.monotonic()
-        stopped = False
         with Live(console=self.console, refresh_per_second=12, transient=False) as live:
             try:
                 for event in stream:
@@ -203,7 +203,6 @@ class TerminalChat:
                     live.update(self._view("".join(parts), len(parts), started, event if event.done else None))
             except KeyboardInterrupt:
                 stream.cancel()
-                stopped = True
                 for event in stream:  # drain to the final event so the slot is free
                     if event.done:
                         self.last = event

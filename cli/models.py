@@ -6,13 +6,13 @@ import json
 import time
 
 import click
+from ortllm.converters.genai import EPS, PRECISIONS
+from ortllm.converters.pipeline import ConvertRequest, convert
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ortllm.catalog import load_catalog
-from ortllm.converters.genai import EPS, PRECISIONS
-from ortllm.converters.pipeline import ConvertRequest, convert
 from ortllm.store import ModelStore
 
 STEP_LABELS = {

@@ -109,7 +109,8 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
         for _ in range(reps):
             results: list[Any] = []
             start = time.perf_counter()
-            threads = [threading.Thread(target=lambda: results.append(run(short_prompt, tg))) for _ in range(size)]
+            threads = [threading.Thread(target=lambda out=results: out.append(run(short_prompt, tg)))
+                       for _ in range(size)]  # fmt: skip
             for t in threads:
                 t.start()
             for t in threads:
@@ -129,16 +130,17 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
 def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: dict[str, str]) -> dict[str, Any]:
     import requests
 
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                            "temperature": 0, "ignore_eos": True}  # fmt: skip
     start = time.perf_counter()
     stamps: list[float] = []
     try:
         with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600, headers=headers) as r:
             if r.status_code != 200:
                 return {"error": f"HTTP {r.status_code}"}
-            for line in r.iter_lines(decode_unicode=True):
-                if not line or not line.startswith("data:"):
+            for raw in r.iter_lines():
+                line = raw.decode("utf-8", "replace")
+                if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
@@ -151,7 +153,7 @@ def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: di
     if not stamps:
         return {"error": "no tokens"}
     end = time.perf_counter()
-    itl = [b - a for a, b in zip(stamps, stamps[1:])]
+    itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     return {"ttft": stamps[0] - start, "tokens": len(stamps), "latency": end - start,
             "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0, "itl": itl}  # fmt: skip
 
@@ -165,16 +167,13 @@ def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8
     out: dict[str, Any] = {}
     for n in concurrency:
         samples: list[dict[str, Any]] = []
-        lock = threading.Lock()
 
-        def client(i: int) -> None:
+        def client(i: int, out: list[dict[str, Any]] = samples) -> None:
             time.sleep(i * stagger_s)
             for k in range(requests_per_client):
                 words = prompt_tokens[(i + k) % len(prompt_tokens)]
-                prompt = " ".join((FILLER.split() * (words // 10 + 1))[: words // 1])
-                res = _stream_once(url, model, prompt, max_tokens[(i + k) % len(max_tokens)], headers)
-                with lock:
-                    samples.append(res)
+                prompt = " ".join((FILLER.split() * (words // 10 + 1))[:words])
+                out.append(_stream_once(url, model, prompt, max_tokens[(i + k) % len(max_tokens)], headers))
 
         start = time.perf_counter()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]

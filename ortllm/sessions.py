@@ -6,6 +6,7 @@ A session remembers its model, system prompt and messages; it survives restarts 
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import time
 import uuid
@@ -116,7 +117,7 @@ class SessionStore:
             raise SessionNotFound(f"Session '{session_id}' not found")
         return session
 
-    def list(self) -> list[Session]:
+    def list(self) -> builtins.list[Session]:
         """All sessions, most recently updated first."""
         with self._connect() as db:
             rows = db.execute(
@@ -125,7 +126,7 @@ class SessionStore:
             ).fetchall()
         return [Session(*r) for r in rows]
 
-    def messages(self, session_id: str) -> list[dict[str, str]]:
+    def messages(self, session_id: str) -> builtins.list[dict[str, str]]:
         """The stored conversation (user and assistant turns), oldest first."""
         self.get(session_id)
         with self._connect() as db:
@@ -134,13 +135,13 @@ class SessionStore:
             ).fetchall()
         return [{"role": r, "content": c} for r, c in rows]
 
-    def history(self, session_id: str) -> list[dict[str, str]]:
+    def history(self, session_id: str) -> builtins.list[dict[str, str]]:
         """The conversation with the session's system prompt first, when it has one."""
         session = self.get(session_id)
         system = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
         return system + self.messages(session_id)
 
-    def append(self, session_id: str, messages: list[dict[str, str]]) -> None:
+    def append(self, session_id: str, messages: builtins.list[dict[str, str]]) -> None:
         """Add messages at the end of a session, in one transaction."""
         for m in messages:
             if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
@@ -155,7 +156,7 @@ class SessionStore:
             )
             db.execute("UPDATE sessions SET updated = ? WHERE id = ?", (now, session_id))
 
-    def replace(self, session_id: str, messages: list[dict[str, str]]) -> None:
+    def replace(self, session_id: str, messages: builtins.list[dict[str, str]]) -> None:
         """Make the session's stored messages exactly `messages` (a client sent its full history)."""
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))

@@ -59,10 +59,10 @@ class CorsSettings(_Section):
 
 
 class Settings(_Section):
-    server: ServerSettings = Field(default_factory=ServerSettings)
-    auth: AuthSettings = Field(default_factory=AuthSettings)
-    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
-    cors: CorsSettings = Field(default_factory=CorsSettings)
+    server: ServerSettings = ServerSettings()  # pydantic copies model defaults per instance
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cors: CorsSettings = CorsSettings()
     insecure: bool = False
 
     @field_validator("server")

@@ -287,8 +287,9 @@ def test_model_dir_deleted_while_loaded(pulled, home):
 
 
 def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatch):
-    from ortllm.runtime.scheduler import Scheduler
     from ortllm.web.app import create_app
+
+    from ortllm.runtime.scheduler import Scheduler
 
     real = Scheduler._on_token
 

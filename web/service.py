@@ -23,7 +23,7 @@ from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel
 
-from .metrics import Metrics, MeteredStream
+from .metrics import MeteredStream, Metrics
 
 
 class Services:

@@ -302,14 +302,14 @@ class Scheduler:
                 buffer = engine.create_event_buffer(256)
                 continue
             for event in events:
-                job = self._active.get(id(event.request))
-                if job is None:
+                owner = self._active.get(id(event.request))
+                if owner is None:
                     continue
                 try:
-                    self._on_event(job, event, token_flag, finished_flag | failed_flag, failed_flag)
+                    self._on_event(owner, event, token_flag, finished_flag | failed_flag, failed_flag)
                 except Exception as exc:  # one request's failure must not stop the others
                     log.exception("request failed on %s", self.model.name)
-                    self._abort(job, exc)
+                    self._abort(owner, exc)
 
     def _on_event(self, job: Job, event: Any, token_flag: int, end_flags: int, failed_flag: int) -> None:
         flags = int(event.flags)
