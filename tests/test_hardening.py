@@ -172,7 +172,7 @@ def test_full_queue_answers_503_with_retry_after(pulled):
                 bodies.append(r.json())
                 assert int(r.headers["Retry-After"]) >= 1
 
-        threads = [threading.Thread(target=client) for _ in range(14)]  # 8 running + 1 queued fit
+        threads = [threading.Thread(target=client) for _ in range(24)]  # 16 running (4 Engines x 4) + 1 queued fit
         for t in threads:
             t.start()
         for t in threads:

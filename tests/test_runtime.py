@@ -170,3 +170,17 @@ def test_min_tokens_masks_end_of_sequence(scheduler):
     assert short.usage.completion_tokens < 20
     forced = ask(scheduler, max_tokens=30, min_tokens=30)
     assert forced.usage.completion_tokens == 30 and forced.finish_reason == LENGTH
+
+
+def test_late_arrival_does_not_wait_for_a_running_batch(scheduler):
+    """A request arriving while a long one streams finishes first (it starts in another Engine batch)."""
+    if scheduler.api == "generator":
+        pytest.skip("the Generator path (pre-0.18 API) runs one request at a time")
+    long_request = GenerationRequest(validate_options({"temperature": 0, "max_tokens": 400, "min_tokens": 400}),
+                                     messages=[{"role": "user", "content": "Tell a long story."}])  # fmt: skip
+    with scheduler.submit(long_request) as long_stream:
+        events = iter(long_stream)
+        next(events)  # the long answer is streaming
+        late = ask(scheduler, max_tokens=8)
+        assert late.usage.completion_tokens > 0
+        assert long_stream.final is None  # the long one is still running: the late one did not wait for it

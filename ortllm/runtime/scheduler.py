@@ -33,7 +33,21 @@ log = logging.getLogger("ortllm.scheduler")
 T = TypeVar("T")
 
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a slot; beyond this submit() raises Busy
-DEFAULT_MAX_ACTIVE = 8  # requests handed to the Engine at once (it batches 4 on CPU, queues the rest)
+DEFAULT_MAX_BATCH = 4  # requests per og.Engine batch (the CPU Engine's own default)
+DEFAULT_MAX_ENGINES = 4  # Engines (static batches) stepping side by side
+
+
+class _Batch:
+    """One og.Engine and the jobs of the static batch it is running."""
+
+    def __init__(self, model: Any) -> None:
+        self.jobs: dict[int, Job] = {}
+        self.reset(model)
+
+    def reset(self, model: Any) -> None:
+        self.engine = og.Engine(model)
+        self.buffer = self.engine.create_event_buffer(256)
+        self.jobs.clear()
 
 
 def engine_supported() -> bool:
@@ -59,6 +73,7 @@ class Job:
         self.cached_prompt_tokens = 0
         self.decoder: Any = None
         self.og_request: Any = None
+        self.batch: _Batch | None = None
         self.turn_id: int | None = None
         self.cancel_sent = False
         self.hit_eos = False
@@ -128,14 +143,16 @@ class Stream:
 class Scheduler:
     """Owns a LoadedModel and its worker thread; the only way to generate with it."""
 
-    def __init__(self, model: LoadedModel, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 max_active: int = DEFAULT_MAX_ACTIVE, use_engine: bool | None = None) -> None:  # fmt: skip
+    def __init__(self, model: LoadedModel, *, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_engines: int = DEFAULT_MAX_ENGINES, use_engine: bool | None = None) -> None:  # fmt: skip
         if use_engine and not engine_supported():
             raise ModelLoadError("This onnxruntime-genai has no Engine API (it needs 0.18 or later)")
         self.model = model
         self.use_engine = engine_supported() if use_engine is None else use_engine
         self.max_queue = max_queue
-        self.max_active = max_active if self.use_engine else 1
+        self.max_batch = max_batch
+        self.max_engines = max_engines
+        self._batches: list[_Batch] = []
         self._pending: deque[Job] = deque()
         self._calls: deque[Callable[[], None]] = deque()
         self._active: dict[int, Job] = {}
@@ -258,58 +275,72 @@ class Scheduler:
             for job in jobs:
                 job.finish(ERROR, f"generation failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}")
 
-    def _next_work(self, busy: bool) -> tuple[list[Job], list[Callable[[], None]]]:
-        """Jobs to admit and calls to run; blocks while there is nothing to do."""
+    def _next_work(self, busy: bool, room: int) -> tuple[list[Job], list[Callable[[], None]]]:
+        """Up to `room` jobs to admit and the calls to run; blocks while there is nothing to do."""
         with self._cv:
             while not busy and not self._pending and not self._calls and not self._stopping:
                 self._cv.wait()
-            room = self.max_active - len(self._active)
             admit = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
             calls = list(self._calls)
             self._calls.clear()
             return admit, calls
 
     def _run_engine(self) -> None:
-        engine = og.Engine(self.model.model)
-        buffer = engine.create_event_buffer(256)
+        """Drive a pool of og.Engines. On CPU an Engine runs a static batch: a request added while its
+        batch runs waits for the whole batch. So new requests start in an idle Engine (a fresh one
+        while fewer than `max_engines` exist) and never join a running batch: late arrivals get their
+        first token after one prefill, not after the longest running answer."""
         token_flag, finished_flag, failed_flag = (
             int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED), int(og.EngineEventFlags.FAILED))
         while True:
-            admit, calls = self._next_work(busy=bool(self._active))
+            admit, calls = self._next_work(busy=bool(self._active), room=self._engine_room())
             for call in calls:
                 call()
             if self._stopping and not self._active and not admit:
                 return
+            forming = [b for b in self._batches if not b.jobs]  # idle Engines take this round's arrivals
             for job in admit:
                 if job.options.seed is not None and not self._engine_seeds:
                     self._run_serially(job)
-                else:
-                    self._begin_turn(engine, job)
+                    continue
+                batch = next((b for b in forming if len(b.jobs) < self.max_batch), None)
+                if batch is None:
+                    batch = _Batch(self.model.model)
+                    self._batches.append(batch)
+                    forming.append(batch)
+                self._begin_turn(batch, job)
             for job in list(self._active.values()):
                 if (job.cancelled.is_set() or job.matcher.stopped) and not job.cancel_sent:
                     job.cancel_sent = True
                     job.og_request.cancel_turn(job.turn_id)
-            if not self._active:
+            for batch in [b for b in self._batches if b.jobs]:
+                self._step(batch, token_flag, finished_flag | failed_flag, failed_flag)
+
+    def _engine_room(self) -> int:
+        """How many waiting jobs can start now: free places in idle Engines and in Engines not yet made."""
+        idle = sum(1 for b in self._batches if not b.jobs)
+        return (idle + self.max_engines - len(self._batches)) * self.max_batch
+
+    def _step(self, batch: _Batch, token_flag: int, end_flags: int, failed_flag: int) -> None:
+        """One decode step of one batch, its events handed to their jobs."""
+        try:
+            events = list(batch.engine.run(batch.buffer))
+        except Exception as exc:  # the step failed: fail what it held, start a fresh Engine, keep serving
+            log.exception("engine step failed for %s", self.model.name)
+            for job in list(batch.jobs.values()):
+                self._active.pop(id(job.og_request), None)
+                job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+            batch.reset(self.model.model)
+            return
+        for event in events:
+            owner = batch.jobs.get(id(event.request))
+            if owner is None:
                 continue
             try:
-                events = list(engine.run(buffer))
-            except Exception as exc:  # the step failed: fail what it held, start a fresh Engine, keep serving
-                log.exception("engine step failed for %s", self.model.name)
-                for job in list(self._active.values()):
-                    job.finish(ERROR, f"generation failed: {_first_line(exc)}")
-                self._active.clear()
-                engine = og.Engine(self.model.model)
-                buffer = engine.create_event_buffer(256)
-                continue
-            for event in events:
-                owner = self._active.get(id(event.request))
-                if owner is None:
-                    continue
-                try:
-                    self._on_event(owner, event, token_flag, finished_flag | failed_flag, failed_flag)
-                except Exception as exc:  # one request's failure must not stop the others
-                    log.exception("request failed on %s", self.model.name)
-                    self._abort(owner, exc)
+                self._on_event(owner, event, token_flag, end_flags, failed_flag)
+            except Exception as exc:  # one request's failure must not stop the others
+                log.exception("request failed on %s", self.model.name)
+                self._abort(owner, exc)
 
     def _on_event(self, job: Job, event: Any, token_flag: int, end_flags: int, failed_flag: int) -> None:
         flags = int(event.flags)
@@ -325,7 +356,7 @@ class Scheduler:
 
     def _abort(self, job: Job, exc: Exception) -> None:
         """Fail one Engine request and release its slot."""
-        self._active.pop(id(job.og_request), None)
+        self._release(job)
         try:
             job.og_request.cancel_turn(job.turn_id)
             job.og_request.close()
@@ -333,7 +364,12 @@ class Scheduler:
             pass
         job.finish(ERROR, f"generation failed: {_first_line(exc)}")
 
-    def _begin_turn(self, engine: Any, job: Job) -> None:
+    def _release(self, job: Job) -> None:
+        self._active.pop(id(job.og_request), None)
+        if job.batch is not None:
+            job.batch.jobs.pop(id(job.og_request), None)
+
+    def _begin_turn(self, batch: _Batch, job: Job) -> None:
         job.started = time.monotonic()
         if job.cancelled.is_set():
             job.finish(CANCELLED)
@@ -342,7 +378,7 @@ class Scheduler:
             opts = og.RequestOptions()
             # total length = prompt + max_tokens: never the config's default, which sizes a full KV cache
             opts.set_max_session_tokens(len(job.prompt_ids) + job.max_new)
-            request = engine.create_request(options=opts)
+            request = batch.engine.create_request(options=opts)
             turn = og.TurnOptions(request)
             o = job.options
             turn.set_max_generated_tokens(job.max_new)
@@ -362,8 +398,10 @@ class Scheduler:
                 turn.set_guidance(*job.request.guidance)
             job.turn_id = request.begin_turn(np.asarray(job.prompt_ids, dtype=np.int32), turn)
             job.og_request = request
+            job.batch = batch
             job.decoder = self.model.tokenizer.create_stream()
             self._active[id(request)] = job
+            batch.jobs[id(request)] = job
         except RuntimeError as exc:
             if o.seed is not None and "seed" in str(exc):
                 # the static (CPU) Engine has no per-turn seeds: seeded requests run on the Generator path
@@ -382,7 +420,7 @@ class Scheduler:
             job.finish(ERROR, f"generation failed: {_first_line(exc)}")
 
     def _end_turn(self, job: Job, event: Any, failed: bool) -> None:
-        self._active.pop(id(job.og_request), None)
+        self._release(job)
         try:
             job.og_request.close()
         except Exception:  # closing a finished request is best effort
@@ -410,7 +448,7 @@ class Scheduler:
 
     def _run_generator(self) -> None:
         while True:
-            admit, calls = self._next_work(busy=False)
+            admit, calls = self._next_work(busy=False, room=1)
             for call in calls:
                 call()
             if self._stopping and not admit:
