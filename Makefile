@@ -52,9 +52,10 @@ $(VENV014)/.installed: setup.cfg pyproject.toml
 test-genai014: $(VENV014)/.installed  ## runtime tests on onnxruntime-genai 0.14.1 (needs a main run's model)
 	ORTLLM_TEST_PREBUILT=$(ORTLLM_TEST_CACHE)/prebuilt $(VENV014)/bin/python -m pytest -q -ra tests/test_runtime.py
 
-lint: install
+lint: install  ## ruff (lint + format) everywhere, mypy on the core library
 	$(BIN)/ruff check ortllm converters cli web tests benchmarks
 	$(BIN)/ruff format --check ortllm converters cli web tests benchmarks
+	$(BIN)/mypy ortllm
 
 format: install
 	$(BIN)/ruff format ortllm converters cli web tests benchmarks
