@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +19,8 @@ from urllib.parse import urlparse
 
 import psutil
 import requests
+
+from ortllm.benchmark import ServerProcess
 
 PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a haiku about autumn.",
            "Explain what a compiler does.", "List three colours.", "Describe a cat in one sentence."]  # fmt: skip
@@ -132,32 +129,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/health", timeout=5).ok:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("the server did not start")
-
-
-def server_rss(proc: subprocess.Popen | None, url: str) -> int:
-    """RSS of the serving process tree (bytes); needs a server this script started or a local pid."""
-    if proc is None:
+def server_rss(server: ServerProcess | None) -> int:
+    """RSS of the serving process tree (bytes), when this script started the server."""
+    if server is None:
         return 0
-    root = psutil.Process(proc.pid)
+    root = psutil.Process(server.proc.pid)
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
@@ -172,18 +148,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("soak only targets this machine (loopback)")
-    proc, url = (None, args.url) if args.url else start_server(args.model)
+    server = None if args.url else ServerProcess.ortllm(args.model)
+    url = args.url or server.url  # type: ignore[union-attr]
     try:
         run_one(url, args.model, "native-generate", "Hi", 4)  # warm-up
-        rss_before = server_rss(proc, url)
+        rss_before = server_rss(server)
         started = time.monotonic()
         results = soak(url, args.model, args.clients, args.seconds, args.max_tokens)
         wall = time.monotonic() - started
-        rss_after = server_rss(proc, url)
+        rss_after = server_rss(server)
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+        if server is not None:
+            server.stop()
     ok = [s for s in results.samples if s.ok]
     errors = [s for s in results.samples if not s.ok]
     ttfts = [s.ttft for s in ok]

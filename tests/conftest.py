@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ortllm.benchmark import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -88,14 +90,6 @@ def scheduler(request, pulled: Path):
     sched = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), use_engine=request.param == "engine")
     yield sched
     sched.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import GenerationFailed, InvalidOptions, ModelNotFound
+from ortllm.errors import InvalidOptions, ModelNotFound
 from ortllm.runtime.types import ERROR, TokenEvent
 
 from . import protocol as p
+from .native import collect
 from .routes import api_route
 from .service import services
 from .sse import sse_response
@@ -60,11 +61,6 @@ def finish_reason(event: TokenEvent) -> str:
     return "length" if event.finish_reason == "length" else "stop"
 
 
-def check_final(event: TokenEvent) -> None:
-    if event.finish_reason == ERROR:
-        raise GenerationFailed(event.error or "generation failed")
-
-
 @api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat completion (OpenAI)",
            body=p.ChatCompletionRequest, streams=True)  # fmt: skip
 def chat_completions(body: p.ChatCompletionRequest) -> Response:
@@ -75,15 +71,10 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
                                       guidance=guidance_of(body.response_format))
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     if not body.stream:
-        parts, final = [], None
-        for event in chat:
-            parts.append(event.text)
-            final = event if event.done else final
-        assert final is not None
-        check_final(final)
+        text, final = collect(chat)
         return jsonify({
             "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish_reason(final)}],
             "usage": usage_of(final), "system_fingerprint": None,
         })  # fmt: skip
@@ -126,15 +117,10 @@ def completions(body: p.CompletionRequest) -> Response:
     prefix = prompts[0] if body.echo else ""
     if not body.stream:
         with stream:
-            parts, final = [], None
-            for event in stream:
-                parts.append(event.text)
-                final = event if event.done else final
-        assert final is not None
-        check_final(final)
+            text, final = collect(stream)
         return jsonify({
             "id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": prefix + "".join(parts), "logprobs": None,
+            "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
                          "finish_reason": finish_reason(final)}],
             "usage": usage_of(final),
         })  # fmt: skip
