@@ -135,13 +135,14 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
     levels = _ints(concurrency)
     server = None if url else b.ServerProcess.ortllm(name)
     target = url or server.url  # type: ignore[union-attr]
+    cold = b.first_token_after(target, name, server.launched) if server else None
     try:
         with console.status(f"ortllm: {levels} concurrent streams against {target}"):
             ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client, api_key=api_key)
     finally:
         if server:
             server.stop()
-    result: dict[str, Any] = {"model": name, "machine": _machine(), "ortllm": ours}
+    result: dict[str, Any] = {"model": name, "machine": _machine(), "ortllm": ours, "cold_start_first_token_s": cold}
     peer: dict[str, Any] = {}
     if compare:
         from ortllm.runtime.loaded import default_threads
@@ -168,6 +169,8 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
                        f"{p['ttft_s']['max']:.2f} s")  # fmt: skip
         table.add_row(*row)
     console.print(table)
+    if cold is not None:
+        console.print(f"cold start: `ortllm serve --model {name}` launched → first streamed token in {cold:.2f} s")
     _write(result, out)
 
 

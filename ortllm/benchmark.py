@@ -158,6 +158,14 @@ def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: di
             "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0, "itl": itl}  # fmt: skip
 
 
+def first_token_after(url: str, model: str, since: float) -> float:
+    """Seconds from `since` (a server's launch) to the first streamed token of a first request."""
+    result = _stream_once(url, model, "Hello", 1, {})
+    if "error" in result:
+        raise RuntimeError(f"first request failed: {result['error']}")
+    return time.perf_counter() - since - result["latency"] + result["ttft"]
+
+
 def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int = 2,
                 prompt_tokens: tuple[int, ...] = (32, 128, 384), max_tokens: tuple[int, ...] = (64, 128),
                 stagger_s: float = 0.05, api_key: str | None = None) -> dict[str, Any]:  # fmt: skip
@@ -235,6 +243,7 @@ class ServerProcess:
         import requests
 
         self.url = f"http://127.0.0.1:{port}"
+        self.launched = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
