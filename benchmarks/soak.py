@@ -138,7 +138,9 @@ def server_rss(server: ServerProcess | None) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="a running server (default: start one)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--clients", type=int, default=64)

@@ -70,7 +70,9 @@ def bench() -> None:
 @click.argument("model", required=False)
 @click.option("--pp", default=512, show_default=True, help="Prompt length for prompt processing.")
 @click.option("--tg", default=128, show_default=True, help="Tokens to generate.")
-@click.option("--batch", "batches", default="1,2,4,8", show_default=True, help="Concurrent requests to measure.")
+@click.option(
+    "--batch", "batches", default="1,2,4,8", show_default=True, help="Concurrent requests to measure."
+)
 @click.option("--reps", default=3, show_default=True, help="Repetitions (after one warm-up).")
 @click.option("--threads", type=int, help="Intra-op threads (default: physical cores).")
 @click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True)
@@ -81,7 +83,9 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
     from ortllm.runtime.registry import ModelRegistry
 
     console = Console()
-    registry = ModelRegistry(use_engine={"auto": None, "engine": True, "generator": False}[api], threads=threads)
+    registry = ModelRegistry(
+        use_engine={"auto": None, "engine": True, "generator": False}[api], threads=threads
+    )
     name = model or load_catalog().default
     scheduler = registry.get(name)
     installed = scheduler.model.installed
@@ -107,9 +111,14 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
     for key in (f"pp{pp}_tok_s", f"tg{tg}_tok_s"):
         row = [key, f"{ours[key]['mean']:.1f} ± {ours[key]['sd']:.1f}"]
         if peer:
-            row += [f"{peer[key]['mean']:.1f} ± {peer[key]['sd']:.1f}", _ratio(ours[key]["mean"], peer[key]["mean"])]
+            row += [
+                f"{peer[key]['mean']:.1f} ± {peer[key]['sd']:.1f}",
+                _ratio(ours[key]["mean"], peer[key]["mean"]),
+            ]
         table.add_row(*row)
-    table.add_row("TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *(["", ""] if peer else []))
+    table.add_row(
+        "TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *(["", ""] if peer else [])
+    )
     for size, agg in ours["batch_aggregate_tok_s"].items():
         table.add_row(f"{size} concurrent, aggregate tok/s", f"{agg['mean']:.1f} ± {agg['sd']:.1f}",
                       *(["", ""] if peer else []))  # fmt: skip
@@ -138,11 +147,18 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
     cold = b.first_token_after(target, name, server.launched) if server else None
     try:
         with console.status(f"ortllm: {levels} concurrent streams against {target}"):
-            ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client, api_key=api_key)
+            ours = b.serve_bench(
+                target, name, concurrency=levels, requests_per_client=per_client, api_key=api_key
+            )
     finally:
         if server:
             server.stop()
-    result: dict[str, Any] = {"model": name, "machine": _machine(), "ortllm": ours, "cold_start_first_token_s": cold}
+    result: dict[str, Any] = {
+        "model": name,
+        "machine": _machine(),
+        "ortllm": ours,
+        "cold_start_first_token_s": cold,
+    }
     peer: dict[str, Any] = {}
     if compare:
         from ortllm.runtime.loaded import default_threads
@@ -170,7 +186,9 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
         table.add_row(*row)
     console.print(table)
     if cold is not None:
-        console.print(f"cold start: `ortllm serve --model {name}` launched → first streamed token in {cold:.2f} s")
+        console.print(
+            f"cold start: `ortllm serve --model {name}` launched → first streamed token in {cold:.2f} s"
+        )
     _write(result, out)
 
 

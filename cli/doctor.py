@@ -19,8 +19,19 @@ from ortllm.errors import OrtllmError
 from ortllm.paths import ortllm_home
 from ortllm.store import ModelStore
 
-GENAI_DISTS = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "onnxruntime-genai-winml")
-ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+GENAI_DISTS = (
+    "onnxruntime-genai",
+    "onnxruntime-genai-cuda",
+    "onnxruntime-genai-directml",
+    "onnxruntime-genai-winml",
+)
+ORT_DISTS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c")
 
 
@@ -66,7 +77,9 @@ def report() -> dict[str, Any]:
         except OrtllmError as exc:
             choice = {"variant": None, "reason": str(exc)}
         models.append({"name": model.name, "variants": sorted(model.variants), **choice})
-    convert_missing = [m for m in ("torch", "transformers", "onnx", "onnx_ir", "gguf") if importlib.util.find_spec(m) is None]
+    convert_missing = [
+        m for m in ("torch", "transformers", "onnx", "onnx_ir", "gguf") if importlib.util.find_spec(m) is None
+    ]
     return {
         "ortllm": __version__,
         "python": sys.version.split()[0],
@@ -99,16 +112,23 @@ def doctor(as_json: bool) -> None:
     table.add_row("python", data["python"])
     table.add_row("os", data["os"])
     table.add_row("home", data["home"])
-    table.add_row("onnxruntime-genai", ", ".join(f"{k} {v}" for k, v in data["onnxruntime_genai"].items()) or "missing")
+    table.add_row(
+        "onnxruntime-genai", ", ".join(f"{k} {v}" for k, v in data["onnxruntime_genai"].items()) or "missing"
+    )
     table.add_row("onnxruntime", ", ".join(f"{k} {v}" for k, v in data["onnxruntime"].items()) or "missing")
-    table.add_row("runtime path", "og.Engine (batched)" if data["engine_api"] else "og.Generator (pre-0.18 API)")
+    table.add_row(
+        "runtime path", "og.Engine (batched)" if data["engine_api"] else "og.Generator (pre-0.18 API)"
+    )
     table.add_row("execution providers", ", ".join(data["execution_providers"]))
     table.add_row("CPU threads", str(data["cpu_threads"]))
     features = data["cpu_features"]
     table.add_row("CPU features", ", ".join(k for k, v in features.items() if v) if features else "unknown")
     conv = data["convert_extra"]
     table.add_row("convert extra", "usable" if conv["usable"] else f"missing {', '.join(conv['missing'])}")
-    table.add_row("optimum backend", "usable" if data["optimum"]["usable"] else "not in this environment (make optimum-env)")
+    table.add_row(
+        "optimum backend",
+        "usable" if data["optimum"]["usable"] else "not in this environment (make optimum-env)",
+    )
     console.print(table)
     if data["models"]:
         models = Table("model", "variants", "would run", "why")

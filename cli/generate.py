@@ -71,7 +71,9 @@ def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
 @generation_options
 @click.option("--system", help="System prompt.")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON result object instead of streaming text.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON result object instead of streaming text."
+)
 def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: bool, ep: str | None, api: str,
         **kw: Any) -> None:  # fmt: skip
     """Answer one PROMPT with MODEL, streamed to stdout.
@@ -90,7 +92,9 @@ def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: 
     if raw:
         request = GenerationRequest(options, prompt=prompt)
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         request = GenerationRequest(options, messages=messages)
     with scheduler.submit(request) as stream:
         if as_json:
@@ -124,7 +128,9 @@ class TerminalChat:
         self.sessions = sessions
         self.options = options
         self.console = console
-        self.session = sessions.create(model=scheduler.model.name, system_prompt=system, title="terminal chat")
+        self.session = sessions.create(
+            model=scheduler.model.name, system_prompt=system, title="terminal chat"
+        )
         self.last: TokenEvent | None = None
 
     def loop(self) -> None:
@@ -190,7 +196,9 @@ class TerminalChat:
     def answer(self, text: str) -> None:
         turn = plan_turn(self.sessions, model=self.scheduler.model.name,
                          messages=[{"role": "user", "content": text}], session_id=self.session.id)  # fmt: skip
-        stream = self.scheduler.submit(GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id))
+        stream = self.scheduler.submit(
+            GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id)
+        )
         parts: list[str] = []
         started = time.monotonic()
         with Live(console=self.console, refresh_per_second=12, transient=False) as live:
@@ -200,7 +208,9 @@ class TerminalChat:
                         parts.append(event.text)
                     if event.done:
                         self.last = event
-                    live.update(self._view("".join(parts), len(parts), started, event if event.done else None))
+                    live.update(
+                        self._view("".join(parts), len(parts), started, event if event.done else None)
+                    )
             except KeyboardInterrupt:
                 stream.cancel()
                 for event in stream:  # drain to the final event so the slot is free
@@ -211,7 +221,9 @@ class TerminalChat:
         if reply:
             commit_turn(self.sessions, turn, reply)
 
-    def _view(self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False) -> Group:
+    def _view(
+        self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False
+    ) -> Group:
         elapsed = time.monotonic() - started
         if final and final.timings and final.usage:
             t = final.timings

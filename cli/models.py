@@ -36,7 +36,9 @@ class RichProgress:
 
     def done(self, name: str) -> None:
         task = self.tasks[name]
-        self.progress.update(task, total=1, completed=1, description=f"[green]✓[/] {STEP_LABELS.get(name, name)}")
+        self.progress.update(
+            task, total=1, completed=1, description=f"[green]✓[/] {STEP_LABELS.get(name, name)}"
+        )
 
     def log(self, line: str) -> None:
         task = self.tasks.get("build")
@@ -54,7 +56,9 @@ def _run_convert(request: ConvertRequest) -> None:
         model = convert(request, store, RichProgress(progress))
     took = time.monotonic() - started
     variant = model.variants[f"{request.ep}-{request.precision}"]
-    click.echo(f"{model.name} ({variant.id}, {variant.size_bytes / 1e6:.0f} MB) ready in {took:.0f} s: {variant.path}")
+    click.echo(
+        f"{model.name} ({variant.id}, {variant.size_bytes / 1e6:.0f} MB) ready in {took:.0f} s: {variant.path}"
+    )
 
 
 _build_options = [
@@ -79,7 +83,9 @@ def build_options(func):
 @click.command()
 @click.argument("name")
 @build_options
-def pull(name: str, precision: str, ep: str, block_size: int | None, accuracy_level: int | None, force: bool) -> None:
+def pull(
+    name: str, precision: str, ep: str, block_size: int | None, accuracy_level: int | None, force: bool
+) -> None:
     """Download and convert a catalog model (see `ortllm list --available`).
 
     \b
@@ -154,7 +160,9 @@ def list_cmd(available: bool, as_json: bool) -> None:
         return
     table = Table("name", "variants", "size", "kind", "created")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["variants"]), f"{r['size_mb']:.0f} MB", r["kind"], r["created"] or "")
+        table.add_row(
+            r["name"], ", ".join(r["variants"]), f"{r['size_mb']:.0f} MB", r["kind"], r["created"] or ""
+        )
     console.print(table)
 
 
@@ -170,7 +178,17 @@ def show(name: str, as_json: bool) -> None:
     console = Console()
     m = model.manifest
     table = Table(show_header=False, box=None)
-    for key in ("name", "description", "source", "family", "template", "context_size", "kind", "backend", "created"):
+    for key in (
+        "name",
+        "description",
+        "source",
+        "family",
+        "template",
+        "context_size",
+        "kind",
+        "backend",
+        "created",
+    ):
         if m.get(key) not in (None, ""):
             table.add_row(f"[bold]{key}[/]", str(m[key]))
     table.add_row("[bold]path[/]", str(model.path))

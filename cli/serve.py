@@ -16,12 +16,24 @@ from ortllm.settings import load_settings
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="config.toml (or ORTLLM_CONFIG).")
 @click.option("--max-queue", type=int, help="Requests waiting per model before 503 (default 64).")
 @click.option("--keep-alive", type=float, help="Unload a model after this many idle seconds (0 = never).")
-@click.option("--generate-timeout", type=float, help="Seconds before TGI-style /generate answers 504 (default 60).")
-@click.option("--api-key", "api_keys", multiple=True,
-              help="Require this key as 'Authorization: Bearer KEY' (repeatable; NAME:KEY names it in logs).")
-@click.option("--rate-limit", type=int, help="Requests per minute per key or IP (0 = off; default 60 with auth "
-              "or a non-loopback host, else off).")
-@click.option("--insecure", is_flag=True, default=None, help="Allow a non-loopback host without authentication.")
+@click.option(
+    "--generate-timeout", type=float, help="Seconds before TGI-style /generate answers 504 (default 60)."
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="Require this key as 'Authorization: Bearer KEY' (repeatable; NAME:KEY names it in logs).",
+)
+@click.option(
+    "--rate-limit",
+    type=int,
+    help="Requests per minute per key or IP (0 = off; default 60 with auth "
+    "or a non-loopback host, else off).",
+)
+@click.option(
+    "--insecure", is_flag=True, default=None, help="Allow a non-loopback host without authentication."
+)
 @click.option("--print-config", is_flag=True, help="Print the effective settings as JSON and exit.")
 def serve(host: str | None, port: int | None, models: tuple[str, ...], config: str | None, max_queue: int | None,
           keep_alive: float | None, generate_timeout: float | None, api_keys: tuple[str, ...],
@@ -41,7 +53,9 @@ def serve(host: str | None, port: int | None, models: tuple[str, ...], config: s
                                       "insecure": insecure})  # fmt: skip
     if print_config:
         shown = settings.model_dump()
-        shown["auth"]["api_keys"] = [k.partition(":")[0] + ":***" if ":" in k else "***" for k in settings.auth.api_keys]
+        shown["auth"]["api_keys"] = [
+            k.partition(":")[0] + ":***" if ":" in k else "***" for k in settings.auth.api_keys
+        ]
         shown["auth"]["jwt_secret"] = "***" if settings.auth.jwt_secret else None
         click.echo(json.dumps(shown, indent=2))
         return
@@ -51,7 +65,9 @@ def serve(host: str | None, port: int | None, models: tuple[str, ...], config: s
     check_exposure(settings)
     load_keys(settings)  # a bad key file or a too-short key fails here, before binding
 
-    click.echo(f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True)
+    click.echo(
+        f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True
+    )
     run_server(settings)
 
 

@@ -61,7 +61,9 @@ def require_builder() -> None:
             "pip install torch==2.13.0 && pip install 'ortllm[convert]'"
         )
     if importlib.util.find_spec("onnxruntime_genai.models.builder") is None:
-        raise MissingDependency("onnxruntime-genai's model builder is missing: pip install 'onnxruntime-genai>=0.18'")
+        raise MissingDependency(
+            "onnxruntime-genai's model builder is missing: pip install 'onnxruntime-genai>=0.18'"
+        )
 
 
 @lru_cache(maxsize=1)
@@ -129,7 +131,9 @@ def build(
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -152,7 +156,9 @@ def build(
 
 
 def _last_error(log_path: Path) -> str:
-    lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    lines = [
+        ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
     for line in reversed(lines):
         if re.search(r"(Error|Exception|error:)", line):
             return line[:300]

@@ -72,7 +72,9 @@ def _parse_user_source(text: str) -> sources.Source:
     looks_like_name = not text.startswith(("hf:", "pypi:")) and "/" not in text and "\\" not in text
     if looks_like_name and not Path(text).exists():
         known = ", ".join(sorted(load_catalog().entries))
-        raise ModelNotFound(f"Unknown model '{text}': not in the catalog and not a path. Known models: {known}")
+        raise ModelNotFound(
+            f"Unknown model '{text}': not in the catalog and not a path. Known models: {known}"
+        )
     return sources.parse_source(text)
 
 
@@ -155,7 +157,9 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
     return store.get(name)
 
 
-def _model_manifest(entry: CatalogEntry | None, request: ConvertRequest, src: sources.Source, backend: str) -> dict[str, Any]:
+def _model_manifest(
+    entry: CatalogEntry | None, request: ConvertRequest, src: sources.Source, backend: str
+) -> dict[str, Any]:
     if entry:
         return {
             "source": entry.source,
@@ -169,7 +173,14 @@ def _model_manifest(entry: CatalogEntry | None, request: ConvertRequest, src: so
             "backend": backend,
             "parameters": dict(entry.parameters),
         }
-    return {"source": src.spec, "kind": "chat", "backend": backend, "parameters": {}, "template": "auto", "family": ""}
+    return {
+        "source": src.spec,
+        "kind": "chat",
+        "backend": backend,
+        "parameters": {},
+        "template": "auto",
+        "family": "",
+    }
 
 
 def _context_length(out_dir: Path) -> int:

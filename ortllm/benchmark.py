@@ -127,7 +127,9 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
 # ---- serving: N concurrent streaming clients against an OpenAI-compatible /v1/completions ------------
 
 
-def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: dict[str, str]) -> dict[str, Any]:
+def _stream_once(
+    url: str, model: str, prompt: str, max_tokens: int, headers: dict[str, str]
+) -> dict[str, Any]:
     import requests
 
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
@@ -135,7 +137,9 @@ def _stream_once(url: str, model: str, prompt: str, max_tokens: int, headers: di
     start = time.perf_counter()
     stamps: list[float] = []
     try:
-        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=600, headers=headers) as r:
+        with requests.post(
+            url + "/v1/completions", json=body, stream=True, timeout=600, headers=headers
+        ) as r:
             if r.status_code != 200:
                 return {"error": f"HTTP {r.status_code}"}
             for raw in r.iter_lines():
@@ -262,10 +266,14 @@ class ServerProcess:
         import sys
 
         port = free_port()
-        return cls([sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model], port)
+        return cls(
+            [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model], port
+        )
 
     @classmethod
-    def llama(cls, binaries: Path, gguf: Path, *, parallel: int, threads: int, ctx_per_slot: int = 1024) -> ServerProcess:
+    def llama(
+        cls, binaries: Path, gguf: Path, *, parallel: int, threads: int, ctx_per_slot: int = 1024
+    ) -> ServerProcess:
         """llama.cpp's own server (continuous batching, what Ollama runs underneath)."""
         port = free_port()
         return cls([str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),

@@ -35,7 +35,7 @@ def plan_turn(sessions: SessionStore, *, model: str, messages: list[dict[str, st
     convo = [m for m in messages if m["role"] != "system"]
     stored = sessions.messages(session.id)
     if stored and convo[: len(stored)] == stored:
-        full, new, replace = convo, convo[len(stored):], False
+        full, new, replace = convo, convo[len(stored) :], False
     elif any(m["role"] == "assistant" for m in convo):
         full, new, replace = convo, convo, True
     else:

@@ -145,7 +145,9 @@ class SessionStore:
         """Add messages at the end of a session, in one transaction."""
         for m in messages:
             if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise InvalidOptions("each message needs a role (system, user or assistant) and string content")
+                raise InvalidOptions(
+                    "each message needs a role (system, user or assistant) and string content"
+                )
         now = time.time()
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
@@ -168,7 +170,10 @@ class SessionStore:
         with self._transaction() as db:
             for column, value in (("title", title), ("system_prompt", system_prompt), ("model", model)):
                 if value is not None:
-                    db.execute(f"UPDATE sessions SET {column} = ?, updated = ? WHERE id = ?", (value, time.time(), session_id))
+                    db.execute(
+                        f"UPDATE sessions SET {column} = ?, updated = ? WHERE id = ?",
+                        (value, time.time(), session_id),
+                    )
         return self.get(session_id)
 
     def rollback(self, session_id: str, amount: int) -> int:

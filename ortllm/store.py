@@ -141,7 +141,9 @@ class ModelStore:
             shutil.rmtree(trash, ignore_errors=True)
             return
         if variant not in model.variants:
-            raise ModelNotFound(f"Model '{name}' has no variant '{variant}' (it has: {', '.join(model.variants)})")
+            raise ModelNotFound(
+                f"Model '{name}' has no variant '{variant}' (it has: {', '.join(model.variants)})"
+            )
         manifest = dict(model.manifest)
         manifest["variants"] = {k: v for k, v in manifest["variants"].items() if k != variant}
         _write_json_atomic(model.path / MANIFEST, manifest)

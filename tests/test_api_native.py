@@ -20,7 +20,9 @@ def test_root(server):
     body = requests.get(server.url + "/").json()
     assert body["name"] == "ortllm" and body["status"] == "running" and body["version"]
     assert body["models_available"] == 1
-    assert body["message"] == "LLM Inference API" and M in body["models"] and body["running_containers"] == [M]
+    assert (
+        body["message"] == "LLM Inference API" and M in body["models"] and body["running_containers"] == [M]
+    )
 
 
 def test_health(server):
@@ -48,7 +50,10 @@ def test_unknown_model_404_lists_available(server):
     r = requests.get(server.url + "/api/models/gpt-4")
     assert r.status_code == 404
     assert r.json() == {"detail": f"Model 'gpt-4' not found. Available models: {M}"}
-    r = requests.post(server.url + "/api/generate", json={"model": "tinyllama-1.1b", "prompt": "Hello, world!", "stream": False})
+    r = requests.post(
+        server.url + "/api/generate",
+        json={"model": "tinyllama-1.1b", "prompt": "Hello, world!", "stream": False},
+    )
     assert r.status_code == 404 and "Model 'tinyllama-1.1b' not found. Available models" in r.json()["detail"]
 
 
@@ -74,7 +79,10 @@ def test_chat_streaming_seed_example(server):
     assert tokens and all(e["done"] is False and isinstance(e["token"], str) for e in tokens)
     assert final["done"] is True and final["session_id"] == "optional-session-id"
     assert final["full_text"] == "".join(e["token"] for e in tokens)
-    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"]
+    assert (
+        final["usage"]["total_tokens"]
+        == final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"]
+    )
 
 
 def test_chat_non_streaming_and_session_continuity(server):
@@ -91,7 +99,10 @@ def test_chat_non_streaming_and_session_continuity(server):
     result2 = requests.post(server.url + "/api/chat", json={"model": M, "messages": messages,
                                                             "session_id": session_id, "stream": False}).json()  # fmt: skip
     assert result2["session_id"] == session_id
-    assert result2["usage"]["prompt_tokens"] > result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    assert (
+        result2["usage"]["prompt_tokens"]
+        > result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    )
 
 
 def test_session_reuse_with_only_the_new_message(server):
@@ -101,7 +112,10 @@ def test_session_reuse_with_only_the_new_message(server):
     second = requests.post(server.url + "/api/chat", json={"model": M, "stream": False, "options": GREEDY,
                            "session_id": first["session_id"],
                            "messages": [{"role": "user", "content": "What is my name?"}]}).json()  # fmt: skip
-    assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    assert (
+        second["usage"]["prompt_tokens"]
+        > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    )
 
 
 def test_generate_non_streaming_seed_example(server):
@@ -176,13 +190,17 @@ def test_curl_examples(server):
         {"model": M, "messages": [{"role": "user", "content": "Hi there!"}], "stream": False}),
         headers={"Content-Type": "application/json"}).json()  # fmt: skip
     assert chat["message"]["content"]
-    gen = requests.post(server.url + "/api/generate", data=json.dumps({"model": M, "prompt": "Hello!", "stream": False})).json()
+    gen = requests.post(
+        server.url + "/api/generate", data=json.dumps({"model": M, "prompt": "Hello!", "stream": False})
+    ).json()
     assert gen["text"] and gen["usage"]["total_tokens"] > 0
     assert [m["name"] for m in requests.get(server.url + "/api/models").json()["models"]] == [M]
 
 
 def test_error_invalid_parameters(server):
-    r = requests.post(server.url + "/api/generate", json={"model": M, "prompt": "x", "options": {"temperature": 3}})
+    r = requests.post(
+        server.url + "/api/generate", json={"model": M, "prompt": "x", "options": {"temperature": 3}}
+    )
     assert r.status_code == 400 and r.json() == {"detail": "temperature must be between 0.0 and 2.0"}
     r = requests.post(server.url + "/api/chat", json={"model": M, "messages": [{"role": "user", "content": "x"}],
                                                       "options": {"top_p": 2}})  # fmt: skip
@@ -190,16 +208,22 @@ def test_error_invalid_parameters(server):
 
 
 def test_error_context_window_exceeded(server):
-    r = requests.post(server.url + "/api/generate", json={"model": M, "prompt": "hello " * 9000, "stream": False})
+    r = requests.post(
+        server.url + "/api/generate", json={"model": M, "prompt": "hello " * 9000, "stream": False}
+    )
     assert r.status_code == 400 and r.json() == {"detail": "Prompt too long for context window (8192 tokens)"}
 
 
 def test_error_malformed_and_missing(server):
-    r = requests.post(server.url + "/api/chat", data="{not json", headers={"Content-Type": "application/json"})
+    r = requests.post(
+        server.url + "/api/chat", data="{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["detail"].startswith("Malformed JSON")
     r = requests.post(server.url + "/api/chat", json={"model": M})
     assert r.status_code == 400 and r.json() == {"detail": "Missing required field: messages"}
-    r = requests.post(server.url + "/api/chat", json={"model": M, "messages": [{"role": "robot", "content": "x"}]})
+    r = requests.post(
+        server.url + "/api/chat", json={"model": M, "messages": [{"role": "robot", "content": "x"}]}
+    )
     assert r.status_code == 400 and "messages.0.role" in r.json()["detail"]
     r = requests.post(server.url + "/api/generate", json=["not", "an", "object"])
     assert r.status_code == 400 and r.json() == {"detail": "Request body must be a JSON object"}
@@ -234,7 +258,11 @@ def test_32_concurrent_streaming_clients(server):
     results: dict[int, dict] = {}
 
     def client(i: int) -> None:
-        body = {"model": M, "prompt": f"Tell me fact number {i} about the sea.", "options": {"max_tokens": 24}}
+        body = {
+            "model": M,
+            "prompt": f"Tell me fact number {i} about the sea.",
+            "options": {"max_tokens": 24},
+        }
         with requests.post(server.url + "/api/generate", json=body, stream=True, timeout=300) as r:
             results[i] = sse_events(r)[-1]
 

@@ -77,7 +77,9 @@ def test_embeddings_string_and_list(client):
     many = client.embeddings.create(model=M, input=["The cat sat on the mat", "A feline rested on the rug"],
                                     encoding_format="float")  # fmt: skip
     assert [d.index for d in many.data] == [0, 1]
-    assert many.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1) and many.usage.prompt_tokens > 0
+    assert (
+        many.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1) and many.usage.prompt_tokens > 0
+    )
 
 
 def test_models(client):
@@ -91,7 +93,9 @@ def test_unknown_model_is_a_404_error_object(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-4", messages=QUESTION)
     assert "gpt-4" in str(info.value)
-    body = requests.post(server.url + "/v1/chat/completions", json={"model": "gpt-4", "messages": QUESTION}).json()
+    body = requests.post(
+        server.url + "/v1/chat/completions", json={"model": "gpt-4", "messages": QUESTION}
+    ).json()
     assert body["error"]["type"] == "not_found_error" and body["error"]["code"] == "model_not_found"
 
 
@@ -101,10 +105,14 @@ def test_bad_requests_are_400_error_objects(client, server):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=M, messages=QUESTION, n=2)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=M, messages=QUESTION, response_format={"type": "json_schema",
-                                                                                    "json_schema": {"name": "x"}})
+        client.chat.completions.create(
+            model=M, messages=QUESTION, response_format={"type": "json_schema", "json_schema": {"name": "x"}}
+        )
     body = requests.post(server.url + "/v1/chat/completions", json={"model": M}).json()
-    assert body["error"]["message"] == "Missing required field: messages" and body["error"]["param"] == "messages"
+    assert (
+        body["error"]["message"] == "Missing required field: messages"
+        and body["error"]["param"] == "messages"
+    )
 
 
 def test_langchain_invoke_and_stream(server):
@@ -123,7 +131,10 @@ def test_response_format_json_schema_constrains_the_output(client):
     schema = {"type": "object", "properties": {"city": text, "country": text},
               "required": ["city", "country"], "additionalProperties": False}  # fmt: skip
     r = client.chat.completions.create(
-        model=M, temperature=0, max_tokens=300, messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+        model=M,
+        temperature=0,
+        max_tokens=300,
+        messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
     )
     assert r.choices[0].finish_reason == "stop"

@@ -65,8 +65,8 @@ def frames_until_end(ws: Client, timeout: float = 120) -> tuple[list[str], dict]
     tokens = []
     while not (frame := ws.receive(timeout)).startswith("__END__:"):
         tokens.append(frame)
-    end = json.loads(frame[len("__END__:"):])
-    assert end["session-id"] == json.loads(start[len("__START__:"):])["session-id"]
+    end = json.loads(frame[len("__END__:") :])
+    assert end["session-id"] == json.loads(start[len("__START__:") :])["session-id"]
     return tokens, end
 
 
@@ -89,7 +89,14 @@ def test_readiness_503_until_a_model_is_loaded(server):
 
 def test_model_details_by_hub_id(server):
     body = requests.get(f"{server.url}/models/{HF}").json()
-    assert body == {"id": M, "name": M, "hf_name": HF, "running": True, "context_length": 8192, "quantization": "int4"}
+    assert body == {
+        "id": M,
+        "name": M,
+        "hf_name": HF,
+        "running": True,
+        "context_length": 8192,
+        "quantization": "int4",
+    }
 
 
 # ---- /completions -----------------------------------------------------------------------------
@@ -108,7 +115,9 @@ def test_simple_completion_curl_example_and_defaults(server):
     r = requests.post(server.url + "/completions", data=json.dumps({"model": HF, "prompt": "Explain Rust in one sentence:",
                       "max_tokens": 50}), headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 200 and r.json()["text"] and r.json()["tokens"] <= 50
-    counting = requests.post(server.url + "/completions", json={"model": M, "prompt": "1, 2, 3, 4, 5,", "temperature": 0})
+    counting = requests.post(
+        server.url + "/completions", json={"model": M, "prompt": "1, 2, 3, 4, 5,", "temperature": 0}
+    )
     assert counting.json()["tokens"] == 128  # the seed's default max_tokens
 
 
@@ -132,7 +141,10 @@ def test_multiline_token_becomes_several_data_lines(server):
     assert multi, raw  # a token holding "\n" is sent as two data lines
     assert all(line.startswith("data: ") or line == "data:" for b in blocks for line in b.split("\n"))
     whole = requests.post(server.url + "/completions", json={**body, "stream": False}).json()["text"]
-    texts = ["\n".join(line[6:] if line.startswith("data: ") else line[5:] for line in b.split("\n")) for b in blocks]
+    texts = [
+        "\n".join(line[6:] if line.startswith("data: ") else line[5:] for line in b.split("\n"))
+        for b in blocks
+    ]
     assert "".join(texts) == whole and "\n" in whole
 
 
@@ -152,7 +164,9 @@ def test_python_example(server):
 
 
 def test_chat_full_parameters_streams_and_stores_history(server):
-    body = chat_body(prompt="What is async/await in Rust?", temperature=0.8, **{"system-prompt": "You are a Rust expert"})
+    body = chat_body(
+        prompt="What is async/await in Rust?", temperature=0.8, **{"system-prompt": "You are a Rust expert"}
+    )
     with requests.post(server.url + "/chat/completions", json=body, stream=True) as r:
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
         assert r.headers["X-Session-Id"] == body["session-id"]
@@ -171,7 +185,10 @@ def test_chat_without_session_id_creates_one(server):
         sid = r.headers["X-Session-Id"]
         raw_events(r)
     assert sid in requests.get(server.url + "/sessions").json()
-    assert [m["role"] for m in requests.get(f"{server.url}/chat/history/{sid}").json()] == ["user", "assistant"]
+    assert [m["role"] for m in requests.get(f"{server.url}/chat/history/{sid}").json()] == [
+        "user",
+        "assistant",
+    ]
 
 
 def test_session_context_carries_over(server):
@@ -201,7 +218,9 @@ def test_sessions_history_rollback_and_delete(server):
     body = chat_body()
     sid = body["session-id"]
     for prompt in ("Hello", "Tell me more"):
-        with requests.post(server.url + "/chat/completions", json={**body, "prompt": prompt}, stream=True) as r:
+        with requests.post(
+            server.url + "/chat/completions", json={**body, "prompt": prompt}, stream=True
+        ) as r:
             raw_events(r)
     sessions = requests.get(server.url + "/sessions").json()
     assert isinstance(sessions, list) and sessions[0] == sid and all(isinstance(s, str) for s in sessions)
@@ -228,7 +247,9 @@ def test_device_cuda_example(server):
     r = requests.post(server.url + "/chat/completions", json=chat_body(device="metal"))
     assert r.status_code == 400 and r.json()["error"].startswith("device 'metal' is not supported")
     r = requests.post(server.url + "/chat/completions", json=chat_body(device="tpu"))
-    assert r.status_code == 400 and r.json() == {"error": "Unknown device 'tpu': use cpu, cuda, dml or webgpu"}
+    assert r.status_code == 400 and r.json() == {
+        "error": "Unknown device 'tpu': use cpu, cuda, dml or webgpu"
+    }
 
 
 # ---- WS /chat/ws ------------------------------------------------------------------------------
@@ -264,7 +285,9 @@ def test_websocket_cuda_example_is_an_error_frame(server):
     ws = Client.connect(ws_url(server))
     ws.send(json.dumps(chat_body(device="cuda")))
     frames = frames_until_closed(ws, 30)
-    assert cuda_usable(server) or (len(frames) == 1 and frames[0].startswith("__ERROR__:") and "cuda" in frames[0])
+    assert cuda_usable(server) or (
+        len(frames) == 1 and frames[0].startswith("__ERROR__:") and "cuda" in frames[0]
+    )
 
 
 def test_websocket_multi_turn_keeps_history_and_survives_errors(server):
@@ -284,12 +307,19 @@ def test_websocket_multi_turn_keeps_history_and_survives_errors(server):
     assert end2["usage"]["prompt_tokens"] > end["usage"]["prompt_tokens"] + end["usage"]["completion_tokens"]
     ws.close()
     history = requests.get(f"{server.url}/chat/history/{sid}").json()
-    assert [m["content"] for m in history] == ["My name is Ada.", "".join(tokens), "What is my name?", "".join(tokens2)]
+    assert [m["content"] for m in history] == [
+        "My name is Ada.",
+        "".join(tokens),
+        "What is my name?",
+        "".join(tokens2),
+    ]
 
 
 def test_websocket_multi_turn_cancel_and_close(server):
     ws = Client.connect(ws_url(server))
-    body = chat_body(prompt="Tell me a very long story about dragons.", **{"multi-turn": True, "max-token": 2000})
+    body = chat_body(
+        prompt="Tell me a very long story about dragons.", **{"multi-turn": True, "max-token": 2000}
+    )
     ws.send(json.dumps(body))
     assert ws.receive(60).startswith("__START__:")
     for _ in range(3):
@@ -298,7 +328,10 @@ def test_websocket_multi_turn_cancel_and_close(server):
     started = time.monotonic()
     while not (frame := ws.receive(30)).startswith("__END__:"):
         pass
-    assert json.loads(frame[len("__END__:"):])["finish_reason"] == "cancelled" and time.monotonic() - started < 5
+    assert (
+        json.loads(frame[len("__END__:") :])["finish_reason"] == "cancelled"
+        and time.monotonic() - started < 5
+    )
     assert requests.get(f"{server.url}/chat/history/{body['session-id']}").json() == []  # not stored
     ws.send(json.dumps(chat_body(prompt="Hi", **{"session-id": body["session-id"], "max-token": 5})))
     _, end = frames_until_end(ws)
@@ -317,7 +350,11 @@ def test_websocket_closed_by_the_client_cancels_the_generation(server):
     while time.monotonic() < deadline:
         metrics = requests.get(server.url + "/metrics").text
         running = re.search(rf'^batch_size{{model="{M}"}} (\S+)$', metrics, re.M)
-        if requests.get(server.url + "/health").json()["active_connections"] == 1 and running and float(running[1]) == 0:
+        if (
+            requests.get(server.url + "/health").json()["active_connections"] == 1
+            and running
+            and float(running[1]) == 0
+        ):
             break
         time.sleep(0.2)
     assert running and float(running[1]) == 0, metrics
@@ -338,12 +375,16 @@ def test_errors_are_error_strings(server):
     r = requests.post(server.url + "/chat/completions", json={"prompt": "x"})
     assert r.status_code == 400 and r.json() == {"error": "Missing required field: model-name"}
     r = requests.post(server.url + "/chat/completions", json=chat_body(**{"max-token": 0}))
-    assert r.status_code == 400 and r.json() == {"error": "max-token: Input should be greater than or equal to 1"}
+    assert r.status_code == 400 and r.json() == {
+        "error": "max-token: Input should be greater than or equal to 1"
+    }
     r = requests.post(server.url + "/chat/completions", json=chat_body(prompt="hello " * 9000))
     assert r.status_code == 400 and r.json() == {"error": "Prompt too long for context window (8192 tokens)"}
     r = requests.post(f"{server.url}/chat/history/{uuid.uuid4()}/rollback", json={"amount": 1})
     assert r.status_code == 404 and "not found" in r.json()["error"]
     r = requests.post(f"{server.url}/chat/history/x/rollback", json={"amount": -1})
-    assert r.status_code == 400 and r.json() == {"error": "amount: Input should be greater than or equal to 0"}
+    assert r.status_code == 400 and r.json() == {
+        "error": "amount: Input should be greater than or equal to 0"
+    }
     r = requests.get(server.url + "/chat/nothing")
     assert r.status_code == 404 and "error" in r.json()

@@ -20,8 +20,14 @@ def test_create_read_rename_delete(server):
     sid = session["id"]
     listed = requests.get(server.url + "/api/sessions").json()["sessions"]
     assert listed[0] == session and all(set(s) == KEYS for s in listed)
-    r = requests.patch(f"{server.url}/api/sessions/{sid}", json={"title": "Paris trip", "system_prompt": "Be brief."})
-    assert r.status_code == 200 and r.json()["title"] == "Paris trip" and r.json()["system_prompt"] == "Be brief."
+    r = requests.patch(
+        f"{server.url}/api/sessions/{sid}", json={"title": "Paris trip", "system_prompt": "Be brief."}
+    )
+    assert (
+        r.status_code == 200
+        and r.json()["title"] == "Paris trip"
+        and r.json()["system_prompt"] == "Be brief."
+    )
     assert r.json()["updated"] >= session["updated"]
     full = requests.get(f"{server.url}/api/sessions/{sid}").json()
     assert full == {**r.json(), "messages": []}
@@ -41,7 +47,9 @@ def test_branch_a_conversation_then_continue_it(server):
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "My name is Ada."},
                 {"role": "assistant", "content": "Nice to meet you, Ada!"}]  # fmt: skip
-    r = requests.post(server.url + "/api/sessions", json={"title": "branch", "model": M, "messages": messages})
+    r = requests.post(
+        server.url + "/api/sessions", json={"title": "branch", "model": M, "messages": messages}
+    )
     session = r.json()
     assert session["system_prompt"] == "You are a helpful assistant." and session["message_count"] == 2
     sid = session["id"]
@@ -51,7 +59,9 @@ def test_branch_a_conversation_then_continue_it(server):
     assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] > 30
     stored = requests.get(f"{server.url}/api/sessions/{sid}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
-    assert requests.get(f"{server.url}/chat/history/{sid}").json()[0] == messages[0]  # the same store as /chat/*
+    assert (
+        requests.get(f"{server.url}/chat/history/{sid}").json()[0] == messages[0]
+    )  # the same store as /chat/*
 
 
 def test_errors_are_detail_objects(server):

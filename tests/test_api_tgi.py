@@ -15,7 +15,11 @@ from tests.conftest import DEFAULT_MODEL, LiveServer
 M = DEFAULT_MODEL
 HF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TIMEOUT_S = 2.0
-COUNTING = {"model_id": M, "prompt": "1, 2, 3, 4, 5,", "temperature": 0.0}  # greedy counting never stops early
+COUNTING = {
+    "model_id": M,
+    "prompt": "1, 2, 3, 4, 5,",
+    "temperature": 0.0,
+}  # greedy counting never stops early
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +31,21 @@ def cold(pulled):
 
 
 def card(running: bool) -> dict:
-    return {"id": M, "name": M, "hf_name": HF, "running": running, "context_length": 8192, "quantization": "int4"}
+    return {
+        "id": M,
+        "name": M,
+        "hf_name": HF,
+        "running": running,
+        "context_length": 8192,
+        "quantization": "int4",
+    }
 
 
 def test_api_info(server):
     body = requests.get(server.url + "/").json()
-    assert body["message"] == "LLM Inference API" and M in body["models"] and body["running_containers"] == [M]
+    assert (
+        body["message"] == "LLM Inference API" and M in body["models"] and body["running_containers"] == [M]
+    )
 
 
 def test_list_models(server):
@@ -42,7 +55,11 @@ def test_list_models(server):
 def test_start_returns_existing_info_when_running(server):
     r = requests.post(f"{server.url}/models/{M}/start")
     assert r.status_code == 200
-    assert r.json() == {"message": f"Container for {M} already running", "port": server.port, "container_name": f"ortllm-{M}"}
+    assert r.json() == {
+        "message": f"Container for {M} already running",
+        "port": server.port,
+        "container_name": f"ortllm-{M}",
+    }
 
 
 def test_stop_and_start_by_hub_id(cold):
@@ -50,7 +67,11 @@ def test_stop_and_start_by_hub_id(cold):
     r = requests.post(f"{cold.url}/models/{HF}/stop")
     assert r.status_code == 404 and r.json() == {"detail": f"Container for {HF} is not running"}
     r = requests.post(f"{cold.url}/models/{HF}/start")
-    assert r.json() == {"message": f"Container for {HF} started", "port": cold.port, "container_name": f"ortllm-{M}"}
+    assert r.json() == {
+        "message": f"Container for {HF} started",
+        "port": cold.port,
+        "container_name": f"ortllm-{M}",
+    }
     assert requests.get(cold.url + "/models").json() == {"models": [card(True)]}
     assert requests.get(cold.url + "/").json()["running_containers"] == [M]
     r = requests.post(f"{cold.url}/models/{HF}/stop")
@@ -59,7 +80,13 @@ def test_stop_and_start_by_hub_id(cold):
 
 
 def test_generate_seed_example(server):
-    body = {"model_id": M, "prompt": "Once upon a time", "max_new_tokens": 200, "temperature": 0.7, "top_p": 0.95}
+    body = {
+        "model_id": M,
+        "prompt": "Once upon a time",
+        "max_new_tokens": 200,
+        "temperature": 0.7,
+        "top_p": 0.95,
+    }
     r = requests.post(server.url + "/generate", json=body)
     assert r.status_code == 200 and set(r.json()) == {"generated_text", "model_id"}
     assert r.json()["generated_text"] and r.json()["model_id"] == M
@@ -76,9 +103,13 @@ def test_python_httpx_async_example(server):
 
 
 def test_curl_example_and_max_new_tokens(server):
-    r = requests.post(server.url + "/generate", json={"model_id": M, "prompt": "Hello world", "max_new_tokens": 50})
+    r = requests.post(
+        server.url + "/generate", json={"model_id": M, "prompt": "Hello world", "max_new_tokens": 50}
+    )
     assert r.status_code == 200 and r.json()["generated_text"]
-    short = requests.post(server.url + "/generate", json={**COUNTING, "max_new_tokens": 6}).json()["generated_text"]
+    short = requests.post(server.url + "/generate", json={**COUNTING, "max_new_tokens": 6}).json()[
+        "generated_text"
+    ]
     assert short.strip().startswith("6") and len(short) < 20
 
 
@@ -96,7 +127,9 @@ def test_generation_timeout_is_504_and_cancels(cold):
     started = time.monotonic()
     r = requests.post(cold.url + "/generate", json={**COUNTING, "max_new_tokens": 4000})
     elapsed = time.monotonic() - started
-    assert r.status_code == 504 and r.json() == {"detail": f"Generation did not finish within {TIMEOUT_S:g} seconds"}
+    assert r.status_code == 504 and r.json() == {
+        "detail": f"Generation did not finish within {TIMEOUT_S:g} seconds"
+    }
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 3
     metrics = requests.get(cold.url + "/metrics").text
     assert f'batch_size{{model="{M}"}} 0.0' in metrics  # the generation was cancelled, not left running
@@ -105,7 +138,9 @@ def test_generation_timeout_is_504_and_cancels(cold):
 
 def test_errors_are_detail_objects(server):
     r = requests.post(server.url + "/generate", json={"model_id": "gpt-2", "prompt": "Hello"})
-    assert r.status_code == 404 and r.json()["detail"].startswith("Model 'gpt-2' not found. Available models: ")
+    assert r.status_code == 404 and r.json()["detail"].startswith(
+        "Model 'gpt-2' not found. Available models: "
+    )
     r = requests.get(server.url + "/models/gpt-2")
     assert r.status_code == 404 and r.json()["detail"].startswith("Model 'gpt-2' not found")
     r = requests.post(server.url + "/models/gpt-2/start")
@@ -117,6 +152,8 @@ def test_errors_are_detail_objects(server):
     r = requests.post(server.url + "/generate", json={"model_id": M, "prompt": "x", "max_new_tokens": "many"})
     assert r.status_code == 400 and r.json()["detail"].startswith("max_new_tokens: ")
     r = requests.post(server.url + "/generate", json={"model_id": M, "prompt": "x", "max_new_tokens": 0})
-    assert r.status_code == 400 and r.json() == {"detail": "max_new_tokens: Input should be greater than or equal to 1"}
+    assert r.status_code == 400 and r.json() == {
+        "detail": "max_new_tokens: Input should be greater than or equal to 1"
+    }
     r = requests.get(server.url + "/models/x/stop")
     assert r.status_code == 404 and "detail" in r.json()

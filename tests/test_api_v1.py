@@ -31,7 +31,9 @@ def test_generate_seed_example(server):
     body = r.json()
     assert r.status_code == 200 and set(body) == {"text", "usage", "latency"} and body["text"]
     u = body["usage"]
-    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and 0 < u["completion_tokens"] <= 512
+    assert (
+        u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and 0 < u["completion_tokens"] <= 512
+    )
     assert isinstance(body["latency"], float) and body["latency"] > 0
 
 
@@ -86,29 +88,46 @@ def test_list_models(server):
 
 
 def test_load_seed_example(server):
-    r = requests.post(f"{server.url}/api/v1/models/{M}/load", json={"quantization": "q4_0", "prefer_gpu": False})
+    r = requests.post(
+        f"{server.url}/api/v1/models/{M}/load", json={"quantization": "q4_0", "prefer_gpu": False}
+    )
     assert r.status_code == 200 and r.json()["loaded"] is True and r.json()["device"] == "cpu"
     r = requests.post(f"{server.url}/api/v1/models/{M}/load", json={"prefer_gpu": True})  # no GPU build: cpu
     assert r.status_code == 200 and r.json()["device"] == "cpu"
     assert requests.post(f"{server.url}/api/v1/models/{M}/load").json()["name"] == M
     r = requests.post(f"{server.url}/api/v1/models/{M}/load", json={"quantization": "fp16"})
     assert r.status_code == 400
-    assert error_of(r) == {"code": "INVALID_REQUEST", "message": f"Model '{M}' has no fp16 build (it has: int4)", "details": ""}
+    assert error_of(r) == {
+        "code": "INVALID_REQUEST",
+        "message": f"Model '{M}' has no fp16 build (it has: int4)",
+        "details": "",
+    }
 
 
 def test_batch_seed_example(server):
-    body = {"requests": [{"prompt": "Question 1", "max_tokens": 100}, {"prompt": "Question 2", "max_tokens": 150}]}
+    body = {
+        "requests": [{"prompt": "Question 1", "max_tokens": 100}, {"prompt": "Question 2", "max_tokens": 150}]
+    }
     results = requests.post(server.url + "/api/v1/batch/generate", json=body).json()["results"]
     assert len(results) == 2 and all(r["text"] and r["usage"]["total_tokens"] > 0 for r in results)
     assert results[0]["usage"]["completion_tokens"] <= 100 and results[1]["usage"]["completion_tokens"] <= 150
 
 
 def test_batch_results_keep_request_order(server):
-    prompts = ["Write a long essay about the ocean.", "Count from one to twenty, separating the numbers with commas.", "Explain in detail how computers work."]
+    prompts = [
+        "Write a long essay about the ocean.",
+        "Count from one to twenty, separating the numbers with commas.",
+        "Explain in detail how computers work.",
+    ]
     sizes = [7, 3, 11]
     single = [requests.post(server.url + "/api/v1/generate", json={"prompt": p, "max_tokens": 1}).json()["usage"]
               for p in prompts]  # fmt: skip
-    body = {"requests": [{"prompt": p, "max_tokens": n, "temperature": 0, "model": M} for p, n in zip(prompts, sizes, strict=True)]}
+    body = {
+        "requests": [
+            {"prompt": p, "max_tokens": n, "temperature": 0, "model": M}
+            for p, n in zip(prompts, sizes, strict=True)
+        ]
+    }
     results = requests.post(server.url + "/api/v1/batch/generate", json=body).json()["results"]
     assert [r["usage"]["prompt_tokens"] for r in results] == [u["prompt_tokens"] for u in single]
     assert [r["usage"]["completion_tokens"] for r in results] == sizes
@@ -123,14 +142,22 @@ def test_errors_are_error_objects(server):
     assert r.status_code == 404 and error_of(r)["code"] == "MODEL_NOT_FOUND"
     r = requests.post(server.url + "/api/v1/generate", json={"prompt": "x", "temperature": 3})
     assert r.status_code == 400
-    assert error_of(r) == {"code": "INVALID_REQUEST", "message": "temperature must be between 0.0 and 2.0", "details": ""}
-    r = requests.post(server.url + "/api/v1/generate", data="{bad", headers={"Content-Type": "application/json"})
+    assert error_of(r) == {
+        "code": "INVALID_REQUEST",
+        "message": "temperature must be between 0.0 and 2.0",
+        "details": "",
+    }
+    r = requests.post(
+        server.url + "/api/v1/generate", data="{bad", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and error_of(r)["message"].startswith("Malformed JSON")
     r = requests.post(server.url + "/api/v1/generate", json={"model": M})
     assert r.status_code == 400 and error_of(r)["message"] == "Missing required field: prompt"
     r = requests.post(server.url + "/api/v1/batch/generate", json={"requests": []})
     assert r.status_code == 400 and error_of(r)["code"] == "INVALID_REQUEST"
-    r = requests.post(server.url + "/api/v1/batch/generate", json={"requests": [{"prompt": "a"}, {"prompt": "b " * 9000}]})
+    r = requests.post(
+        server.url + "/api/v1/batch/generate", json={"requests": [{"prompt": "a"}, {"prompt": "b " * 9000}]}
+    )
     assert r.status_code == 400 and error_of(r)["code"] == "CONTEXT_LENGTH_EXCEEDED"
     assert error_of(r)["message"] == "requests[1]: Prompt too long for context window (8192 tokens)"
     r = requests.get(server.url + "/api/v1/nothing")
@@ -139,6 +166,8 @@ def test_errors_are_error_objects(server):
 
 def test_model_not_loaded(tmp_path):
     """With nothing loaded and the catalog default not installed, a request without a model says so."""
-    app = create_app(Settings(), registry=ModelRegistry(ModelStore(tmp_path)), sessions=SessionStore(tmp_path / "s.db"))
+    app = create_app(
+        Settings(), registry=ModelRegistry(ModelStore(tmp_path)), sessions=SessionStore(tmp_path / "s.db")
+    )
     r = app.test_client().post("/api/v1/generate", json={"prompt": "Hello"})
     assert r.status_code == 503 and r.json["error"]["code"] == "MODEL_NOT_LOADED"

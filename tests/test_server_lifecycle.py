@@ -24,7 +24,11 @@ def test_sigterm_mid_stream_ends_the_stream_and_exits_cleanly(pulled):
         events: list = []
 
         def stream() -> None:
-            body = {"model": DEFAULT_MODEL, "prompt": "Tell a very long story.", "options": {"max_tokens": 3000}}
+            body = {
+                "model": DEFAULT_MODEL,
+                "prompt": "Tell a very long story.",
+                "options": {"max_tokens": 3000},
+            }
             with requests.post(live.url + "/api/generate", json=body, stream=True, timeout=60) as r:
                 events.extend(sse_events(r))
 

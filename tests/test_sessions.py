@@ -70,9 +70,13 @@ def test_concurrent_writers_lose_nothing(db):
 
 def test_turn_with_only_the_new_message_uses_stored_history(db):
     store = SessionStore(db)
-    turn = plan_turn(store, model="m", messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "a"}])
+    turn = plan_turn(
+        store, model="m", messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]
+    )
     commit_turn(store, turn, "A")
-    turn2 = plan_turn(store, model="m", messages=[{"role": "user", "content": "b"}], session_id=turn.session_id)
+    turn2 = plan_turn(
+        store, model="m", messages=[{"role": "user", "content": "b"}], session_id=turn.session_id
+    )
     assert turn2.messages == [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "a"},
@@ -97,7 +101,11 @@ def test_client_supplied_history_replaces_a_diverging_one(db):
     store = SessionStore(db)
     turn = plan_turn(store, model="m", messages=[{"role": "user", "content": "a"}], session_id="s1")
     commit_turn(store, turn, "A")
-    branch = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "X"}, {"role": "user", "content": "y"}]
+    branch = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "X"},
+        {"role": "user", "content": "y"},
+    ]
     turn2 = plan_turn(store, model="m", messages=branch, session_id="s1")
     commit_turn(store, turn2, "Y")
     assert [m["content"] for m in store.messages("s1")] == ["x", "X", "y", "Y"]

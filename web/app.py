@@ -60,7 +60,10 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app = Flask("ortllm")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     # WebSockets (flask-sock): pings find dead peers, so an abandoned /chat/ws frees its thread and stream
-    app.config["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": settings.server.max_body_bytes}
+    app.config["SOCK_SERVER_OPTIONS"] = {
+        "ping_interval": 25,
+        "max_message_size": settings.server.max_body_bytes,
+    }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     registry = registry or ModelRegistry(max_queue=settings.server.max_queue)
@@ -68,8 +71,19 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     app.extensions["ortllm"] = services
     errors.register(app)
     security.install(app, settings)
-    for blueprint in (native.bp, openai_api.bp, rust.bp, ws.bp, tgi.bp, spec_v1.bp, sessions_api.bp, metrics.bp,
-                      docs.bp, docs.swagger, ui.bp):
+    for blueprint in (
+        native.bp,
+        openai_api.bp,
+        rust.bp,
+        ws.bp,
+        tgi.bp,
+        spec_v1.bp,
+        sessions_api.bp,
+        metrics.bp,
+        docs.bp,
+        docs.swagger,
+        ui.bp,
+    ):
         app.register_blueprint(blueprint)
     app.wsgi_app = ConnectionCounter(app.wsgi_app, services)  # type: ignore[method-assign]
     for name in settings.server.models:

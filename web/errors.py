@@ -43,7 +43,9 @@ def error_response(status: int, message: str, code: str | None = None, *, detail
         body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
                           "param": param, "code": (code or "").lower() or None}}  # fmt: skip
     elif dialect == "spec":
-        body = {"error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message, "details": details}}
+        body = {
+            "error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message, "details": details}
+        }
     elif dialect == "rust":
         body = {"error": message}
     else:

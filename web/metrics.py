@@ -35,7 +35,9 @@ class Metrics:
         r = self.registry
         self.health_checks = Counter("health_check_requests", "Health check requests", registry=r)
         self.completions = Counter("completions_requests", "Completion requests", ["model"], registry=r)
-        self.chat_completions = Counter("chat_completions_requests", "Chat completion requests", ["model"], registry=r)
+        self.chat_completions = Counter(
+            "chat_completions_requests", "Chat completion requests", ["model"], registry=r
+        )
         self.duration = Histogram("completions_duration_seconds", "Request latency: submit to last token", ["model"],
                                   buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = Counter("completions_tokens", "Tokens generated", ["model"], registry=r)
@@ -46,7 +48,9 @@ class Metrics:
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)  # fmt: skip
         self.tps = Histogram("decode_tokens_per_second", "Decode speed of each request", ["model"],
                              buckets=(5, 10, 25, 50, 75, 100, 150, 200, 300), registry=r)  # fmt: skip
-        self.active_connections = Gauge("active_connections", "HTTP requests and streams in flight", registry=r)
+        self.active_connections = Gauge(
+            "active_connections", "HTTP requests and streams in flight", registry=r
+        )
         self.requests = Counter("http_requests", "HTTP requests by dialect, caller (API key name) and status",
                                 ["dialect", "identity", "status"], registry=r)  # fmt: skip
         r.register(_SchedulerCollector(models))

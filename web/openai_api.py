@@ -67,8 +67,13 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages if m.role != "tool"]  # fmt: skip
     max_tokens = body.max_completion_tokens or body.max_tokens
-    scheduler, chat = services().chat(body.model, messages, sampling(body, max_tokens), store=False,
-                                      guidance=guidance_of(body.response_format))
+    scheduler, chat = services().chat(
+        body.model,
+        messages,
+        sampling(body, max_tokens),
+        store=False,
+        guidance=guidance_of(body.response_format),
+    )
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     if not body.stream:
         text, final = collect(chat)
@@ -94,7 +99,9 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
                 yield chunk({"content": event.text})
             if event.done:
                 if event.finish_reason == ERROR:
-                    yield {"error": {"message": event.error, "type": "server_error", "param": None, "code": None}}
+                    yield {
+                        "error": {"message": event.error, "type": "server_error", "param": None, "code": None}
+                    }
                     break
                 yield chunk({}, finish_reason(event))
                 if include_usage:
@@ -112,7 +119,9 @@ def completions(body: p.CompletionRequest) -> Response:
     if len(prompts) != 1:
         raise InvalidOptions("prompt must be one string (batches of prompts are not supported)")
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
-    scheduler, stream = services().complete(body.model, prompts[0], sampling(body, max_tokens), template=False)
+    scheduler, stream = services().complete(
+        body.model, prompts[0], sampling(body, max_tokens), template=False
+    )
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     prefix = prompts[0] if body.echo else ""
     if not body.stream:
@@ -139,7 +148,14 @@ def completions(body: p.CompletionRequest) -> Response:
                     yield chunk(event.text)
                 if event.done:
                     if event.finish_reason == ERROR:
-                        yield {"error": {"message": event.error, "type": "server_error", "param": None, "code": None}}
+                        yield {
+                            "error": {
+                                "message": event.error,
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
                         break
                     yield chunk("", finish_reason(event))
                     if include_usage:
@@ -149,7 +165,9 @@ def completions(body: p.CompletionRequest) -> Response:
     return sse_response(events())
 
 
-@api_route(bp, "/embeddings", ("POST",), tag=TAG, summary="Embeddings (OpenAI)", body=p.OpenAIEmbeddingsRequest)
+@api_route(
+    bp, "/embeddings", ("POST",), tag=TAG, summary="Embeddings (OpenAI)", body=p.OpenAIEmbeddingsRequest
+)
 def embeddings(body: p.OpenAIEmbeddingsRequest) -> Response:
     scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
@@ -176,7 +194,12 @@ def model_card(name: str, created: float) -> dict[str, Any]:
 
 @api_route(bp, "/models", tag=TAG, summary="List models (OpenAI)")
 def list_models() -> Response:
-    return jsonify({"object": "list", "data": [model_card(m.name, m.path.stat().st_mtime) for m in services().installed()]})
+    return jsonify(
+        {
+            "object": "list",
+            "data": [model_card(m.name, m.path.stat().st_mtime) for m in services().installed()],
+        }
+    )
 
 
 @api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model (OpenAI)")

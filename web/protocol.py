@@ -317,7 +317,9 @@ class SessionCreate(Wire):
     title: str | None = None
     model: str | None = None
     system_prompt: str | None = None
-    messages: list[Message] = Field(default_factory=list, description="seed the history (branch a conversation)")
+    messages: list[Message] = Field(
+        default_factory=list, description="seed the history (branch a conversation)"
+    )
 
 
 class SessionPatch(Wire):

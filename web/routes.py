@@ -93,7 +93,10 @@ def openapi_spec(title: str, version: str) -> dict[str, Any]:
             op: dict[str, Any] = {"tags": [route.tag], "summary": route.summary, "parameters": params,
                                   "responses": {"200": {"description": "OK"}}}  # fmt: skip
             if route.body is not None:
-                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(route.body)}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref(route.body)}},
+                }
             content: dict[str, Any] = {}
             if route.response is not None:
                 content["application/json"] = {"schema": ref(route.response)}

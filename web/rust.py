@@ -30,7 +30,9 @@ def use_device(model: str, device: str) -> None:
     if ep == "cpu":
         return
     if device.lower() == "metal":
-        raise InvalidOptions("device 'metal' is not supported: onnxruntime-genai has no Metal execution provider")
+        raise InvalidOptions(
+            "device 'metal' is not supported: onnxruntime-genai has no Metal execution provider"
+        )
     if ep is None:
         raise InvalidOptions(f"Unknown device '{device}': use cpu, cuda, dml or webgpu")
     registry = services().registry
@@ -63,7 +65,9 @@ def raw_tokens(events: Iterable[TokenEvent]) -> Iterator[str]:
             yield f"__ERROR__:{event.error}"
 
 
-@api_route(bp, "/readiness", tag=TAG, summary="Ready when a model is loaded (503 until then)", response=p.Readiness)
+@api_route(
+    bp, "/readiness", tag=TAG, summary="Ready when a model is loaded (503 until then)", response=p.Readiness
+)
 def readiness() -> Response:
     loaded = services().registry.loaded()
     if not loaded:
@@ -105,7 +109,9 @@ def list_sessions() -> Response:
     return jsonify([s.id for s in services().sessions.list()])
 
 
-@api_route(bp, "/chat/history/<path:session_id>", tag=TAG, summary="A session's messages, system prompt first")
+@api_route(
+    bp, "/chat/history/<path:session_id>", tag=TAG, summary="A session's messages, system prompt first"
+)
 def history(session_id: str) -> Response:
     return jsonify(services().sessions.history(session_id))
 

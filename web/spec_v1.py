@@ -45,7 +45,9 @@ def model_or_default(name: str | None) -> str:
         return loaded[0]
     default = load_catalog().default
     if svc.registry.store.find(default) is None:
-        raise ModelNotLoaded("No model is loaded: name one in `model` or load one with POST /api/v1/models/{name}/load")
+        raise ModelNotLoaded(
+            "No model is loaded: name one in `model` or load one with POST /api/v1/models/{name}/load"
+        )
     return default
 
 
@@ -99,7 +101,11 @@ def token_stream(stream: MeteredStream) -> Response:
                         yield {"token": held, "finished": False}
                     held = event.text
                 if event.done:
-                    last: dict[str, Any] = {"token": held, "finished": True, "finish_reason": event.finish_reason}
+                    last: dict[str, Any] = {
+                        "token": held,
+                        "finished": True,
+                        "finish_reason": event.finish_reason,
+                    }
                     if event.finish_reason == ERROR:
                         last["error"] = {"code": "GENERATION_FAILED", "message": event.error, "details": ""}
                     else:
@@ -109,7 +115,9 @@ def token_stream(stream: MeteredStream) -> Response:
     return sse_response(events())
 
 
-@api_route(bp, "/models", tag=TAG, summary="Installed models: format, size, loaded, memory", response=p.SpecModelList)
+@api_route(
+    bp, "/models", tag=TAG, summary="Installed models: format, size, loaded, memory", response=p.SpecModelList
+)
 def list_models() -> Response:
     return jsonify({"models": [spec_model(m) for m in services().installed()]})
 
@@ -128,7 +136,9 @@ def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
             raise InvalidOptions(f"Model '{model.name}' has no {body.quantization} build (it has: {have})")
     eps = [ep for ep in EP_PREFERENCE if ep in available_eps() and ep in {variant_ep(v) for v in variants}]
     if not eps:
-        raise InvalidOptions(f"No build of '{model.name}' can run here (available: {', '.join(available_eps())})")
+        raise InvalidOptions(
+            f"No build of '{model.name}' can run here (available: {', '.join(available_eps())})"
+        )
     gpus = [ep for ep in eps if ep != "cpu"]
     ep = gpus[0] if body.prefer_gpu and gpus else ("cpu" if "cpu" in eps else eps[0])
     svc.registry.load(model.name, ep=ep)

@@ -34,12 +34,16 @@ def container_name(name: str) -> str:
     return f"ortllm-{name}"
 
 
-@api_route(bp, "/models", tag=TAG, summary="Installed models and whether each is running", response=p.TGIModelList)
+@api_route(
+    bp, "/models", tag=TAG, summary="Installed models and whether each is running", response=p.TGIModelList
+)
 def list_models() -> Response:
     return jsonify({"models": [model_card(m.name) for m in services().installed()]})
 
 
-@api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model (Rust seed's details)", response=p.TGIModel)
+@api_route(
+    bp, "/models/<path:model_id>", tag=TAG, summary="One model (Rust seed's details)", response=p.TGIModel
+)
 def get_model(model_id: str) -> Response:
     return jsonify(model_card(model_id))
 
@@ -55,7 +59,9 @@ def start(model_id: str) -> Response:
                     "container_name": container_name(name)})  # fmt: skip
 
 
-@api_route(bp, "/models/<path:model_id>/stop", ("POST",), tag=TAG, summary="Unload a model (404 when not running)")
+@api_route(
+    bp, "/models/<path:model_id>/stop", ("POST",), tag=TAG, summary="Unload a model (404 when not running)"
+)
 def stop(model_id: str) -> Response:
     registry = services().registry
     if not registry.unload(registry.installed(model_id).name):

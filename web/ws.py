@@ -49,7 +49,9 @@ def action_of(text: str) -> str | None:
         data = json.loads(text)
     except ValueError:
         return None
-    return data.get("action") if isinstance(data, dict) and data.get("action") in ("cancel", "close") else None
+    return (
+        data.get("action") if isinstance(data, dict) and data.get("action") in ("cancel", "close") else None
+    )
 
 
 def parse(text: str) -> dict[str, Any]:
@@ -144,7 +146,9 @@ def chat_ws(ws: Server) -> None:
                 session = start_chat(p.RustChatRequest.model_validate(data))
                 last_session = session.session_id
             except (OrtllmError, ValidationError) as exc:
-                ws.send(f"__ERROR__:{validation_message(exc)[0] if isinstance(exc, ValidationError) else exc}")
+                ws.send(
+                    f"__ERROR__:{validation_message(exc)[0] if isinstance(exc, ValidationError) else exc}"
+                )
                 if multi:
                     continue
                 return

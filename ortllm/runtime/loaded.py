@@ -112,7 +112,9 @@ class ModelInfo:
 class LoadedModel:
     """An og.Model with its tokenizer, chat template and limits. Use it from one thread at a time."""
 
-    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None
+    ) -> None:
         self.installed = installed
         self.name = installed.name
         failures: list[str] = []
@@ -130,7 +132,9 @@ class LoadedModel:
         else:
             raise ModelLoadError(failures[-1])
         genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
-        self.context_length = int(genai_cfg["model"].get("context_length") or installed.get("context_size") or 2048)
+        self.context_length = int(
+            genai_cfg["model"].get("context_length") or installed.get("context_size") or 2048
+        )
         self.eos_token_ids = _as_list(genai_cfg["model"].get("eos_token_id"))
         # the builder's include_hidden_states option adds a `hidden_states` output (recorded in the manifest)
         built_with = self.variant.info.get("extra_options", {})
@@ -155,7 +159,9 @@ class LoadedModel:
         except Exception as exc:  # ORT's own messages are long C++ traces: keep the first line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""
-            raise ModelLoadError(f"Could not load model '{self.name}' ({variant.id} on {self.ep}): {first[:300]}{hint}") from exc
+            raise ModelLoadError(
+                f"Could not load model '{self.name}' ({variant.id} on {self.ep}): {first[:300]}{hint}"
+            ) from exc
 
     @property
     def info(self) -> ModelInfo:
@@ -184,13 +190,17 @@ class LoadedModel:
         if self._template and hasattr(self.tokenizer, "apply_chat_template"):
             try:
                 with self.lock:
-                    return str(self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True))
+                    return str(
+                        self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True)
+                    )
             except Exception:  # the runtime's template engine rejects some jinja features
                 log.debug("runtime chat template failed for %s; rendering with jinja2", self.name)
         if self._template:
             return templates.render_jinja(self._template, clean, self._special)
         family = str(self.installed.get("template") or "none")
-        return templates.render_jinja(templates.BUILTIN.get(family, templates.BUILTIN["none"]), clean, self._special)
+        return templates.render_jinja(
+            templates.BUILTIN.get(family, templates.BUILTIN["none"]), clean, self._special
+        )
 
     def check_fits(self, prompt_len: int) -> None:
         """A prompt must leave room for at least one generated token."""

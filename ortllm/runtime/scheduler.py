@@ -92,7 +92,9 @@ class Job:
             queued_s=(self.started or end) - self.submitted,
             ttft_s=(self.first_token_at or end) - self.submitted,
             total_s=end - self.submitted,
-            decode_tokens_per_s=(len(self.token_ids) - 1) / decode_s if decode_s > 0 and len(self.token_ids) > 1 else 0.0,
+            decode_tokens_per_s=(len(self.token_ids) - 1) / decode_s
+            if decode_s > 0 and len(self.token_ids) > 1
+            else 0.0,
         )
         usage = Usage(len(self.prompt_ids), len(self.token_ids), self.cached_prompt_tokens)
         self.events.put(TokenEvent(finish_reason=reason, usage=usage, timings=timings, error=error))
@@ -202,7 +204,9 @@ class Scheduler:
             if self._stopping:
                 raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
             if len(self._pending) >= self.max_queue:
-                raise Busy(f"Model '{self.model.name}' is busy ({self.max_queue} requests waiting); retry shortly")
+                raise Busy(
+                    f"Model '{self.model.name}' is busy ({self.max_queue} requests waiting); retry shortly"
+                )
             self._pending.append(job)
             self._cv.notify()
         return Stream(job, self)
@@ -273,7 +277,9 @@ class Scheduler:
                 jobs = list(self._active.values()) + list(self._pending)
                 self._pending.clear()
             for job in jobs:
-                job.finish(ERROR, f"generation failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}")
+                job.finish(
+                    ERROR, f"generation failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
+                )
 
     def _next_work(self, busy: bool, room: int) -> tuple[list[Job], list[Callable[[], None]]]:
         """Up to `room` jobs to admit and the calls to run; blocks while there is nothing to do."""
@@ -291,7 +297,10 @@ class Scheduler:
         while fewer than `max_engines` exist) and never join a running batch: late arrivals get their
         first token after one prefill, not after the longest running answer."""
         token_flag, finished_flag, failed_flag = (
-            int(og.EngineEventFlags.TOKEN), int(og.EngineEventFlags.TURN_FINISHED), int(og.EngineEventFlags.FAILED))
+            int(og.EngineEventFlags.TOKEN),
+            int(og.EngineEventFlags.TURN_FINISHED),
+            int(og.EngineEventFlags.FAILED),
+        )
         while True:
             admit, calls = self._next_work(busy=bool(self._active), room=self._engine_room())
             for call in calls:

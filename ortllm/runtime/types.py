@@ -23,7 +23,9 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_tokens: list[int] | None = None
     session_id: str | None = None
-    guidance: tuple[str, str] | None = None  # ("json_schema" | "regex" | "lark_grammar", text): constrained output
+    guidance: tuple[str, str] | None = (
+        None  # ("json_schema" | "regex" | "lark_grammar", text): constrained output
+    )
 
 
 @dataclass
