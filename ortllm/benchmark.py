@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,9 +48,17 @@ class Stat:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (MB)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if os.uname().sysname != "Darwin" else peak / 1e6
+    """This process's peak resident memory (MB), on POSIX and Windows alike."""
+    import psutil
+
+    info = psutil.Process().memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows
+    if peak is None:
+        import resource  # POSIX only: imported here so the CLI loads on Windows
+
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB elsewhere
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return peak / 1e6
 
 
 def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
