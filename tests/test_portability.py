@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BLOCK_POSIX = "import sys\nfor name in ('resource', 'fcntl', 'pwd', 'grp', 'termios'):\n    sys.modules[name] = None\n"
+# psutil is loaded first: its Linux backend needs `resource`, its Windows backend does not
+BLOCK_POSIX = (
+    "import sys, psutil\n"
+    "for name in ('resource', 'fcntl', 'pwd', 'grp', 'termios'):\n"
+    "    sys.modules[name] = None\n"
+)
 
 
 def test_cli_and_app_import_without_posix_modules():
