@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install browser run chat test test-genai014 lint format clean
+.PHONY: install browser run chat test test-genai014 optimum-env test-optimum lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,9 +36,10 @@ browser:  ## install Debian's chromium when missing (as root with apt; elsewhere
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium not found: install it (e.g. apt-get install chromium) or the web UI tests are skipped"; fi
 
-test: install browser  ## run the test suite (converts the default model once per run), then the 0.14 runtime run
-	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+test: install browser  ## run the test suite (converts the default model once per run), then the 0.14 and optimum runs
+	$(BIN)/python -m pytest -q -ra --ignore=tests/test_embedding_model.py $(PYTEST_ARGS)
 	$(MAKE) test-genai014
+	$(MAKE) test-optimum
 
 # onnxruntime-genai 0.14.1 is the API of the last DirectML release (onnxruntime-genai-directml):
 # the runtime tests run there unchanged on the model the main run converted (Generator path).
@@ -52,6 +53,26 @@ $(VENV014)/.installed: setup.cfg pyproject.toml
 test-genai014: $(VENV014)/.installed  ## runtime tests on onnxruntime-genai 0.14.1 (needs a main run's model)
 	ORTLLM_TEST_PREBUILT=$(ORTLLM_TEST_CACHE)/prebuilt $(VENV014)/bin/python -m pytest -q -ra tests/test_runtime.py
 
+# optimum[onnxruntime] pins transformers<4.58 while the genai builder (convert extra) needs >=5, so the
+# optimum backend gets its own environment: `.venv-optimum/bin/ortllm convert --backend optimum SOURCE`.
+# sentence-transformers is there for the tests' reference vectors (it resolves to a transformers-4 release).
+VENVOPT ?= .venv-optimum
+$(VENVOPT)/.installed: setup.cfg pyproject.toml
+	test -x $(VENVOPT)/bin/python || $(PYTHON) -m venv $(VENVOPT)
+	$(VENVOPT)/bin/python -m pip install -q --upgrade pip
+	$(VENVOPT)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(VENVOPT)/bin/python -m pip install -q -e '.[optimum]' pytest sentence-transformers
+	touch $@
+
+optimum-env: $(VENVOPT)/.installed  ## create .venv-optimum: the optimum backend (GPT-2, Falcon, embedding models)
+
+# Order: the optimum run converts the main run's dequantised SmolLM2 and exports all-MiniLM-L6-v2
+# (with sentence-transformers' vectors) to prebuilt/; the main environment's embedding tests then
+# serve that export, so they run here, after it, and not in the main run.
+test-optimum: install $(VENVOPT)/.installed  ## optimum backend tests in .venv-optimum, then the embedding model in the main env
+	$(VENVOPT)/bin/python -m pytest -q -ra tests/test_optimum.py
+	$(BIN)/python -m pytest -q -ra tests/test_embedding_model.py
+
 lint: install  ## ruff (lint + format) everywhere, mypy on the core library
 	$(BIN)/ruff check ortllm converters cli web tests benchmarks
 	$(BIN)/ruff format --check ortllm converters cli web tests benchmarks
@@ -62,4 +83,4 @@ format: install
 	$(BIN)/ruff check --fix ortllm converters cli web tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV014) .cache build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV014) $(VENVOPT) .cache build *.egg-info .pytest_cache

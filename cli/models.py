@@ -6,13 +6,13 @@ import json
 import time
 
 import click
-from ortllm.converters.genai import EPS, PRECISIONS
-from ortllm.converters.pipeline import ConvertRequest, convert
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ortllm.catalog import load_catalog
+from ortllm.converters.genai import EPS, PRECISIONS
+from ortllm.converters.pipeline import ConvertRequest, convert
 from ortllm.store import ModelStore
 
 STEP_LABELS = {
@@ -55,15 +55,15 @@ def _run_convert(request: ConvertRequest) -> None:
     with Progress(*columns, console=console, transient=False) as progress:
         model = convert(request, store, RichProgress(progress))
     took = time.monotonic() - started
-    variant = model.variants[f"{request.ep}-{request.precision}"]
+    variant = max(model.variants.values(), key=lambda v: str(v.info.get("created", "")))  # the one just built
     click.echo(
         f"{model.name} ({variant.id}, {variant.size_bytes / 1e6:.0f} MB) ready in {took:.0f} s: {variant.path}"
     )
 
 
 _build_options = [
-    click.option("--precision", type=click.Choice(PRECISIONS), default="int4", show_default=True,
-                 help="Weight precision of the ONNX model."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                 help="Weight precision of the ONNX model (default int4; fp32 for embedding models)."),
     click.option("--ep", type=click.Choice(EPS), default="cpu", show_default=True,
                  help="Execution provider the model is built for."),
     click.option("--block-size", type=int, default=None,
@@ -84,7 +84,7 @@ def build_options(func):
 @click.argument("name")
 @build_options
 def pull(
-    name: str, precision: str, ep: str, block_size: int | None, accuracy_level: int | None, force: bool
+    name: str, precision: str | None, ep: str, block_size: int | None, accuracy_level: int | None, force: bool
 ) -> None:
     """Download and convert a catalog model (see `ortllm list --available`).
 
@@ -104,7 +104,7 @@ def pull(
 @click.option("--backend", type=click.Choice(["genai", "optimum"]), default=None,
               help="Converter: genai (onnxruntime-genai builder) or optimum (its own environment).")  # fmt: skip
 def convert_cmd(
-    source: str, name: str | None, precision: str, ep: str, block_size: int | None,
+    source: str, name: str | None, precision: str | None, ep: str, block_size: int | None,
     accuracy_level: int | None, force: bool, backend: str | None,
 ) -> None:  # fmt: skip
     """Convert SOURCE to an ONNX model in the store.

@@ -6,7 +6,7 @@ import importlib.metadata
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +48,9 @@ class ConvertRequest:
 
     source: str
     name: str | None = None
-    precision: str = "int4"
+    precision: str | None = (
+        None  # None: int4, or fp32 for embedding models (4-bit tables cost cosine fidelity)
+    )
     ep: str = "cpu"
     backend: str | None = None
     block_size: int | None = None
@@ -89,6 +91,9 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
     """Convert `request.source` into the store and return the installed model."""
     progress = progress or SilentProgress()
     entry, src, name = resolve(request)
+    if request.precision is None:
+        request = replace(request, precision="fp32" if entry and entry.kind == "embedding" else "int4")
+    assert request.precision is not None
     backend = request.backend or (entry.backend if entry else "genai")
     if backend not in ("genai", "optimum"):
         raise InvalidBuildOptions(f"Unknown backend '{backend}': choose genai or optimum")
@@ -151,6 +156,7 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
                 **build_info,
             }
         }
+        manifest["kind"] = build_info.get("kind", manifest.get("kind", "chat"))  # an exported encoder
         if not manifest.get("context_size"):
             manifest["context_size"] = _context_length(out_dir)
         progress.done("build")

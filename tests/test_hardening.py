@@ -321,9 +321,8 @@ def test_model_dir_deleted_while_loaded(pulled, home):
 
 
 def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatch):
-    from ortllm.web.app import create_app
-
     from ortllm.runtime.scheduler import Scheduler
+    from ortllm.web.app import create_app
 
     real = Scheduler._on_token
 

@@ -1,8 +1,8 @@
 """Source strings parse, and bad ones give one clear message."""
 
 import pytest
-from ortllm.converters.sources import parse_source
 
+from ortllm.converters.sources import parse_source
 from ortllm.errors import InvalidSource
 
 

@@ -26,7 +26,11 @@ TAG = "native (MyLLM)"
 def usage_of(event: TokenEvent) -> dict[str, int]:
     u = event.usage
     assert u is not None
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
 
 
 def options_of(body: Any) -> dict[str, Any] | None:
@@ -54,31 +58,35 @@ def root() -> Response:
         return ui.index()
     svc = services()
     installed = [m.name for m in svc.installed()]
-    return jsonify({
-        "name": "ortllm",
-        "version": __version__,
-        "status": "running",
-        "models_available": len(installed),
-        "message": "LLM Inference API",
-        "models": installed or [e.name for e in load_catalog()],
-        "running_containers": sorted(svc.registry.loaded()),
-        "docs": "/docs",
-    })
+    return jsonify(
+        {
+            "name": "ortllm",
+            "version": __version__,
+            "status": "running",
+            "models_available": len(installed),
+            "message": "LLM Inference API",
+            "models": installed or [e.name for e in load_catalog()],
+            "running_containers": sorted(svc.registry.loaded()),
+            "docs": "/docs",
+        }
+    )
 
 
 @api_route(bp, "/health", tag="health", summary="Health check (always open)", response=p.Health)
 def health() -> Response:
     svc = services()
     svc.metrics.health_checks.inc()
-    return jsonify({
-        "status": "healthy",
-        "model_loaded": bool(svc.registry.loaded()),
-        "models_loaded": sorted(svc.registry.loaded()),
-        "memory_usage": svc.memory_usage(),
-        "active_connections": svc.active_connections,
-        "uptime": round(time.time() - svc.started, 1),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    return jsonify(
+        {
+            "status": "healthy",
+            "model_loaded": bool(svc.registry.loaded()),
+            "models_loaded": sorted(svc.registry.loaded()),
+            "memory_usage": svc.memory_usage(),
+            "active_connections": svc.active_connections,
+            "uptime": round(time.time() - svc.started, 1),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
 
 
 @api_route(bp, "/api/models", tag=TAG, summary="List installed models", response=p.ModelList)
@@ -87,7 +95,9 @@ def list_models() -> Response:
     return jsonify({"models": [svc.model_object(m) for m in svc.installed()]})
 
 
-@api_route(bp, "/api/models/<path:model_name>", tag=TAG, summary="One model's details", response=p.ModelObject)
+@api_route(
+    bp, "/api/models/<path:model_name>", tag=TAG, summary="One model's details", response=p.ModelObject
+)
 def get_model(model_name: str) -> Response:
     svc = services()
     return jsonify(svc.model_object(svc.registry.installed(model_name)))
@@ -106,7 +116,12 @@ def unload_model(model_name: str) -> Response:
     registry = services().registry
     name = registry.installed(model_name).name
     was_loaded = registry.unload(name)
-    return jsonify({"status": "success", "message": f"Model '{name}' " + ("unloaded" if was_loaded else "was not loaded")})
+    return jsonify(
+        {
+            "status": "success",
+            "message": f"Model '{name}' " + ("unloaded" if was_loaded else "was not loaded"),
+        }
+    )
 
 
 @api_route(bp, "/api/chat", ("POST",), tag=TAG, summary="Chat with history and sessions (SSE by default)",

@@ -15,6 +15,7 @@ import psutil
 from flask import current_app
 
 from ortllm.conversation import ChatTurn, commit_turn, plan_turn
+from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.options import GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.scheduler import Scheduler, Stream
@@ -66,6 +67,8 @@ class Services:
         return self.registry.get(model)
 
     def options(self, scheduler: Scheduler, raw: dict[str, Any] | None) -> GenerationOptions:
+        if getattr(scheduler, "kind", "chat") == "embedding":  # before any session is created for the turn
+            raise not_generative(scheduler.model.name)
         return validate_options(raw, scheduler.model.parameters,
                                 max_tokens_limit=self.settings.server.max_tokens_limit)  # fmt: skip
 
@@ -76,7 +79,9 @@ class Services:
         self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
         if template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
             request = GenerationRequest(options, messages=messages)
         else:
             request = GenerationRequest(options, prompt=prompt)
@@ -98,8 +103,9 @@ class Services:
                              session_id=session_id, system_prompt=system_prompt)  # fmt: skip
         else:
             turn = ChatTurn("", messages)
-        request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
-                                    guidance=guidance)
+        request = GenerationRequest(
+            options, messages=turn.messages, session_id=turn.session_id or None, guidance=guidance
+        )
         stream = self.metered(scheduler, scheduler.submit(request))
         return scheduler, ChatSession(self.sessions if store else None, turn, stream)
 

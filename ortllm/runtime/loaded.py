@@ -27,6 +27,15 @@ EP_PACKAGES = {
     "webgpu": "an onnxruntime-genai build with WebGPU",
 }
 EP_PREFERENCE = ("cuda", "dml", "webgpu", "cpu")
+PRECISION_PREFERENCE = ("int4", "int8", "fp16", "bf16", "fp32")
+
+
+def _precision_rank(precision: str) -> int:
+    return (
+        PRECISION_PREFERENCE.index(precision)
+        if precision in PRECISION_PREFERENCE
+        else len(PRECISION_PREFERENCE)
+    )
 
 
 def available_eps() -> list[str]:
@@ -53,7 +62,8 @@ def variant_candidates(model: InstalledModel, force_ep: str | None = None) -> li
     """Variants to try, best first, each with the reason it is chosen; never falls back from a forced EP."""
     variants = model.variants
     by_ep: dict[str, Variant] = {}
-    for v in variants.values():
+    # within one EP the lighter build runs first (int4 before fp32): it is the faster of equals
+    for v in sorted(variants.values(), key=lambda v: _precision_rank(v.precision)):
         by_ep.setdefault(variant_ep(v), v)
     usable = available_eps()
     name = model.get("catalog_name") or model.name

@@ -10,6 +10,7 @@ from ortllm.catalog import load_catalog
 from ortllm.errors import ModelNotFound
 from ortllm.store import InstalledModel, ModelStore
 
+from .embedder import Embedder, is_embedding_model
 from .loaded import LoadedModel
 from .scheduler import DEFAULT_MAX_QUEUE, Scheduler
 
@@ -17,7 +18,7 @@ log = logging.getLogger("ortllm.registry")
 
 
 class ModelRegistry:
-    """Thread-safe map of model name → Scheduler over a ModelStore."""
+    """Thread-safe map of model name → Scheduler (an Embedder for embedding models) over a ModelStore."""
 
     def __init__(self, store: ModelStore | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
                  use_engine: bool | None = None, threads: int | None = None) -> None:  # fmt: skip
@@ -25,7 +26,7 @@ class ModelRegistry:
         self.max_queue = max_queue
         self.use_engine = use_engine
         self.threads = threads
-        self._loaded: dict[str, Scheduler] = {}
+        self._loaded: dict[str, Scheduler | Embedder] = {}
         self._last_used: dict[str, float] = {}
         self._lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -38,7 +39,7 @@ class ModelRegistry:
             raise ModelNotFound(f"Model '{name}' not found. Available models: {available}")
         return model
 
-    def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Scheduler:
+    def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Scheduler | Embedder:
         """The model's scheduler, loading it first when `autoload` (else ModelNotFound if not loaded)."""
         try:
             canonical = self.installed(name).name
@@ -54,7 +55,7 @@ class ModelRegistry:
         self._last_used[canonical] = time.monotonic()
         return scheduler
 
-    def load(self, name: str, *, ep: str | None = None) -> Scheduler:
+    def load(self, name: str, *, ep: str | None = None) -> Scheduler | Embedder:
         installed = self.installed(name)
         with self._lock:
             load_lock = self._load_locks.setdefault(installed.name, threading.Lock())
@@ -64,8 +65,12 @@ class ModelRegistry:
                 return current
             if current is not None:
                 self.unload(installed.name)
-            model = LoadedModel(installed, force_ep=ep, threads=self.threads)
-            scheduler = Scheduler(model, max_queue=self.max_queue, use_engine=self.use_engine)
+            scheduler: Scheduler | Embedder
+            if is_embedding_model(installed):  # plain onnxruntime; generation requests get a 400
+                scheduler = Embedder(installed, force_ep=ep, threads=self.threads)
+            else:
+                model = LoadedModel(installed, force_ep=ep, threads=self.threads)
+                scheduler = Scheduler(model, max_queue=self.max_queue, use_engine=self.use_engine)
             with self._lock:
                 self._loaded[installed.name] = scheduler
                 self._last_used[installed.name] = time.monotonic()
@@ -85,7 +90,7 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
-    def loaded(self) -> dict[str, Scheduler]:
+    def loaded(self) -> dict[str, Scheduler | Embedder]:
         with self._lock:
             return dict(self._loaded)
 
