@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import InvalidOptions
-from ortllm.runtime.loaded import available_eps, variant_ep
+from ortllm.errors import InvalidOptions, ModelLoadError
+from ortllm.runtime.loaded import variant_candidates
 from ortllm.runtime.types import ERROR, TokenEvent
 
 from . import protocol as p
@@ -37,12 +37,10 @@ def use_device(model: str, device: str) -> None:
         raise InvalidOptions(f"Unknown device '{device}': use cpu, cuda, dml or webgpu")
     registry = services().registry
     installed = registry.installed(model)
-    if ep not in available_eps():
-        raise InvalidOptions(f"device '{device}' is not available here: this onnxruntime-genai supports "
-                             f"{', '.join(available_eps())}")  # fmt: skip
-    if ep not in {variant_ep(v) for v in installed.variants.values()}:
-        raise InvalidOptions(f"Model '{installed.name}' has no {ep} variant; build one with: "
-                             f"ortllm convert {installed.get('catalog_name') or installed.name} --ep {ep}")  # fmt: skip
+    try:
+        variant_candidates(installed, force_ep=ep)  # the loader's own checks: a variant for ep, ep installed
+    except ModelLoadError as exc:
+        raise InvalidOptions(str(exc)) from exc  # the request named the device: a client error (400)
     registry.load(installed.name, ep=ep)
 
 
