@@ -15,6 +15,8 @@ from rich.table import Table
 from ortllm import benchmark as b
 from ortllm.catalog import load_catalog
 
+from .options import option_group
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -47,18 +49,12 @@ def _ratio(ours: float, peer: float) -> str:
     return f"{ours / peer:.2f}×" if peer else "–"
 
 
-compare_options = [
+with_compare = option_group(
     click.option("--compare", type=click.Choice(["llama-cpp"]), help="Measure llama.cpp on the same GGUF too."),
     click.option("--llama-cpp", "llama_dir", help="Folder with llama-bench and llama-server (or $ORTLLM_LLAMA_CPP)."),
     click.option("--gguf", help="GGUF for the peer (default: the one the model was converted from)."),
     click.option("--json", "out", help="Also write the results as JSON to this file."),
-]  # fmt: skip
-
-
-def with_compare(func):
-    for option in reversed(compare_options):
-        func = option(func)
-    return func
+)  # fmt: skip
 
 
 @click.group()

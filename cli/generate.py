@@ -22,7 +22,9 @@ from ortllm.runtime.scheduler import Scheduler
 from ortllm.runtime.types import GenerationRequest, TokenEvent
 from ortllm.sessions import SessionStore
 
-_option_flags = [
+from .options import option_group
+
+generation_options = option_group(
     click.option("--temperature", type=float, help="0 (greedy) to 2."),
     click.option("--top-p", type=float, help="Nucleus sampling, 0 to 1."),
     click.option("--top-k", type=int, help="Top-k sampling, 0 disables."),
@@ -33,13 +35,7 @@ _option_flags = [
     click.option("--ep", type=click.Choice(["cpu", "cuda", "dml", "webgpu"]), help="Force an execution provider."),
     click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True,
                  help="Runtime path: og.Engine (0.18+) or the older og.Generator."),
-]  # fmt: skip
-
-
-def generation_options(func):
-    for option in reversed(_option_flags):
-        func = option(func)
-    return func
+)  # fmt: skip
 
 
 def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:

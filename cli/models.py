@@ -15,6 +15,8 @@ from ortllm.converters.genai import EPS, PRECISIONS
 from ortllm.converters.pipeline import ConvertRequest, convert
 from ortllm.store import ModelStore
 
+from .options import option_group
+
 STEP_LABELS = {
     "fetch": "Fetching weights",
     "dequantise": "Dequantising GGUF to float32",
@@ -61,7 +63,7 @@ def _run_convert(request: ConvertRequest) -> None:
     )
 
 
-_build_options = [
+build_options = option_group(
     click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                  help="Weight precision of the ONNX model (default int4; fp32 for embedding models)."),
     click.option("--ep", type=click.Choice(EPS), default="cpu", show_default=True,
@@ -71,13 +73,7 @@ _build_options = [
     click.option("--accuracy-level", type=int, default=None,
                  help="int4/int8 MatMul accuracy level: 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default 4)."),
     click.option("--force", is_flag=True, help="Rebuild even if this variant is already installed."),
-]  # fmt: skip
-
-
-def build_options(func):
-    for option in reversed(_build_options):
-        func = option(func)
-    return func
+)  # fmt: skip
 
 
 @click.command()
