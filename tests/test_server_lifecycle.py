@@ -27,7 +27,8 @@ def test_sigterm_mid_stream_ends_the_stream_and_exits_cleanly(pulled):
             body = {
                 "model": DEFAULT_MODEL,
                 "prompt": "Tell a very long story.",
-                "options": {"max_tokens": 3000},
+                # min_tokens: still generating when SIGTERM arrives, however fast the machine is
+                "options": {"max_tokens": 3000, "min_tokens": 3000},
             }
             with requests.post(live.url + "/api/generate", json=body, stream=True, timeout=60) as r:
                 events.extend(sse_events(r))
