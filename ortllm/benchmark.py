@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -249,30 +249,45 @@ def llama_bench(binaries: Path, gguf: Path, *, pp: int, tg: int, threads: int, r
 
 
 class ServerProcess:
-    """A benchmark target started on a free loopback port and stopped afterwards."""
+    """A server started on a loopback port (in its own process group) and stopped afterwards.
 
-    def __init__(self, cmd: list[str], port: int, health: str = "/health", timeout_s: float = 120) -> None:
+    With `log` (an open file) its output is kept there and quoted when it fails to start."""
+
+    def __init__(self, cmd: list[str], port: int, health: str = "/health", timeout_s: float = 120, *,
+                 log: IO[str] | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
         import requests
 
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.log = log
         self.launched = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                                     env=env, start_new_session=True)  # fmt: skip
+        name = Path(cmd[0]).name if cmd[0] != sys.executable else " ".join(cmd[2:4])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{Path(cmd[0]).name} exited while starting")
+                raise RuntimeError(f"{name} exited while starting: {self.output()}")
             try:
                 if requests.get(self.url + health, timeout=5).ok:
                     return
-            except requests.RequestException:
+            except requests.RequestException:  # not listening yet, or still loading models
                 time.sleep(0.2)
+        output = self.output()
         self.stop()
-        raise RuntimeError(f"{Path(cmd[0]).name} did not start")
+        raise RuntimeError(f"{name} did not start: {output}")
+
+    def output(self) -> str:
+        """What the server printed so far (empty without a log)."""
+        if self.log is None or self.log.closed:
+            return ""
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
 
     @classmethod
     def ortllm(cls, model: str) -> ServerProcess:
-        import sys
-
         port = free_port()
         return cls(
             [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model], port
@@ -288,12 +303,15 @@ class ServerProcess:
                     "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui"], port)  # fmt: skip
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.log is not None:
+            self.log.close()
 
 
 def free_port() -> int:

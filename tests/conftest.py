@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ortllm.benchmark import free_port
+from ortllm.benchmark import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "smollm2-135m"
@@ -127,46 +127,14 @@ def scheduler(request, pulled: Path):
     sched.close()
 
 
-class LiveServer:
-    """`ortllm serve` in a subprocess (the real gunicorn server) on a free port."""
+class LiveServer(ServerProcess):
+    """`ortllm serve` in a subprocess (the real gunicorn server), its output kept in the test home."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> None:
-        import time
-
-        import requests
-
-        self.port = port or free_port()  # a fixed port: restart a stopped server where clients expect it
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ["ORTLLM_HOME"]) / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.output()}")
-            try:
-                if requests.get(self.url + "/health", timeout=5).ok:
-                    return
-            except requests.RequestException:  # not listening yet, or still loading models
-                time.sleep(0.2)
-        raise AssertionError(f"server did not start: {self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        port = port or free_port()  # a fixed port: restart a stopped server where clients expect it
+        log = open(Path(os.environ["ORTLLM_HOME"]) / f"serve-{port}.log", "w+")
+        cmd = [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), *args]
+        super().__init__(cmd, port, timeout_s=90, log=log, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")
