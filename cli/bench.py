@@ -71,7 +71,9 @@ def bench() -> None:
 )
 @click.option("--reps", default=3, show_default=True, help="Repetitions (after one warm-up).")
 @click.option("--threads", type=int, help="Intra-op threads (default: physical cores).")
-@click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True)
+@click.option(
+    "--api", type=click.Choice(["auto", "native", "engine", "generator"]), default="auto", show_default=True
+)
 @with_compare
 def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads: int | None, api: str,
            compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
@@ -79,9 +81,7 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
     from ortllm.runtime.registry import ModelRegistry
 
     console = Console()
-    registry = ModelRegistry(
-        use_engine={"auto": None, "engine": True, "generator": False}[api], threads=threads
-    )
+    registry = ModelRegistry(backend=None if api == "auto" else api, threads=threads)
     name = model or load_catalog().default
     scheduler = registry.get(name)
     installed = scheduler.model.installed

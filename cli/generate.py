@@ -33,8 +33,8 @@ generation_options = option_group(
     click.option("--seed", type=int, help="Random seed for reproducible sampling."),
     click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
     click.option("--ep", type=click.Choice(["cpu", "cuda", "dml", "webgpu"]), help="Force an execution provider."),
-    click.option("--api", type=click.Choice(["auto", "engine", "generator"]), default="auto", show_default=True,
-                 help="Runtime path: og.Engine (0.18+) or the older og.Generator."),
+    click.option("--api", type=click.Choice(["auto", "native", "engine", "generator"]), default="auto", show_default=True,
+                 help="Who batches: ortllm's own (native, CPU), og.Engine (0.18+) or the older og.Generator."),
 )  # fmt: skip
 
 
@@ -46,7 +46,7 @@ def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:
 
 def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
     """Load a model for the terminal, pulling it first when it is a catalog model not yet installed."""
-    registry = ModelRegistry(use_engine={"auto": None, "engine": True, "generator": False}[api])
+    registry = ModelRegistry(backend=None if api == "auto" else api)
     try:
         registry.installed(name)
     except ModelNotFound:

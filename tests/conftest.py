@@ -112,9 +112,9 @@ def loaded_model(registry):
     return registry.installed(DEFAULT_MODEL)
 
 
-@pytest.fixture(scope="session", params=["engine", "generator"])
+@pytest.fixture(scope="session", params=["native", "engine", "generator"])
 def scheduler(request, pulled: Path):
-    """A scheduler on the real model, once per runtime path (og.Engine and og.Generator)."""
+    """A scheduler on the real model, once per runtime path (native batcher, og.Engine, og.Generator)."""
     from ortllm.runtime.loaded import LoadedModel
     from ortllm.runtime.scheduler import Scheduler, engine_supported
     from ortllm.store import ModelStore
@@ -122,7 +122,10 @@ def scheduler(request, pulled: Path):
     if request.param == "engine" and not engine_supported():
         pytest.skip("this onnxruntime-genai has no 0.18 Engine API (the Generator path is tested)")
 
-    sched = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), use_engine=request.param == "engine")
+    if request.param == "native" and os.environ.get("ORTLLM_BATCHER", "auto") not in ("auto", "native"):
+        pytest.skip(f"ORTLLM_BATCHER={os.environ['ORTLLM_BATCHER']}")
+    model = LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher=request.param)
+    sched = Scheduler(model, backend=request.param)
     yield sched
     sched.close()
 

@@ -113,7 +113,8 @@ def test_queue_full_raises_busy(pulled):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    sched = Scheduler(LoadedModel(ModelStore().get("smollm2-135m")), max_queue=1, use_engine=False)
+    sched = Scheduler(LoadedModel(ModelStore().get("smollm2-135m"), batcher="generator"), max_queue=1,
+                      backend="generator")  # fmt: skip
     try:
         long = GenerationRequest(
             greedy(max_tokens=500), messages=[{"role": "user", "content": "Tell a long story."}]

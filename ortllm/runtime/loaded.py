@@ -27,6 +27,8 @@ EP_PACKAGES = {
     "webgpu": "an onnxruntime-genai build with WebGPU",
 }
 EP_PREFERENCE = ("cuda", "dml", "webgpu", "cpu")
+# who batches requests: ortllm itself on CPU (native), og.Engine, or og.Generator one at a time
+BATCHERS = ("auto", "native", "engine", "generator")
 PRECISION_PREFERENCE = ("int4", "int8", "fp16", "bf16", "fp32")
 
 
@@ -122,11 +124,13 @@ class ModelInfo:
 class LoadedModel:
     """An og.Model with its tokenizer, chat template and limits. Use it from one thread at a time."""
 
-    def __init__(
-        self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None
-    ) -> None:
+    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None,
+                 batcher: str = "auto") -> None:  # fmt: skip
+        if batcher not in BATCHERS:
+            raise ModelLoadError(f"Unknown batcher '{batcher}' (choose from {', '.join(BATCHERS)})")
         self.installed = installed
         self.name = installed.name
+        self.batcher = batcher
         failures: list[str] = []
         for variant, reason in variant_candidates(installed, force_ep):
             try:
@@ -159,26 +163,67 @@ class LoadedModel:
         self.ep = variant_ep(variant)
         self.path: Path = variant.path
         self.threads = (threads or default_threads()) if self.ep == "cpu" else None
+        self._og_model: Any = None
+        self.native: Any = None  # a NativeDecoder when ortllm batches this model itself (CPU)
         try:
-            config = og.Config(str(self.path))
-            if self.threads and hasattr(config, "overlay"):
+            self._config = og.Config(str(self.path))
+            if self.threads and hasattr(self._config, "overlay"):
                 session = {"intra_op_num_threads": self.threads, "inter_op_num_threads": 1}
-                config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-            self.model = og.Model(config)
-            self.tokenizer = og.Tokenizer(self.model)
-        except Exception as exc:  # ORT's own messages are long C++ traces: keep the first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""
-            raise ModelLoadError(
-                f"Could not load model '{self.name}' ({variant.id} on {self.ep}): {first[:300]}{hint}"
-            ) from exc
+                self._config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+            self.native = self._native_decoder()
+            if self.native is None:
+                self._og_model = og.Model(self._config)
+                self.tokenizer = og.Tokenizer(self._og_model)
+            else:  # og.Model (weights loaded a second time) only when a request needs og.Engine
+                self.tokenizer = og.Tokenizer(self._config)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise self._load_error(exc) from exc
+
+    def _native_decoder(self) -> Any:
+        if self.batcher in ("engine", "generator"):
+            return None
+        from .native import NativeDecoder, native_unsupported
+
+        genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
+        why = native_unsupported(self.path, genai_cfg, self.ep)
+        if why:
+            if self.batcher == "native":
+                raise ModelLoadError(
+                    f"Model '{self.name}' ({self.variant.id}) cannot use the native batcher: {why}"
+                )
+            log.info("%s runs on onnxruntime-genai: %s", self.name, why)
+            return None
+        return NativeDecoder(self.path, genai_cfg, threads=self.threads)
+
+    def _load_error(self, exc: BaseException) -> ModelLoadError:
+        # ORT's own messages are long C++ traces: keep the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""
+        return ModelLoadError(
+            f"Could not load model '{self.name}' ({self.variant.id} on {self.ep}): {first[:300]}{hint}"
+        )
+
+    @property
+    def model(self) -> Any:
+        """The og.Model, loaded on first use when the native batcher serves the model."""
+        with self.lock:
+            if self._og_model is None:
+                try:
+                    self._og_model = og.Model(self._config)
+                except Exception as exc:
+                    raise self._load_error(exc) from exc
+            return self._og_model
 
     @property
     def info(self) -> ModelInfo:
         from .scheduler import engine_supported
 
-        return ModelInfo(self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads,
-                         "engine" if engine_supported() else "generator")  # fmt: skip
+        api = "native" if self.native is not None else "engine" if engine_supported() else "generator"
+        return ModelInfo(
+            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, api
+        )
 
     @property
     def parameters(self) -> dict[str, Any]:

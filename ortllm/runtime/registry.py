@@ -12,6 +12,7 @@ from ortllm.store import InstalledModel, ModelStore
 
 from .embedder import Embedder, is_embedding_model
 from .loaded import LoadedModel
+from .native import batcher_choice
 from .scheduler import DEFAULT_MAX_QUEUE, Scheduler
 
 log = logging.getLogger("ortllm.registry")
@@ -21,10 +22,10 @@ class ModelRegistry:
     """Thread-safe map of model name → Scheduler (an Embedder for embedding models) over a ModelStore."""
 
     def __init__(self, store: ModelStore | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 use_engine: bool | None = None, threads: int | None = None) -> None:  # fmt: skip
+                 backend: str | None = None, threads: int | None = None) -> None:  # fmt: skip
         self.store = store or ModelStore()
         self.max_queue = max_queue
-        self.use_engine = use_engine
+        self.backend = backend or batcher_choice()  # native | engine | generator | auto
         self.threads = threads
         self._loaded: dict[str, Scheduler | Embedder] = {}
         self._last_used: dict[str, float] = {}
@@ -69,8 +70,8 @@ class ModelRegistry:
             if is_embedding_model(installed):  # plain onnxruntime; generation requests get a 400
                 scheduler = Embedder(installed, force_ep=ep, threads=self.threads)
             else:
-                model = LoadedModel(installed, force_ep=ep, threads=self.threads)
-                scheduler = Scheduler(model, max_queue=self.max_queue, use_engine=self.use_engine)
+                model = LoadedModel(installed, force_ep=ep, threads=self.threads, batcher=self.backend)
+                scheduler = Scheduler(model, max_queue=self.max_queue, backend=self.backend)
             with self._lock:
                 self._loaded[installed.name] = scheduler
                 self._last_used[installed.name] = time.monotonic()

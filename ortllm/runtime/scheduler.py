@@ -4,8 +4,10 @@ The bindings hold the GIL and are not thread-safe, so only the worker touches th
 Callers `submit()` a GenerationRequest and iterate the returned Stream of TokenEvents;
 `Stream.cancel()` from any thread frees the slot within one decode step.
 
-Two paths: `og.Engine` (onnxruntime-genai >= 0.18: batches requests, per-turn options) and
-`og.Generator` (the older API, e.g. 0.14 — the last DirectML release), one request at a time.
+Three backends: `native` (CPU: ortllm's own continuous batching on plain onnxruntime, see native.py;
+constrained-output requests still go to og.Engine), `engine` (og.Engine, onnxruntime-genai >= 0.18:
+batches requests, per-turn options) and `generator` (og.Generator, the older API, e.g. 0.14 — the last
+DirectML release), one request at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import onnxruntime_genai as og
 from ortllm.errors import Busy, GenerationFailed, InvalidOptions, ModelLoadError
 
 from .loaded import LoadedModel
+from .native import NativeBatcher
 from .options import GenerationOptions
 from .stop import StopMatcher
 from .types import CANCELLED, ERROR, LENGTH, STOP, GenerationRequest, Result, Timings, TokenEvent, Usage
@@ -157,11 +160,24 @@ class Scheduler:
     """Owns a LoadedModel and its worker thread; the only way to generate with it."""
 
     def __init__(self, model: LoadedModel, *, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_engines: int = DEFAULT_MAX_ENGINES, use_engine: bool | None = None) -> None:  # fmt: skip
-        if use_engine and not engine_supported():
+                 max_engines: int = DEFAULT_MAX_ENGINES, backend: str | None = None) -> None:  # fmt: skip
+        backend = None if backend == "auto" else backend
+        if backend == "engine" and not engine_supported():
             raise ModelLoadError("This onnxruntime-genai has no Engine API (it needs 0.18 or later)")
+        if backend == "native" and model.native is None:
+            raise ModelLoadError(f"Model '{model.name}' was not loaded for the native batcher")
         self.model = model
-        self.use_engine = engine_supported() if use_engine is None else use_engine
+        if backend is None:
+            backend = (
+                "native" if model.native is not None else "engine" if engine_supported() else "generator"
+            )
+        self.backend = backend
+        self.use_engine = backend != "generator" and engine_supported()  # og.Engine for what native cannot do
+        self.native = (
+            NativeBatcher(model.native, model.eos_token_ids, self._native_token)
+            if backend == "native"
+            else None
+        )
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.max_engines = max_engines
@@ -179,7 +195,7 @@ class Scheduler:
 
     @property
     def api(self) -> str:
-        return "engine" if self.use_engine else "generator"
+        return self.backend
 
     @property
     def queue_depth(self) -> int:
@@ -187,7 +203,7 @@ class Scheduler:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._active) + (len(self.native.jobs()) if self.native else 0)
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Tokenize the request's prompt (chat template applied to messages)."""
@@ -269,7 +285,7 @@ class Scheduler:
             self._stopping = True
             pending = list(self._pending)
             self._pending.clear()
-            for job in list(self._active.values()):
+            for job in list(self._active.values()) + (self.native.jobs() if self.native else []):
                 job.cancelled.set()
             self._cv.notify()
         for job in pending:
@@ -280,12 +296,16 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            self._run_engine() if self.use_engine else self._run_generator()
+            self._run_batched() if self.backend != "generator" else self._run_generator()
         except BaseException as exc:  # the worker must never die silently: fail what it holds
             log.exception("worker for %s crashed", self.model.name)
             with self._cv:
                 self._stopping = True
-                jobs = list(self._active.values()) + list(self._pending)
+                jobs = (
+                    list(self._active.values())
+                    + list(self._pending)
+                    + (self.native.jobs() if self.native else [])
+                )
                 self._pending.clear()
             for job in jobs:
                 job.finish(
@@ -306,42 +326,57 @@ class Scheduler:
             self._calls.clear()
             return admit, calls
 
-    def _run_engine(self) -> None:
-        """Drive a pool of og.Engines. On CPU an Engine runs a static batch: a request added while its
-        batch runs waits for the whole batch. So new requests start in an idle Engine (a fresh one
-        while fewer than `max_engines` exist) and never join a running batch: late arrivals get their
-        first token after one prefill, not after the longest running answer. While other batches run,
-        a newly formed batch is held for ADMISSION_WINDOW_S so near-simultaneous arrivals share it
-        (tiny batches stepping in turn waste the batching); on an idle server it starts at once."""
+    def _run_batched(self) -> None:
+        """Drive the native batcher (when the model has one) and a pool of og.Engines.
+
+        On CPU an Engine runs a static batch: a request added while its batch runs waits for the whole
+        batch. So new Engine requests start in an idle Engine (a fresh one while fewer than `max_engines`
+        exist) and never join a running batch: late arrivals get their first token after one prefill,
+        not after the longest running answer. While other batches run, a newly formed batch is held for
+        ADMISSION_WINDOW_S so near-simultaneous arrivals share it (tiny batches stepping in turn waste
+        the batching); on an idle server it starts at once. The native batcher has no such limits:
+        requests join its running batch at the next step."""
         token_flag, finished_flag, failed_flag = (
             int(og.EngineEventFlags.TOKEN),
             int(og.EngineEventFlags.TURN_FINISHED),
             int(og.EngineEventFlags.FAILED),
-        )
+        ) if self.use_engine else (0, 0, 0)  # fmt: skip
+        native = self.native
         while True:
             now = time.monotonic()
             held = [b.hold_until for b in self._batches if b.jobs and not b.ready(now, self.max_batch)]
-            busy = any(b.ready(now, self.max_batch) for b in self._batches)
+            busy = any(b.ready(now, self.max_batch) for b in self._batches) or bool(native and native.busy)
             wait_s = max(0.0, min(held) - now) if held else None
-            admit, calls = self._next_work(busy=busy, room=self._engine_room(), wait_s=wait_s)
+            admit, calls = self._next_work(busy=busy, room=self._room(), wait_s=wait_s)
             for call in calls:
                 call()
-            if self._stopping and not self._active and not admit:
+            if self._stopping and not self._active and not admit and not (native and native.busy):
                 return
             running = any(b.started for b in self._batches)
+            unplaced: list[Job] = []
             for job in admit:
-                if job.options.seed is not None and not self._engine_seeds:
+                if native is not None and not job.request.guidance:
+                    if not native.admit(job):
+                        unplaced.append(job)
+                    continue
+                if not self.use_engine or (job.options.seed is not None and not self._engine_seeds):
                     self._run_serially(job)
                     continue
                 batch = next(
                     (b for b in self._batches if not b.started and len(b.jobs) < self.max_batch), None
                 )
                 if batch is None:
+                    if len(self._batches) >= self.max_engines:
+                        unplaced.append(job)
+                        continue
                     batch = _Batch(self.model.model)
                     self._batches.append(batch)
                 if not batch.jobs and running:
                     batch.hold_until = time.monotonic() + ADMISSION_WINDOW_S
                 self._begin_turn(batch, job)
+            if unplaced:
+                with self._cv:
+                    self._pending.extendleft(reversed(unplaced))
             for job in list(self._active.values()):
                 if (job.cancelled.is_set() or job.matcher.stopped) and not job.cancel_sent:
                     job.cancel_sent = True
@@ -350,6 +385,21 @@ class Scheduler:
             for batch in [b for b in self._batches if b.ready(now, self.max_batch)]:
                 batch.started = True
                 self._step(batch, token_flag, finished_flag | failed_flag, failed_flag)
+            if native is not None:
+                if self._stopping:
+                    native.close()
+                elif native.busy:
+                    native.step()
+
+    def _room(self) -> int:
+        """How many waiting jobs can start now."""
+        if self.native is None:
+            return self._engine_room()
+        # a constrained-output job in front goes to og.Engine; otherwise the native batcher's free slots
+        head = self._pending[0] if self._pending else None
+        if head is not None and head.request.guidance:
+            return min(1, self._engine_room()) if self.use_engine else 1
+        return self.native.free
 
     def _engine_room(self) -> int:
         """How many waiting jobs can start now: free places in forming Engines and in Engines not yet made."""
@@ -482,6 +532,13 @@ class Scheduler:
         text = job.matcher.feed(job.decoder.decode(token))
         if text:
             job.events.put(TokenEvent(text=text, token_id=token))
+
+    def _native_token(self, job: Job, token: int) -> bool:
+        """A token from the native batcher (never end-of-sequence); False once a stop string matched."""
+        if job.decoder is None:
+            job.decoder = self.model.tokenizer.create_stream()
+        self._on_token(job, token)
+        return not job.matcher.stopped
 
     def _run_generator(self) -> None:
         while True:

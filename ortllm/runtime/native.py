@@ -1,0 +1,423 @@
+"""ortllm's own continuous batching for CPU models, on plain onnxruntime.
+
+The CPU og.Engine runs static batches: a request that arrives while a batch runs cannot join it.
+The builder's decoder graph does not need that restriction: its GroupQueryAttention reads each
+sequence's own length from the attention mask (`seqlens_k`), writes new keys and values at that
+sequence's offset, and rotates positions from it. So one onnxruntime session over the same
+`model.onnx` can step a batch whose rows have different lengths, and the batch can change at every step.
+
+- `KVArena`: one key/value buffer per layer, `(slots, kv_heads, capacity, head_size)`, bound as both
+  past and present (the shared-buffer mode of GroupQueryAttention: no copy per step). Rows that decode
+  together occupy slots `0..B-1`, so a step binds a contiguous prefix of every buffer.
+- `NativeDecoder`: the session and its bindings; `step(ids, lengths, first_slot)` runs one forward pass.
+- `NativeBatcher`: the policy. Requests join at the next step; prompts are prefilled in chunks between
+  decode steps (a long prompt does not freeze the others' streams); a finished sequence leaves its
+  tokens in its slot, and a new prompt starts in the free slot sharing its longest prefix (turn 5 of a
+  chat re-reads only the new turn; `cached_prompt_tokens` reports it).
+- `sample()`: temperature, top-k, top-p, repetition penalty, min_tokens and per-request seeds in numpy.
+
+Requests with constrained output (guidance) are not handled here; the scheduler runs them on og.Engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .options import GenerationOptions
+
+log = logging.getLogger("ortllm.native")
+
+MAX_BATCH = 16  # sequences decoding together (and KV slots)
+PREFILL_CHUNK = 128  # prompt tokens per forward pass while other sequences are decoding
+PREFILL_CHUNK_IDLE = 512  # ... and when nothing else is waiting for its next token
+KV_BUDGET_FRACTION = 0.5  # at most this share of RAM is reserved (virtually) for the KV arena
+MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompts on CPU
+_DTYPES = {1: np.float32, 10: np.float16}
+
+
+def native_unsupported(path: Path, genai_cfg: dict[str, Any], ep: str) -> str | None:
+    """Why this model cannot use the native batcher, or None when it can."""
+    import onnxruntime as ort
+
+    if ep != "cpu":
+        return f"the native batcher runs on CPU only (this variant is for {ep})"
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_ORT:
+        return f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ORT))}"
+    model = genai_cfg.get("model", {})
+    decoder = model.get("decoder", {})
+    if set(model) & {"vision", "speech", "encoder", "embedding"} or "pipeline" in decoder:
+        return "multi-part models run on og.Engine"
+    filename = decoder.get("filename")
+    if not filename or not (path / filename).is_file():
+        return "no single decoder file"
+    try:
+        import onnx
+
+        graph = onnx.load(str(path / filename), load_external_data=False).graph
+    except Exception as exc:  # an unreadable graph is og.Engine's problem to report
+        return f"cannot read the decoder graph: {exc}"
+    inputs = {i.name for i in graph.input}
+    layers = int(decoder.get("num_hidden_layers", 0))
+    expected = {"input_ids", "attention_mask"} | {
+        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")
+    }
+    if inputs != expected:
+        return f"decoder inputs differ from the builder's layout ({', '.join(sorted(inputs - expected)) or 'missing'})"
+    gqa = sum(1 for n in graph.node if n.op_type == "GroupQueryAttention")
+    if gqa != layers:
+        return "the decoder does not use GroupQueryAttention in every layer"
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    if past.type.tensor_type.elem_type not in _DTYPES:
+        return "quantised KV caches run on og.Engine"
+    return None
+
+
+class KVArena:
+    """Keys and values of `slots` sequences, `capacity` tokens each. The memory is reserved, not
+    touched: pages are committed as sequences grow into them."""
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_size: int, capacity: int, slots: int, dtype: Any
+    ) -> None:
+        self.capacity = capacity
+        self.slots = slots
+        self.data = np.zeros((2 * layers, slots, kv_heads, capacity, head_size), dtype=dtype)
+
+    @staticmethod
+    def bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype: Any) -> int:
+        return 2 * layers * kv_heads * head_size * np.dtype(dtype).itemsize
+
+    def swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
+        """Exchange the first `len_a` / `len_b` positions of slots a and b."""
+        if a == b:
+            return
+        keep = self.data[:, a, :, :len_a].copy()
+        self.data[:, a, :, :len_b] = self.data[:, b, :, :len_b]
+        self.data[:, b, :, :len_a] = keep
+
+
+class NativeDecoder:
+    """One onnxruntime session over the builder's decoder, stepping rows of different lengths."""
+
+    def __init__(self, path: Path, genai_cfg: dict[str, Any], *, threads: int | None,
+                 max_batch: int = MAX_BATCH) -> None:  # fmt: skip
+        import onnxruntime as ort
+        import psutil
+
+        self._ort = ort
+        decoder = genai_cfg["model"]["decoder"]
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_size = int(decoder["head_size"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"]
+        )
+        past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        dtype = np.float16 if "float16" in past.type else np.float32
+        self.capacity = int(genai_cfg["model"].get("context_length") or 2048)
+        per_slot = KVArena.bytes_per_token(self.layers, self.kv_heads, self.head_size, dtype) * self.capacity
+        budget = psutil.virtual_memory().total * KV_BUDGET_FRACTION
+        self.slots = max(1, min(max_batch, int(budget // per_slot)))
+        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, self.capacity, self.slots, dtype)
+        self._bindings: dict[tuple[int, int], Any] = {}
+        self.has_hidden_states = any(o.name == "hidden_states" for o in self.session.get_outputs())
+
+    def _binding(self, first: int, rows: int) -> Any:
+        """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached)."""
+        key = (first, rows)
+        io = self._bindings.get(key)
+        if io is None:
+            io = self.session.io_binding()
+            data = self.arena.data
+            for layer in range(self.layers):
+                for k, kind in enumerate(("key", "value")):
+                    value = self._ort.OrtValue.ortvalue_from_numpy(data[2 * layer + k, first : first + rows])
+                    io.bind_ortvalue_input(f"past_key_values.{layer}.{kind}", value)
+                    io.bind_ortvalue_output(f"present.{layer}.{kind}", value)
+            self._bindings[key] = io
+        return io
+
+    def step(self, ids: np.ndarray, lengths: np.ndarray, first: int = 0) -> np.ndarray:
+        """Feed `ids` (rows × new tokens) to slots first.. whose caches hold `lengths` tokens;
+        returns the logits of each row's last new token (rows × vocab)."""
+        rows, new = ids.shape
+        total = lengths + new
+        if int(total.max()) > self.capacity:
+            raise ValueError(f"sequence longer than the context window ({self.capacity} tokens)")
+        mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
+        io = self._binding(first, rows)
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_output("logits")
+        self.session.run_with_iobinding(io)
+        logits = io.get_outputs()[-1].numpy()
+        return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+
+def sample(logits: np.ndarray, options: GenerationOptions, history: np.ndarray, generated: int,
+           eos_ids: list[int], rng: np.random.Generator) -> int:  # fmt: skip
+    """The next token from one row of logits (modified in place)."""
+    if options.repeat_penalty not in (0, 1.0) and history.size:
+        seen = logits[history]
+        logits[history] = np.where(seen > 0, seen / options.repeat_penalty, seen * options.repeat_penalty)
+    if generated < options.min_tokens and eos_ids:
+        logits[eos_ids] = -np.inf
+    if options.greedy:
+        return int(np.argmax(logits))
+    scaled = logits / options.temperature
+    k = options.top_k
+    if 0 < k < scaled.size:
+        candidates = np.argpartition(scaled, -k)[-k:]
+    else:
+        candidates = np.arange(scaled.size)
+    values = scaled[candidates]
+    order = np.argsort(-values, kind="stable")
+    candidates, values = candidates[order], values[order]
+    probs = np.exp(values - values[0])
+    probs /= probs.sum()
+    if options.top_p < 1.0:
+        cumulative = np.cumsum(probs)
+        keep = int(np.searchsorted(cumulative, options.top_p)) + 1  # the smallest set reaching top_p
+        candidates, probs = candidates[:keep], probs[:keep] / cumulative[min(keep, cumulative.size) - 1]
+    return int(candidates[min(int(np.searchsorted(np.cumsum(probs), rng.random())), candidates.size - 1)])
+
+
+# ---- the batcher -------------------------------------------------------------------------------
+
+
+class JobLike(Protocol):
+    """What the batcher needs of the scheduler's Job."""
+
+    prompt_ids: list[int]
+    options: GenerationOptions
+    max_new: int
+    cached_prompt_tokens: int
+    started: float | None
+    done: bool
+
+    @property
+    def cancelled(self) -> Any: ...
+
+    def finish(self, reason: str, error: str | None = None) -> None: ...
+
+
+@dataclass
+class _Slot:
+    """A KV slot: the tokens whose keys and values it holds, and the request using it (if any)."""
+
+    tokens: list[int] = field(default_factory=list)
+    job: Any = None
+    pending: list[int] = field(default_factory=list)  # tokens still to feed (prompt, then the last sample)
+    generated: int = 0
+    history: set[int] = field(default_factory=set)
+    history_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rng: np.random.Generator | None = None
+    last_used: float = 0.0
+    # the logits after the last prompt token: the same prompt again starts from them, bit for bit
+    # (a prompt token fed alone computes slightly different numbers than inside a prompt chunk)
+    prompt_logits: np.ndarray | None = None
+    prompt_len: int = 0
+
+
+class NativeBatcher:
+    """Continuous batching over a NativeDecoder. Driven by the scheduler's worker thread only.
+
+    Slots 0..decoding-1 hold sequences that decode together; the rest are prefilling or free (a free
+    slot keeps its tokens for prefix reuse). Sequences move by swapping slots' valid KV positions."""
+
+    def __init__(self, decoder: NativeDecoder, eos_ids: list[int],
+                 on_token: Callable[[Any, int], bool]) -> None:  # fmt: skip
+        self.decoder = decoder
+        self.eos_ids = list(eos_ids)
+        self._eos = set(eos_ids)
+        self.on_token = on_token  # (job, token) -> False when the job has stopped (stop string)
+        self.slots = [_Slot() for _ in range(decoder.slots)]
+        self.decoding = 0
+        self.steps = 0
+
+    # the scheduler's view
+    @property
+    def free(self) -> int:
+        return sum(1 for s in self.slots if s.job is None)
+
+    @property
+    def busy(self) -> bool:
+        return any(s.job is not None for s in self.slots)
+
+    def jobs(self) -> list[Any]:
+        return [s.job for s in self.slots if s.job is not None]
+
+    def admit(self, job: Any) -> bool:
+        """Start `job` in the free slot sharing the longest prefix with its prompt; False when full."""
+        free = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is None]
+        if not free:
+            return False
+        prompt = job.prompt_ids
+        best, best_len = free[0], -1
+        for i in free:
+            shared = _common_prefix(self.slots[i].tokens, prompt)
+            key = (shared, -self.slots[i].last_used)
+            if best_len < 0 or key > (best_len, -self.slots[best].last_used):
+                best, best_len = i, shared
+        slot = self.slots[best]
+        if best_len == len(prompt) == slot.prompt_len and slot.prompt_logits is not None:
+            reuse = len(prompt)  # the very same prompt: its first token comes from the kept logits
+        else:
+            reuse = min(best_len, len(prompt) - 1)  # at least one token is fed, for its logits
+            slot.prompt_logits = None
+        del slot.tokens[reuse:]
+        slot.job = job
+        slot.pending = list(prompt[reuse:])
+        slot.generated = 0
+        slot.history = set(prompt) if job.options.repeat_penalty not in (0, 1.0) else set()
+        slot.history_array = np.fromiter(slot.history, dtype=np.int64, count=len(slot.history))
+        slot.rng = np.random.default_rng(job.options.seed)
+        job.cached_prompt_tokens = reuse
+        job.started = time.monotonic()
+        return True
+
+    def step(self) -> None:
+        """One round: drop cancelled jobs, feed one prompt chunk, then one decode step for all."""
+        for i, slot in enumerate(self.slots):
+            if slot.job is not None and slot.job.cancelled.is_set():
+                self._release(i, "cancelled")
+        prefilling = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is not None]
+        if prefilling:
+            first = min(prefilling, key=lambda i: self.slots[i].job.submitted)
+            self._prefill(first, PREFILL_CHUNK if self.decoding else PREFILL_CHUNK_IDLE)
+        if self.decoding:
+            self._decode()
+
+    def close(self, reason: str = "cancelled") -> None:
+        for i, slot in enumerate(self.slots):
+            if slot.job is not None:
+                self._release(i, reason)
+
+    # ---- worker internals ----------------------------------------------------------------------
+
+    def _prefill(self, i: int, chunk: int) -> None:
+        slot = self.slots[i]
+        if slot.pending:
+            ids = slot.pending[:chunk]
+            try:
+                logits = self.decoder.step(
+                    np.asarray([ids], dtype=np.int64), np.asarray([len(slot.tokens)], dtype=np.int64), i
+                )
+            except Exception as exc:
+                self._release(i, "error", f"generation failed: {_first_line(exc)}")
+                return
+            slot.tokens.extend(ids)
+            del slot.pending[: len(ids)]
+            if slot.pending:
+                return
+            slot.prompt_logits, slot.prompt_len = logits[0].copy(), len(slot.tokens)
+        assert slot.prompt_logits is not None
+        # the prompt is in: its last logits give the first token; the slot joins the decoding rows
+        self._move(i, self.decoding)
+        self.decoding += 1
+        self._emit(self.decoding - 1, slot.prompt_logits.copy())
+
+    def _decode(self) -> None:
+        rows = self.decoding
+        slots = self.slots[:rows]
+        ids = np.asarray([[s.pending[0]] for s in slots], dtype=np.int64)
+        lengths = np.asarray([len(s.tokens) for s in slots], dtype=np.int64)
+        try:
+            logits = self.decoder.step(ids, lengths, 0)
+        except Exception as exc:  # a failed step fails the rows it held; the batcher keeps serving
+            log.exception("native decode step failed")
+            for i in reversed(range(rows)):
+                self._release(i, "error", f"generation failed: {_first_line(exc)}")
+            return
+        self.steps += 1
+        for s in slots:
+            s.tokens.append(s.pending.pop())
+        # emit from the last row down: a finished row swaps with the last decoding row, never a visited one
+        for i in reversed(range(rows)):
+            self._emit(i, logits[i])
+
+    def _emit(self, i: int, logits: np.ndarray) -> None:
+        """Sample row i's next token and hand it over; end the sequence when it is done."""
+        slot = self.slots[i]
+        job = slot.job
+        assert slot.rng is not None
+        try:
+            token = sample(logits, job.options, slot.history_array, slot.generated, self.eos_ids, slot.rng)
+        except Exception as exc:
+            self._release(i, "error", f"sampling failed: {_first_line(exc)}")
+            return
+        slot.generated += 1
+        if token in self._eos:
+            self._release(i, "stop")
+            return
+        if not self.on_token(job, token):
+            self._release(i, "stop")
+            return
+        if slot.generated >= job.max_new or len(slot.tokens) + 1 >= self.decoder.capacity:
+            self._release(i, "length")
+            return
+        if job.cancelled.is_set():
+            self._release(i, "cancelled")
+            return
+        slot.pending = [token]
+        if job.options.repeat_penalty not in (0, 1.0) and token not in slot.history:
+            slot.history.add(token)
+            slot.history_array = np.append(slot.history_array, token)
+
+    def _release(self, i: int, reason: str, error: str | None = None) -> None:
+        """End slot i's job; the slot keeps its tokens (prefix reuse) and leaves the decoding rows."""
+        slot = self.slots[i]
+        job = slot.job
+        slot.job = None
+        slot.pending = []
+        slot.last_used = time.monotonic()
+        if i < self.decoding:
+            self._move(i, self.decoding - 1)
+            self.decoding -= 1
+        if job is not None:
+            job.finish(reason, error)
+
+    def _move(self, a: int, b: int) -> None:
+        """Swap slots a and b (their KV and their state)."""
+        if a == b:
+            return
+        sa, sb = self.slots[a], self.slots[b]
+        self.decoder.arena.swap(a, b, len(sa.tokens), len(sb.tokens))
+        self.slots[a], self.slots[b] = sb, sa
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = np.asarray(a[:n])
+    y = np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def batcher_choice() -> str:
+    """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
+    return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
