@@ -1,0 +1,239 @@
+"""The native batcher: sampling and KV bookkeeping as unit tests, batching and prefix reuse on the real model."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ortllm.runtime import native
+from ortllm.runtime.native import KVArena, native_unsupported, sample
+from ortllm.runtime.options import validate_options
+from ortllm.runtime.types import ERROR, LENGTH, GenerationRequest
+from tests.conftest import DEFAULT_MODEL, QUESTION
+
+EOS = [2]
+
+
+def opts(**kw):
+    return validate_options({"temperature": 0, "repeat_penalty": 1.0, **kw})
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+def test_greedy_takes_the_largest_logit():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert sample(logits.copy(), opts(), np.zeros(0, np.int64), 0, EOS, rng()) == 1
+
+
+def test_repetition_penalty_demotes_seen_tokens_both_signs():
+    logits = np.array([0.0, 3.0, 2.9, -1.0], dtype=np.float32)
+    assert sample(logits.copy(), opts(repeat_penalty=1.1), np.array([1]), 0, EOS, rng()) == 2
+    negative = np.array([-1.0, -1.05, -5.0], dtype=np.float32)  # a seen negative logit gets more negative
+    assert sample(negative.copy(), opts(repeat_penalty=1.1), np.array([0]), 0, EOS, rng()) == 1
+
+
+def test_min_tokens_masks_end_of_sequence_until_reached():
+    logits = np.array([0.0, 1.0, 9.0], dtype=np.float32)  # token 2 is EOS and the best
+    assert sample(logits.copy(), opts(min_tokens=3), np.zeros(0, np.int64), 2, EOS, rng()) == 1
+    assert sample(logits.copy(), opts(min_tokens=3), np.zeros(0, np.int64), 3, EOS, rng()) == 2
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = np.random.default_rng(1).normal(size=1000).astype(np.float32)
+    best = int(np.argmax(logits))
+    for seed in range(20):
+        assert (
+            sample(logits.copy(), opts(temperature=1.5, top_k=1), np.zeros(0, np.int64), 0, EOS, rng(seed))
+            == best
+        )
+        assert sample(logits.copy(), opts(temperature=1.5, top_k=0, top_p=1e-6), np.zeros(0, np.int64), 0, EOS,
+                      rng(seed)) == best  # fmt: skip
+
+
+def test_sampling_follows_the_softmax_and_respects_top_k():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
+    generator = rng(7)
+    draws = [sample(logits.copy(), opts(temperature=1.0, top_k=0, top_p=1.0), np.zeros(0, np.int64), 0, [],
+                    generator) for _ in range(4000)]  # fmt: skip
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    assert freq == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.03)
+    top2 = {sample(logits.copy(), opts(temperature=1.0, top_k=2, top_p=1.0), np.zeros(0, np.int64), 0, [],
+                   generator) for _ in range(300)}  # fmt: skip
+    assert top2 == {0, 1}
+    nucleus = {sample(logits.copy(), opts(temperature=1.0, top_k=0, top_p=0.7), np.zeros(0, np.int64), 0, [],
+                      generator) for _ in range(300)}  # fmt: skip
+    assert nucleus == {0, 1}  # 0.5 + 0.3 is the smallest set reaching 0.7
+
+
+def test_the_same_seed_draws_the_same_tokens():
+    logits = np.random.default_rng(3).normal(size=500).astype(np.float32)
+    o = opts(temperature=1.0, top_k=50, top_p=0.9)
+    a = [sample(logits.copy(), o, np.zeros(0, np.int64), 0, EOS, g) for g in [rng(5)] for _ in range(30)]
+    b = [sample(logits.copy(), o, np.zeros(0, np.int64), 0, EOS, g) for g in [rng(5)] for _ in range(30)]
+    assert a == b and len(set(a)) > 3
+
+
+# ---- KV bookkeeping and eligibility --------------------------------------------------------------
+
+
+def test_arena_swap_exchanges_only_the_valid_positions():
+    arena = KVArena(layers=2, kv_heads=1, head_size=2, capacity=6, slots=3, dtype=np.float32)
+    arena.data[:, 0, :, :4] = 1.0
+    arena.data[:, 1, :, :2] = 2.0
+    arena.swap(0, 1, 4, 2)
+    assert (arena.data[:, 1, :, :4] == 1.0).all() and (arena.data[:, 0, :, :2] == 2.0).all()
+    assert (arena.data[:, 2] == 0).all()
+
+
+def test_non_cpu_and_foreign_graphs_are_refused(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    assert "CPU only" in native_unsupported(tmp_path, {}, "cuda")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 1]) for n in ("input_ids", "attention_mask",
+                                                                                "position_ids")],
+        [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 1])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    cfg = {"model": {"decoder": {"filename": "model.onnx", "num_hidden_layers": 0}}}
+    assert "position_ids" in native_unsupported(tmp_path, cfg, "cpu")
+    assert "single decoder" in native_unsupported(tmp_path, {"model": {"decoder": {}}}, "cpu")
+
+
+def test_the_default_model_is_eligible(loaded_model):
+    from ortllm.runtime.loaded import LoadedModel
+
+    model = LoadedModel(loaded_model)
+    assert model.native is not None and model.info.api == "native"
+    assert model._og_model is None  # og.Model is not loaded until a request needs og.Engine
+
+
+# ---- on the real model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sched(pulled):
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.store import ModelStore
+
+    scheduler = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), backend="native")
+    yield scheduler
+    scheduler.close()
+
+
+def ask(scheduler, messages=QUESTION, **kw):
+    return scheduler.generate(GenerationRequest(opts(**{"max_tokens": 40, **kw}), messages=messages))
+
+
+def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
+    first = ask(sched, [{"role": "user", "content": "Write one sentence about the sea."}])
+    again = ask(sched, [{"role": "user", "content": "Write one sentence about the sea."}])
+    assert again.text == first.text
+    assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens
+
+
+def test_a_later_turn_rereads_only_what_is_new(sched):
+    turn1 = [{"role": "user", "content": "My name is Ada. Remember it."}]
+    answer = ask(sched, turn1, max_tokens=20)
+    assert answer.usage.cached_prompt_tokens < answer.usage.prompt_tokens
+    turn2 = turn1 + [
+        {"role": "assistant", "content": answer.text},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    second = ask(sched, turn2, max_tokens=20)
+    assert second.usage.cached_prompt_tokens >= answer.usage.prompt_tokens  # turn 1's prompt is not re-read
+    assert second.usage.completion_tokens > 0 and second.text.strip()
+
+
+def test_a_prompt_fed_in_small_chunks_gives_the_same_answer(sched, monkeypatch):
+    long = [
+        {"role": "user", "content": "Summarise in one sentence: " + "The river floods every spring. " * 20}
+    ]
+    whole = ask(sched, long, max_tokens=12)
+    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # forget the cached prefix
+    monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 7)
+    chunked = ask(sched, long, max_tokens=12)
+    assert chunked.usage.cached_prompt_tokens == 0
+    assert chunked.token_ids == whole.token_ids
+
+
+def test_more_requests_than_slots_all_finish(pulled):
+    """Three slots, ten concurrent requests of different lengths: they queue, join and leave the batch."""
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.store import ModelStore
+
+    model = LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native")
+    model.native = native.NativeDecoder(model.path, json.loads((model.path / "genai_config.json").read_text()),
+                                        threads=model.threads, max_batch=3)  # fmt: skip
+    scheduler = Scheduler(model, backend="native")
+    try:
+        questions = [f"What is {a} plus {b}? Answer with the number." for a, b in
+                     [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4), (5, 5), (8, 1)]]  # fmt: skip
+        lengths = [4 + 3 * i for i in range(len(questions))]
+        results: dict[int, Any] = {}
+
+        def request(i: int) -> GenerationRequest:
+            return GenerationRequest(opts(max_tokens=lengths[i], min_tokens=lengths[i]),
+                                     messages=[{"role": "user", "content": questions[i]}])  # fmt: skip
+
+        alone = [scheduler.generate(request(i)).token_ids for i in range(len(questions))]
+        scheduler.native.slots = [native._Slot() for _ in scheduler.native.slots]  # no prefix reuse below
+
+        def worker(i: int) -> None:
+            results[i] = scheduler.generate(request(i))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert sorted(results) == list(range(len(questions)))
+        for i, r in results.items():
+            assert r.finish_reason == LENGTH and r.usage.completion_tokens == lengths[i]
+        assert scheduler.native.busy is False and scheduler.native.decoding == 0
+        assert [results[i].token_ids for i in range(len(questions))] == alone  # rows kept their own caches
+    finally:
+        scheduler.close()
+
+
+def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(sched, monkeypatch):
+    real = sched.native.decoder.step
+    calls = {"n": 0}
+
+    def flaky(ids, lengths, first=0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure\nwith a C++ trace")
+        return real(ids, lengths, first)
+
+    monkeypatch.setattr(sched.native.decoder, "step", flaky)
+    stream = sched.submit(GenerationRequest(opts(max_tokens=20, min_tokens=20), messages=QUESTION))
+    final = [ev for ev in stream if ev.done][0]
+    assert final.finish_reason == ERROR and final.error == "generation failed: injected failure"
+    assert "Paris" in ask(sched).text
+
+
+def test_constrained_output_goes_to_the_engine(sched):
+    from ortllm.runtime.scheduler import engine_supported
+
+    if not engine_supported():
+        pytest.skip("needs the 0.18 Engine")
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    request = GenerationRequest(
+        opts(max_tokens=30), messages=QUESTION, guidance=("json_schema", json.dumps(schema))
+    )
+    result = sched.generate(request)
+    assert "city" in json.loads(result.text)
