@@ -175,7 +175,11 @@ class LoadedModel:
                 self._og_model = og.Model(self._config)
                 self.tokenizer = og.Tokenizer(self._og_model)
             else:  # og.Model (weights loaded a second time) only when a request needs og.Engine
-                self.tokenizer = og.Tokenizer(self._config)
+                try:
+                    self.tokenizer = og.Tokenizer(self._config)
+                except TypeError:  # before 0.18 a tokenizer comes from a model only
+                    self._og_model = og.Model(self._config)
+                    self.tokenizer = og.Tokenizer(self._og_model)
         except ModelLoadError:
             raise
         except Exception as exc:

@@ -38,7 +38,10 @@ log = logging.getLogger("ortllm.native")
 MAX_BATCH = 16  # sequences decoding together (and KV slots)
 PREFILL_CHUNK = 128  # prompt tokens per forward pass while other sequences are decoding
 PREFILL_CHUNK_IDLE = 512  # ... and when nothing else is waiting for its next token
-KV_BUDGET_FRACTION = 0.5  # at most this share of RAM is reserved (virtually) for the KV arena
+KV_BUDGET_FRACTION = 0.5  # at most this share of RAM for the KV arena
+INITIAL_CAPACITY = (
+    1024  # tokens per slot at first; doubled (up to the context length) when a request needs more
+)
 MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompts on CPU
 _DTYPES = {1: np.float32, 10: np.float16}
 
@@ -82,8 +85,8 @@ def native_unsupported(path: Path, genai_cfg: dict[str, Any], ep: str) -> str | 
 
 
 class KVArena:
-    """Keys and values of `slots` sequences, `capacity` tokens each. The memory is reserved, not
-    touched: pages are committed as sequences grow into them."""
+    """Keys and values of `slots` sequences, `capacity` tokens each. onnxruntime touches a slot's whole
+    buffer the first time it is bound, so the capacity starts small and grows on demand."""
 
     def __init__(
         self, layers: int, kv_heads: int, head_size: int, capacity: int, slots: int, dtype: Any
@@ -95,6 +98,9 @@ class KVArena:
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype: Any) -> int:
         return 2 * layers * kv_heads * head_size * np.dtype(dtype).itemsize
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self.data[:, dst, :, :length] = self.data[:, src, :, :length]
 
     def swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange the first `len_a` / `len_b` positions of slots a and b."""
@@ -127,14 +133,42 @@ class NativeDecoder:
             str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"]
         )
         past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
-        dtype = np.float16 if "float16" in past.type else np.float32
-        self.capacity = int(genai_cfg["model"].get("context_length") or 2048)
-        per_slot = KVArena.bytes_per_token(self.layers, self.kv_heads, self.head_size, dtype) * self.capacity
+        self.dtype = np.float16 if "float16" in past.type else np.float32
+        context = int(genai_cfg["model"].get("context_length") or 2048)
+        per_token = KVArena.bytes_per_token(self.layers, self.kv_heads, self.head_size, self.dtype)
         budget = psutil.virtual_memory().total * KV_BUDGET_FRACTION
-        self.slots = max(1, min(max_batch, int(budget // per_slot)))
-        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, self.capacity, self.slots, dtype)
+        self.slots = max(1, min(max_batch, int(budget // (per_token * INITIAL_CAPACITY))))
+        # the longest sequence (prompt + answer) the arena may grow to; longer ones go to og.Engine
+        self.max_capacity = max(1, min(context, int(budget // (per_token * self.slots))))
+        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, min(INITIAL_CAPACITY, self.max_capacity),
+                             self.slots, self.dtype)  # fmt: skip
         self._bindings: dict[tuple[int, int], Any] = {}
+        self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
+        self.vocab = int(genai_cfg["model"].get("vocab_size") or logits.shape[-1])
         self.has_hidden_states = any(o.name == "hidden_states" for o in self.session.get_outputs())
+
+    @property
+    def capacity(self) -> int:
+        return self.arena.capacity
+
+    def reserve(self, tokens: int, lengths: list[int]) -> None:
+        """Grow every slot to hold `tokens` (≤ max_capacity), keeping each slot's first `lengths[i]`."""
+        if tokens <= self.arena.capacity:
+            return
+        if tokens > self.max_capacity:
+            raise ValueError(f"{tokens} tokens exceed the native batcher's {self.max_capacity}")
+        capacity = self.arena.capacity
+        while capacity < tokens:
+            capacity *= 2
+        old = self.arena
+        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, min(capacity, self.max_capacity),
+                             self.slots, self.dtype)  # fmt: skip
+        for i, n in enumerate(lengths):
+            self.arena.data[:, i, :, :n] = old.data[:, i, :, :n]
+        self._bindings.clear()
+        log.info("KV arena grown to %d tokens per slot", self.arena.capacity)
 
     def _binding(self, first: int, rows: int) -> Any:
         """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached)."""
@@ -162,10 +196,16 @@ class NativeDecoder:
         io = self._binding(first, rows)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
-        io.bind_output("logits")
+        # logits land in a buffer of ours (no per-step wrapping of every output)
+        out = self._logits.get((rows, new))
+        if out is None:
+            if len(self._logits) > 64:
+                self._logits.clear()
+            array = np.empty((rows, new, self.vocab), dtype=self.logits_dtype)
+            out = self._logits[(rows, new)] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+        io.bind_ortvalue_output("logits", out[1])
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[-1].numpy()
-        return np.asarray(logits[:, -1, :], dtype=np.float32)
+        return np.asarray(out[0][:, -1, :], dtype=np.float32)
 
 
 # ---- sampling ----------------------------------------------------------------------------------
@@ -264,18 +304,32 @@ class NativeBatcher:
     def jobs(self) -> list[Any]:
         return [s.job for s in self.slots if s.job is not None]
 
+    def fits(self, job: Any) -> bool:
+        """Whether the job's prompt and answer fit the largest arena this machine allows."""
+        return len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
+
     def admit(self, job: Any) -> bool:
         """Start `job` in the free slot sharing the longest prefix with its prompt; False when full."""
         free = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is None]
         if not free:
             return False
         prompt = job.prompt_ids
-        best, best_len = free[0], -1
-        for i in free:
-            shared = _common_prefix(self.slots[i].tokens, prompt)
-            key = (shared, -self.slots[i].last_used)
-            if best_len < 0 or key > (best_len, -self.slots[best].last_used):
-                best, best_len = i, shared
+        self.decoder.reserve(len(prompt) + job.max_new, [len(s.tokens) for s in self.slots])
+        shared = {i: _common_prefix(self.slots[i].tokens, prompt) for i in free}
+        source = max(free, key=lambda i: (shared[i], -self.slots[i].last_used))
+        best, best_len = source, shared[source]
+        if best_len < len(self.slots[source].tokens) // 2:
+            # most of that slot's cache is another conversation: keep it, copy the shared prefix into
+            # the least recently used free slot instead
+            best = min(free, key=lambda i: (self.slots[i].last_used, len(self.slots[i].tokens)))
+            if best != source:
+                self.decoder.arena.copy_prefix(source, best, best_len)
+                target, origin = self.slots[best], self.slots[source]
+                target.tokens = list(origin.tokens[:best_len])
+                same = origin.prompt_len == best_len and origin.prompt_logits is not None
+                target.prompt_logits, target.prompt_len = (
+                    (origin.prompt_logits, best_len) if same else (None, 0)
+                )
         slot = self.slots[best]
         if best_len == len(prompt) == slot.prompt_len and slot.prompt_logits is not None:
             reuse = len(prompt)  # the very same prompt: its first token comes from the kept logits

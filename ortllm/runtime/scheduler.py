@@ -355,7 +355,7 @@ class Scheduler:
             running = any(b.started for b in self._batches)
             unplaced: list[Job] = []
             for job in admit:
-                if native is not None and not job.request.guidance:
+                if native is not None and not job.request.guidance and native.fits(job):
                     if not native.admit(job):
                         unplaced.append(job)
                     continue
@@ -397,7 +397,7 @@ class Scheduler:
             return self._engine_room()
         # a constrained-output job in front goes to og.Engine; otherwise the native batcher's free slots
         head = self._pending[0] if self._pending else None
-        if head is not None and head.request.guidance:
+        if head is not None and (head.request.guidance or not self.native.fits(head)):
             return min(1, self._engine_room()) if self.use_engine else 1
         return self.native.free
 
