@@ -237,3 +237,26 @@ def test_constrained_output_goes_to_the_engine(sched):
     )
     result = sched.generate(request)
     assert "city" in json.loads(result.text)
+
+
+def test_the_arena_grows_for_a_long_answer_and_shrinks_when_idle(sched, monkeypatch):
+    import time
+
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.store import ModelStore
+
+    monkeypatch.setattr(native, "INITIAL_CAPACITY", 64)
+    small = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), backend="native")
+    try:
+        assert small.native.decoder.capacity == 64
+        request = GenerationRequest(opts(max_tokens=100, min_tokens=100), messages=QUESTION)
+        grown = small.generate(request)
+        deadline = time.monotonic() + 10
+        while small.native.decoder.capacity != 64 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert small.native.decoder.capacity == 64  # back to the initial size once idle
+        assert all(len(s.tokens) <= 64 for s in small.native.slots)
+        assert grown.token_ids == sched.generate(request).token_ids  # growing kept every cached position
+    finally:
+        small.close()

@@ -162,13 +162,17 @@ class NativeDecoder:
         capacity = self.arena.capacity
         while capacity < tokens:
             capacity *= 2
+        self.resize(min(capacity, self.max_capacity), lengths)
+
+    def resize(self, capacity: int, lengths: list[int]) -> None:
+        """A new arena of `capacity` tokens per slot holding each slot's first `lengths[i]` (≤ capacity):
+        grown when a sequence needs it, shrunk again when the long ones are gone (memory follows use)."""
         old = self.arena
-        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, min(capacity, self.max_capacity),
-                             self.slots, self.dtype)  # fmt: skip
+        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, capacity, self.slots, self.dtype)
         for i, n in enumerate(lengths):
             self.arena.data[:, i, :, :n] = old.data[:, i, :, :n]
         self._bindings.clear()
-        log.info("KV arena grown to %d tokens per slot", self.arena.capacity)
+        log.info("KV arena: %d tokens per slot", capacity)
 
     def _binding(self, first: int, rows: int) -> Any:
         """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached)."""
@@ -301,6 +305,11 @@ class NativeBatcher:
     def busy(self) -> bool:
         return any(s.job is not None for s in self.slots)
 
+    @property
+    def wants_step(self) -> bool:
+        """Work to do: sequences to step, or (idle) a grown arena to shrink."""
+        return self.busy or self.decoder.capacity > min(INITIAL_CAPACITY, self.decoder.max_capacity)
+
     def jobs(self) -> list[Any]:
         return [s.job for s in self.slots if s.job is not None]
 
@@ -314,7 +323,7 @@ class NativeBatcher:
         if not free:
             return False
         prompt = job.prompt_ids
-        self.decoder.reserve(len(prompt) + job.max_new, [len(s.tokens) for s in self.slots])
+        self.decoder.reserve(len(prompt) + 1, [len(s.tokens) for s in self.slots])
         shared = {i: _common_prefix(self.slots[i].tokens, prompt) for i in free}
         source = max(free, key=lambda i: (shared[i], -self.slots[i].last_used))
         best, best_len = source, shared[source]
@@ -352,6 +361,9 @@ class NativeBatcher:
         for i, slot in enumerate(self.slots):
             if slot.job is not None and slot.job.cancelled.is_set():
                 self._release(i, "cancelled")
+        if not self.busy:
+            self._shrink()
+            return
         prefilling = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is not None]
         if prefilling:
             first = min(prefilling, key=lambda i: self.slots[i].job.submitted)
@@ -389,6 +401,9 @@ class NativeBatcher:
         self._emit(self.decoding - 1, slot.prompt_logits.copy())
 
     def _decode(self) -> None:
+        longest = max(len(s.tokens) for s in self.slots[: self.decoding]) + 1
+        if longest > self.decoder.capacity:  # a sequence outgrows the arena: grow it (fits() bounds this)
+            self.decoder.reserve(longest, [len(s.tokens) for s in self.slots])
         rows = self.decoding
         slots = self.slots[:rows]
         ids = np.asarray([[s.pending[0]] for s in slots], dtype=np.int64)
@@ -421,10 +436,16 @@ class NativeBatcher:
         if token in self._eos:
             self._release(i, "stop")
             return
-        if not self.on_token(job, token):
+        try:
+            going = self.on_token(job, token)
+        except Exception as exc:  # one request's failure must not stop the others
+            log.exception("request failed")
+            self._release(i, "error", f"generation failed: {_first_line(exc)}")
+            return
+        if not going:
             self._release(i, "stop")
             return
-        if slot.generated >= job.max_new or len(slot.tokens) + 1 >= self.decoder.capacity:
+        if slot.generated >= job.max_new or len(slot.tokens) + 1 >= self.decoder.max_capacity:
             self._release(i, "length")
             return
         if job.cancelled.is_set():
@@ -447,6 +468,17 @@ class NativeBatcher:
             self.decoding -= 1
         if job is not None:
             job.finish(reason, error)
+
+    def _shrink(self) -> None:
+        """Idle after long sequences: back to the initial arena, cached prefixes cut to fit."""
+        capacity = min(INITIAL_CAPACITY, self.decoder.max_capacity)
+        if self.decoder.capacity <= capacity:
+            return
+        for slot in self.slots:
+            del slot.tokens[capacity:]
+            if slot.prompt_len > len(slot.tokens):
+                slot.prompt_logits, slot.prompt_len = None, 0
+        self.decoder.resize(capacity, [len(s.tokens) for s in self.slots])
 
     def _move(self, a: int, b: int) -> None:
         """Swap slots a and b (their KV and their state)."""

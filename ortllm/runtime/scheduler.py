@@ -345,7 +345,9 @@ class Scheduler:
         while True:
             now = time.monotonic()
             held = [b.hold_until for b in self._batches if b.jobs and not b.ready(now, self.max_batch)]
-            busy = any(b.ready(now, self.max_batch) for b in self._batches) or bool(native and native.busy)
+            busy = any(b.ready(now, self.max_batch) for b in self._batches) or bool(
+                native and native.wants_step
+            )
             wait_s = max(0.0, min(held) - now) if held else None
             admit, calls = self._next_work(busy=busy, room=self._room(), wait_s=wait_s)
             for call in calls:
@@ -388,7 +390,7 @@ class Scheduler:
             if native is not None:
                 if self._stopping:
                     native.close()
-                elif native.busy:
+                elif native.wants_step:
                     native.step()
 
     def _room(self) -> int:
