@@ -4,6 +4,7 @@ the peer measured in the same run."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -93,11 +94,15 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
     long_prompt = prompt_of(model, pp)
     short_prompt = prompt_of(model, 16)
 
+    runs = itertools.count()
+
     def run(tokens: list[int], max_tokens: int) -> Any:
         # ignore EOS: greedy decoding of exactly max_tokens tokens, as llama-bench does
         options = validate_options({"temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens,
                                     "repeat_penalty": 1.0})  # fmt: skip
-        request = GenerationRequest(options, prompt_tokens=tokens)
+        # a different first token each run: no prefix reuse, every prompt is processed in full
+        first = 100 + next(runs) % 20_000
+        request = GenerationRequest(options, prompt_tokens=[first, *tokens[1:]])
         with scheduler.submit(request) as stream:
             return stream.result()
 

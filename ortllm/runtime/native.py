@@ -366,12 +366,15 @@ class NativeBatcher:
         prompt = job.prompt_ids
         self.decoder.reserve(len(prompt) + 1, [len(s.tokens) for s in self.slots])
         shared = {i: _common_prefix(self.slots[i].tokens, prompt) for i in free}
-        source = max(free, key=lambda i: (shared[i], -self.slots[i].last_used))
+        # a slot used before is preferred to a fresh one: onnxruntime's first use of a slot touches
+        # its whole buffer (~0.1 s), so memory grows with the concurrency actually seen
+        used = {i: self.slots[i].last_used > 0 for i in free}
+        source = max(free, key=lambda i: (shared[i], used[i], -self.slots[i].last_used))
         best, best_len = source, shared[source]
         if best_len < len(self.slots[source].tokens) // 2:
             # most of that slot's cache is another conversation: keep it, copy the shared prefix into
             # the least recently used free slot instead
-            best = min(free, key=lambda i: (self.slots[i].last_used, len(self.slots[i].tokens)))
+            best = min(free, key=lambda i: (i == source, not used[i], self.slots[i].last_used))
             if best != source:
                 self.decoder.arena.copy_prefix(source, best, best_len)
                 target, origin = self.slots[best], self.slots[source]
