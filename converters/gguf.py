@@ -9,7 +9,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ortllm.errors import ConversionFailed, MissingDependency
+from ortllm.errors import ConversionFailed, MissingDependency, first_line
 
 
 def gguf_key(gguf: Path) -> str:
@@ -49,8 +49,7 @@ def dequantise(gguf: Path, cache: Path) -> Path:
         raise
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionFailed(f"Could not read GGUF '{gguf.name}': {msg}") from exc
+        raise ConversionFailed(f"Could not read GGUF '{gguf.name}': {first_line(exc, None)}") from exc
     os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp, ignore_errors=True)
     return out
 

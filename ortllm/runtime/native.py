@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ortllm.errors import first_line
+
 from .options import GenerationOptions
 
 log = logging.getLogger("ortllm.native")
@@ -431,7 +433,7 @@ class NativeBatcher:
                     np.asarray([ids], dtype=np.int64), np.asarray([len(slot.tokens)], dtype=np.int64), i
                 )
             except Exception as exc:
-                self._release(i, "error", f"generation failed: {_first_line(exc)}")
+                self._release(i, "error", f"generation failed: {first_line(exc)}")
                 return
             slot.tokens.extend(ids)
             del slot.pending[: len(ids)]
@@ -457,7 +459,7 @@ class NativeBatcher:
         except Exception as exc:  # a failed step fails the rows it held; the batcher keeps serving
             log.exception("native decode step failed")
             for i in reversed(range(rows)):
-                self._release(i, "error", f"generation failed: {_first_line(exc)}")
+                self._release(i, "error", f"generation failed: {first_line(exc)}")
             return
         self.steps += 1
         for s in slots:
@@ -474,7 +476,7 @@ class NativeBatcher:
         try:
             token = sample(logits, job.options, slot.history_array, slot.generated, self.eos_ids, slot.rng)
         except Exception as exc:
-            self._release(i, "error", f"sampling failed: {_first_line(exc)}")
+            self._release(i, "error", f"sampling failed: {first_line(exc)}")
             return
         slot.generated += 1
         if token in self._eos:
@@ -484,7 +486,7 @@ class NativeBatcher:
             going = self.on_token(job, token)
         except Exception as exc:  # one request's failure must not stop the others
             log.exception("request failed")
-            self._release(i, "error", f"generation failed: {_first_line(exc)}")
+            self._release(i, "error", f"generation failed: {first_line(exc)}")
             return
         if not going:
             self._release(i, "stop")
@@ -541,11 +543,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     y = np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def batcher_choice() -> str:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime_genai as og
 
-from ortllm.errors import Busy, GenerationFailed, InvalidOptions, ModelLoadError
+from ortllm.errors import Busy, GenerationFailed, InvalidOptions, ModelLoadError, first_line
 
 from .loaded import LoadedModel
 from .native import NativeBatcher
@@ -416,7 +416,7 @@ class Scheduler:
             log.exception("engine step failed for %s", self.model.name)
             for job in list(batch.jobs.values()):
                 self._active.pop(id(job.og_request), None)
-                job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+                job.finish(ERROR, f"generation failed: {first_line(exc)}")
             batch.reset(self.model.model)
             return
         for event in events:
@@ -449,7 +449,7 @@ class Scheduler:
             job.og_request.close()
         except Exception:  # already finished or closed: nothing to release
             pass
-        job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+        job.finish(ERROR, f"generation failed: {first_line(exc)}")
 
     def _release(self, job: Job) -> None:
         self._active.pop(id(job.og_request), None)
@@ -497,16 +497,16 @@ class Scheduler:
                 self._engine_seeds = False
                 self._run_serially(job)
             else:
-                job.finish(ERROR, f"could not start generation: {_first_line(exc)}")
+                job.finish(ERROR, f"could not start generation: {first_line(exc)}")
         except Exception as exc:
-            job.finish(ERROR, f"could not start generation: {_first_line(exc)}")
+            job.finish(ERROR, f"could not start generation: {first_line(exc)}")
 
     def _run_serially(self, job: Job) -> None:
         """Generate one job to the end with og.Generator (blocks the worker meanwhile)."""
         try:
             self._generate_one(job)
         except Exception as exc:
-            job.finish(ERROR, f"generation failed: {_first_line(exc)}")
+            job.finish(ERROR, f"generation failed: {first_line(exc)}")
 
     def _end_turn(self, job: Job, event: Any, failed: bool) -> None:
         self._release(job)
@@ -596,8 +596,3 @@ class Scheduler:
         vector = hidden.mean(axis=0)
         norm = float(np.linalg.norm(vector)) or 1.0
         return (vector / norm).astype(np.float32).tolist()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
