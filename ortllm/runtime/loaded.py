@@ -188,10 +188,10 @@ class LoadedModel:
     def _native_decoder(self) -> Any:
         if self.batcher in ("engine", "generator"):
             return None
-        from .native import NativeDecoder, native_unsupported
+        from .native import NativeDecoder, inspect_decoder
 
         genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
-        why = native_unsupported(self.path, genai_cfg, self.ep)
+        proto, why = inspect_decoder(self.path, genai_cfg, self.ep)
         if why:
             if self.batcher == "native":
                 raise ModelLoadError(
@@ -199,7 +199,7 @@ class LoadedModel:
                 )
             log.info("%s runs on onnxruntime-genai: %s", self.name, why)
             return None
-        return NativeDecoder(self.path, genai_cfg, threads=self.threads)
+        return NativeDecoder(self.path, genai_cfg, threads=self.threads, proto=proto)
 
     def _load_error(self, exc: BaseException) -> ModelLoadError:
         hint = f"; install {EP_PACKAGES[self.ep]}" if self.ep in EP_PACKAGES else ""

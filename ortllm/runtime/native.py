@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -50,28 +50,38 @@ _DTYPES = {1: np.float32, 10: np.float16}
 
 def native_unsupported(path: Path, genai_cfg: dict[str, Any], ep: str) -> str | None:
     """Why this model cannot use the native batcher, or None when it can."""
+    return inspect_decoder(path, genai_cfg, ep)[1]
+
+
+def inspect_decoder(path: Path, genai_cfg: dict[str, Any], ep: str) -> tuple[Any, str | None]:
+    """The decoder (an onnx ModelProto without its weights) when the native batcher can run it, else
+    None and why not. NativeDecoder takes the proto, so the graph is read once per load."""
     import onnxruntime as ort
 
     if ep != "cpu":
-        return f"the native batcher runs on CPU only (this variant is for {ep})"
+        return None, f"the native batcher runs on CPU only (this variant is for {ep})"
     version = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
     if version < MIN_ORT:
-        return f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ORT))}"
+        return None, f"onnxruntime {ort.__version__} is older than {'.'.join(map(str, MIN_ORT))}"
     model = genai_cfg.get("model", {})
     decoder = model.get("decoder", {})
     if set(model) & {"vision", "speech", "encoder", "embedding"} or "pipeline" in decoder:
-        return "multi-part models run on og.Engine"
+        return None, "multi-part models run on og.Engine"
     filename = decoder.get("filename")
     if not filename or not (path / filename).is_file():
-        return "no single decoder file"
+        return None, "no single decoder file"
     try:
         import onnx
 
-        graph = onnx.load(str(path / filename), load_external_data=False).graph
+        proto = onnx.load(str(path / filename), load_external_data=False)
     except Exception as exc:  # an unreadable graph is og.Engine's problem to report
-        return f"cannot read the decoder graph: {exc}"
+        return None, f"cannot read the decoder graph: {exc}"
+    why = _graph_unsupported(proto.graph, int(decoder.get("num_hidden_layers", 0)))
+    return (None, why) if why else (proto, None)
+
+
+def _graph_unsupported(graph: Any, layers: int) -> str | None:
     inputs = {i.name for i in graph.input}
-    layers = int(decoder.get("num_hidden_layers", 0))
     expected = {"input_ids", "attention_mask"} | {
         f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")
     }
@@ -94,7 +104,6 @@ class KVArena:
         self, layers: int, kv_heads: int, head_size: int, capacity: int, slots: int, dtype: Any
     ) -> None:
         self.capacity = capacity
-        self.slots = slots
         self.data = np.zeros((2 * layers, slots, kv_heads, capacity, head_size), dtype=dtype)
 
     @staticmethod
@@ -117,7 +126,8 @@ class NativeDecoder:
     """One onnxruntime session over the builder's decoder, stepping rows of different lengths."""
 
     def __init__(self, path: Path, genai_cfg: dict[str, Any], *, threads: int | None,
-                 max_batch: int = MAX_BATCH) -> None:  # fmt: skip
+                 max_batch: int = MAX_BATCH, proto: Any = None) -> None:  # fmt: skip
+        """`proto`: the decoder as inspect_decoder() read it (read here when not given)."""
         import onnxruntime as ort
         import psutil
 
@@ -131,7 +141,11 @@ class NativeDecoder:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        graph = _last_position_only(path / decoder["filename"])
+        if proto is None:
+            import onnx
+
+            proto = onnx.load(str(path / decoder["filename"]), load_external_data=False)
+        graph = _last_position_only(proto)
         self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
         if graph is not None:
             options.add_session_config_entry(
@@ -150,14 +164,14 @@ class NativeDecoder:
         self.slots = max(1, min(max_batch, int(budget // (per_token * INITIAL_CAPACITY))))
         # the longest sequence (prompt + answer) the arena may grow to; longer ones go to og.Engine
         self.max_capacity = max(1, min(context, int(budget // (per_token * self.slots))))
-        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, min(INITIAL_CAPACITY, self.max_capacity),
-                             self.slots, self.dtype)  # fmt: skip
+        self.initial_capacity = min(INITIAL_CAPACITY, self.max_capacity)  # and where it shrinks back to
+        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, self.initial_capacity, self.slots,
+                             self.dtype)  # fmt: skip
         self._bindings: dict[tuple[int, int], Any] = {}
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab = int(genai_cfg["model"].get("vocab_size") or logits.shape[-1])
-        self.has_hidden_states = any(o.name == "hidden_states" for o in self.session.get_outputs())
 
     @property
     def capacity(self) -> int:
@@ -223,15 +237,14 @@ class NativeDecoder:
         return np.asarray(out[0][:, -1, :], dtype=np.float32)
 
 
-def _last_position_only(model_path: Path) -> bytes | None:
+def _last_position_only(model: Any) -> bytes | None:
     """The decoder with its LM head fed the last position only: a prompt chunk of N tokens then
     computes one row of logits instead of N (about 15% faster prefill on the default model, the same
-    numbers). The weights stay in their external file; None when the graph is not the expected shape."""
+    numbers). The weights stay in their external file; None when the graph is not the expected shape.
+    `model` (an onnx ModelProto without its weights) is changed in place."""
     try:
-        import onnx
         from onnx import TensorProto, helper
 
-        model = onnx.load(str(model_path), load_external_data=False)
         graph = model.graph
         heads = [n for n in graph.node if "logits" in n.output]
         output = next((o for o in graph.output if o.name == "logits"), None)
@@ -261,9 +274,10 @@ def _last_position_only(model_path: Path) -> bytes | None:
 def sample(logits: np.ndarray, options: GenerationOptions, history: np.ndarray, generated: int,
            eos_ids: list[int], rng: np.random.Generator) -> int:  # fmt: skip
     """The next token from one row of logits (modified in place)."""
-    if options.repeat_penalty not in (0, 1.0) and history.size:
+    penalty = options.repetition_penalty
+    if penalty != 1.0 and history.size:
         seen = logits[history]
-        logits[history] = np.where(seen > 0, seen / options.repeat_penalty, seen * options.repeat_penalty)
+        logits[history] = np.where(seen > 0, seen / penalty, seen * penalty)
     if generated < options.min_tokens and eos_ids:
         logits[eos_ids] = -np.inf
     if options.greedy:
@@ -287,22 +301,6 @@ def sample(logits: np.ndarray, options: GenerationOptions, history: np.ndarray, 
 
 
 # ---- the batcher -------------------------------------------------------------------------------
-
-
-class JobLike(Protocol):
-    """What the batcher needs of the scheduler's Job."""
-
-    prompt_ids: list[int]
-    options: GenerationOptions
-    max_new: int
-    cached_prompt_tokens: int
-    started: float | None
-    done: bool
-
-    @property
-    def cancelled(self) -> Any: ...
-
-    def finish(self, reason: str, error: str | None = None) -> None: ...
 
 
 @dataclass
@@ -337,7 +335,6 @@ class NativeBatcher:
         self.on_token = on_token  # (job, token) -> False when the job has stopped (stop string)
         self.slots = [_Slot() for _ in range(decoder.slots)]
         self.decoding = 0
-        self.steps = 0
 
     # the scheduler's view
     @property
@@ -351,14 +348,15 @@ class NativeBatcher:
     @property
     def wants_step(self) -> bool:
         """Work to do: sequences to step, or (idle) a grown arena to shrink."""
-        return self.busy or self.decoder.capacity > min(INITIAL_CAPACITY, self.decoder.max_capacity)
+        return self.busy or self.decoder.capacity > self.decoder.initial_capacity
 
     def jobs(self) -> list[Any]:
         return [s.job for s in self.slots if s.job is not None]
 
-    def fits(self, job: Any) -> bool:
-        """Whether the job's prompt and answer fit the largest arena this machine allows."""
-        return len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
+    def takes(self, job: Any) -> bool:
+        """Everything but constrained output and sequences longer than the largest arena this machine
+        allows (those go to og.Engine)."""
+        return not job.request.guidance and len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
 
     def admit(self, job: Any) -> bool:
         """Start `job` in the free slot sharing the longest prefix with its prompt; False when full."""
@@ -395,7 +393,7 @@ class NativeBatcher:
         slot.job = job
         slot.pending = list(prompt[reuse:])
         slot.generated = 0
-        slot.history = set(prompt) if job.options.repeat_penalty not in (0, 1.0) else set()
+        slot.history = set(prompt) if job.options.repetition_penalty != 1.0 else set()
         slot.history_array = np.fromiter(slot.history, dtype=np.int64, count=len(slot.history))
         slot.rng = np.random.default_rng(job.options.seed)
         job.cached_prompt_tokens = reuse
@@ -448,7 +446,7 @@ class NativeBatcher:
 
     def _decode(self) -> None:
         longest = max(len(s.tokens) for s in self.slots[: self.decoding]) + 1
-        if longest > self.decoder.capacity:  # a sequence outgrows the arena: grow it (fits() bounds this)
+        if longest > self.decoder.capacity:  # a sequence outgrows the arena: grow it (takes() bounds this)
             self.decoder.reserve(longest, [len(s.tokens) for s in self.slots])
         rows = self.decoding
         slots = self.slots[:rows]
@@ -461,7 +459,6 @@ class NativeBatcher:
             for i in reversed(range(rows)):
                 self._release(i, "error", f"generation failed: {first_line(exc)}")
             return
-        self.steps += 1
         for s in slots:
             s.tokens.append(s.pending.pop())
         # emit from the last row down: a finished row swaps with the last decoding row, never a visited one
@@ -498,7 +495,7 @@ class NativeBatcher:
             self._release(i, "cancelled")
             return
         slot.pending = [token]
-        if job.options.repeat_penalty not in (0, 1.0) and token not in slot.history:
+        if job.options.repetition_penalty != 1.0 and token not in slot.history:
             slot.history.add(token)
             slot.history_array = np.append(slot.history_array, token)
 
@@ -517,7 +514,7 @@ class NativeBatcher:
 
     def _shrink(self) -> None:
         """Idle after long sequences: back to the initial arena, cached prefixes cut to fit."""
-        capacity = min(INITIAL_CAPACITY, self.decoder.max_capacity)
+        capacity = self.decoder.initial_capacity
         if self.decoder.capacity <= capacity:
             return
         for slot in self.slots:

@@ -28,6 +28,11 @@ class GenerationOptions:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def repetition_penalty(self) -> float:
+        """The penalty to apply: 1.0 (none) when `repeat_penalty` is 0 or 1."""
+        return self.repeat_penalty if self.repeat_penalty > 0 else 1.0
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["stop"] = list(self.stop)

@@ -167,11 +167,7 @@ class Scheduler:
         if backend == "native" and model.native is None:
             raise ModelLoadError(f"Model '{model.name}' was not loaded for the native batcher")
         self.model = model
-        if backend is None:
-            backend = (
-                "native" if model.native is not None else "engine" if engine_supported() else "generator"
-            )
-        self.backend = backend
+        self.backend = backend or model.info.api
         self.use_engine = backend != "generator" and engine_supported()  # og.Engine for what native cannot do
         self.native = (
             NativeBatcher(model.native, model.eos_token_ids, self._native_token)
@@ -357,7 +353,7 @@ class Scheduler:
             running = any(b.started for b in self._batches)
             unplaced: list[Job] = []
             for job in admit:
-                if native is not None and not job.request.guidance and native.fits(job):
+                if native is not None and native.takes(job):
                     if not native.admit(job):
                         unplaced.append(job)
                     continue
@@ -397,9 +393,9 @@ class Scheduler:
         """How many waiting jobs can start now."""
         if self.native is None:
             return self._engine_room()
-        # a constrained-output job in front goes to og.Engine; otherwise the native batcher's free slots
+        # a job in front that the native batcher cannot take goes to og.Engine; else its free slots
         head = self._pending[0] if self._pending else None
-        if head is not None and (head.request.guidance or not self.native.fits(head)):
+        if head is not None and not self.native.takes(head):
             return min(1, self._engine_room()) if self.use_engine else 1
         return self.native.free
 
@@ -480,7 +476,7 @@ class Scheduler:
                 turn.set_temperature(o.temperature)
                 turn.set_top_p(o.top_p)
                 turn.set_top_k(o.top_k)
-            turn.set_repetition_penalty(o.repeat_penalty if o.repeat_penalty > 0 else 1.0)
+            turn.set_repetition_penalty(o.repetition_penalty)
             if o.seed is not None:
                 turn.set_seed(o.seed)
             if job.request.guidance:
@@ -564,7 +560,7 @@ class Scheduler:
             "max_length": len(job.prompt_ids) + job.max_new,
             "min_length": len(job.prompt_ids) + min(o.min_tokens, job.max_new),
             "do_sample": not o.greedy,
-            "repetition_penalty": o.repeat_penalty if o.repeat_penalty > 0 else 1.0,
+            "repetition_penalty": o.repetition_penalty,
         }
         if not o.greedy:
             search.update(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k or 1_000_000)
