@@ -98,3 +98,20 @@ def test_sigterm_with_an_idle_websocket_exits_promptly(pulled):
             ws.receive(timeout=5)
     finally:
         live.stop()
+
+
+def test_a_socket_registered_during_shutdown_ends_at_once(monkeypatch):
+    """The CI race: SIGTERM's close_all ran while a handler was between the handshake and registering
+    its socket, so that socket kept the worker alive for gunicorn's whole graceful timeout."""
+    from web import ws as wsmod
+
+    class IdleSocket:  # a client that never sends anything
+        def receive(self, timeout=None):
+            time.sleep(timeout or 0)
+
+    monkeypatch.setattr(wsmod, "CLOSING", threading.Event())
+    before = wsmod.Connection(IdleSocket())  # registered before the shutdown: close_all ends it
+    wsmod.close_all()
+    after = wsmod.Connection(IdleSocket())  # the handler got here only after close_all
+    assert before.inbox.get(timeout=2) is None and after.inbox.get(timeout=2) is None
+    before.running = False

@@ -35,11 +35,20 @@ bp = Blueprint("rust_ws", __name__)
 sock = Sock()
 POLL_S = 1.0  # how often the reader checks that the handler is still running
 OPEN: weakref.WeakSet[Connection] = weakref.WeakSet()  # sockets to end on shutdown
+OPEN_LOCK = threading.Lock()
+CLOSING = threading.Event()  # set on shutdown: a socket whose handler starts afterwards ends at once
 
 
 def close_all() -> None:
-    """End every open socket (server shutdown): idle multi-turn sockets must not hold the exit."""
-    for conn in list(OPEN):
+    """End every open socket (server shutdown): idle multi-turn sockets must not hold the exit.
+
+    A handler can still be between the handshake and registering its socket when this runs; the lock
+    and the CLOSING flag make sure that socket ends too instead of holding the worker until gunicorn's
+    graceful timeout."""
+    with OPEN_LOCK:
+        CLOSING.set()
+        conns = list(OPEN)
+    for conn in conns:
         conn.end()
 
 
@@ -75,7 +84,12 @@ class Connection:
         self.inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.current: ChatSession | None = None
         self.running = True
-        OPEN.add(self)
+        with OPEN_LOCK:
+            OPEN.add(self)
+            closing = CLOSING.is_set()
+        if closing:
+            self.inbox.put(None)  # the server is shutting down: the handler returns at once
+            return
         threading.Thread(target=self._read, name="ortllm-ws-reader", daemon=True).start()
 
     def end(self) -> None:
