@@ -169,6 +169,24 @@ def test_a_prompt_fed_in_small_chunks_gives_the_same_answer(sched, monkeypatch):
     assert chunked.token_ids == whole.token_ids
 
 
+def test_concurrent_requests_compute_a_shared_prompt_once(sched, monkeypatch):
+    """Two requests with the same prompt at once: the second copies the first's keys and values (and
+    its first token's logits) instead of computing them again; a third sharing only the beginning
+    copies that beginning, even while the others are still generating."""
+    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # no cache from earlier tests
+    monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 16)  # the first prompt takes several steps
+    monkeypatch.setattr(native, "PREFILL_CHUNK", 16)
+    text = "Summarise in one sentence: " + "The river floods every spring and the town rebuilds. " * 8
+    same = GenerationRequest(opts(max_tokens=30, min_tokens=30), messages=[{"role": "user", "content": text}])
+    other = GenerationRequest(opts(max_tokens=10), messages=[{"role": "user", "content": text + " Why?"}])
+    first, second, third = sched.submit(same), sched.submit(same), sched.submit(other)
+    a, b, c = first.result(), second.result(), third.result()
+    assert a.usage.cached_prompt_tokens == 0
+    assert b.usage.cached_prompt_tokens == b.usage.prompt_tokens  # the whole prompt, copied
+    assert b.token_ids == a.token_ids  # the same first-token logits, the same greedy answer
+    assert c.usage.prompt_tokens > c.usage.cached_prompt_tokens > a.usage.prompt_tokens - 12
+
+
 def test_more_requests_than_slots_all_finish(pulled):
     """Three slots, ten concurrent requests of different lengths: they queue, join and leave the batch."""
     from ortllm.runtime.loaded import LoadedModel
@@ -190,7 +208,8 @@ def test_more_requests_than_slots_all_finish(pulled):
                                      messages=[{"role": "user", "content": questions[i]}])  # fmt: skip
 
         alone = [scheduler.generate(request(i)).token_ids for i in range(len(questions))]
-        scheduler.native.slots = [native._Slot() for _ in scheduler.native.slots]  # no prefix reuse below
+        scheduler.native.slots = [native._Slot() for _ in scheduler.native.slots]
+        scheduler.native.reuse_prefixes = False  # every row computes its whole prompt, as alone
 
         def worker(i: int) -> None:
             results[i] = scheduler.generate(request(i))

@@ -335,6 +335,7 @@ class NativeBatcher:
         self.on_token = on_token  # (job, token) -> False when the job has stopped (stop string)
         self.slots = [_Slot() for _ in range(decoder.slots)]
         self.decoding = 0
+        self.reuse_prefixes = True  # False: every prompt is computed in full (tests comparing answers)
 
     # the scheduler's view
     @property
@@ -365,7 +366,7 @@ class NativeBatcher:
             return False
         prompt = job.prompt_ids
         self.decoder.reserve(len(prompt) + 1, [len(s.tokens) for s in self.slots])
-        shared = {i: _common_prefix(self.slots[i].tokens, prompt) for i in free}
+        shared = {i: _common_prefix(self.slots[i].tokens, prompt) if self.reuse_prefixes else 0 for i in free}
         # a slot used before is preferred to a fresh one: onnxruntime's first use of a slot touches
         # its whole buffer (~0.1 s), so memory grows with the concurrency actually seen
         used = {i: self.slots[i].last_used > 0 for i in free}
@@ -422,8 +423,34 @@ class NativeBatcher:
 
     # ---- worker internals ----------------------------------------------------------------------
 
+    def _share(self, i: int) -> None:
+        """Before feeding slot i's next chunk: copy a longer computed prefix of its prompt from any other
+        slot, busy ones included — concurrent requests with the same system prompt or document, or the
+        same prompt twice, compute it once (a free slot's cache was already considered at admission)."""
+        slot = self.slots[i]
+        prompt = slot.tokens + slot.pending
+        source, shared = i, len(slot.tokens)
+        for j, other in enumerate(self.slots):
+            if j != i and len(other.tokens) > shared:
+                n = _common_prefix(other.tokens, prompt)
+                if n > shared:
+                    source, shared = j, n
+        if source == i:
+            return
+        origin = self.slots[source]
+        same = shared == len(prompt) == origin.prompt_len and origin.prompt_logits is not None
+        n = shared if same else min(shared, len(prompt) - 1)  # at least one token is fed, for its logits
+        if n <= len(slot.tokens):
+            return
+        self.decoder.arena.copy_prefix(source, i, n)
+        slot.tokens, slot.pending = prompt[:n], prompt[n:]
+        slot.prompt_logits, slot.prompt_len = (origin.prompt_logits, n) if same else (None, 0)
+        slot.job.cached_prompt_tokens = n
+
     def _prefill(self, i: int, chunk: int) -> None:
         slot = self.slots[i]
+        if slot.pending and self.reuse_prefixes:
+            self._share(i)
         if slot.pending:
             ids = slot.pending[:chunk]
             try:
