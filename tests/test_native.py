@@ -281,65 +281,12 @@ def test_the_arena_grows_for_a_long_answer_and_shrinks_when_idle(sched, monkeypa
         small.close()
 
 
-def _mlp_graph(folder, up_bits=4):
-    """x → gate (MatMulNBits) and up (MatMulNBits) → gate·up, weights in an external file."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    k, n, block = 64, 48, 32
-    gen = np.random.default_rng(1)
-    inits, nodes = [], []
-    for name, bits in (("gate_proj", 4), ("up_proj", up_bits)):
-        blob = block * bits // 8
-        inits.append(
-            numpy_helper.from_array(gen.integers(0, 255, (n, k // block, blob), dtype=np.uint8), f"{name}.q")
-        )
-        inits.append(
-            numpy_helper.from_array(gen.random((n, k // block), dtype=np.float32) / 50, f"{name}.scales")
-        )
-        nodes.append(helper.make_node("MatMulNBits", ["x", f"{name}.q", f"{name}.scales"], [f"{name}.out"],
-                                      domain="com.microsoft", name=f"/mlp/{name}/MatMul", K=k, N=n, bits=bits,
-                                      block_size=block, accuracy_level=4))  # fmt: skip
-    nodes.append(helper.make_node("Mul", ["gate_proj.out", "up_proj.out"], ["y"]))
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])], inits)  # fmt: skip
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
-    onnx.save(model, str(folder / "mlp.onnx"), save_as_external_data=True, location="mlp.data",
-              size_threshold=0)  # fmt: skip
-    return onnx.load(str(folder / "mlp.onnx"), load_external_data=False)
-
-
-def test_gate_and_up_merge_into_one_matmul_with_the_same_numbers(tmp_path):
-    import onnxruntime as ort
-
-    proto = _mlp_graph(tmp_path)
-    merged = native._fuse_gate_up(proto, tmp_path)
-    assert len(merged) == 2 and [n.op_type for n in proto.graph.node] == ["MatMulNBits", "Split", "Mul"]
-    options = ort.SessionOptions()
-    options.add_external_initializers(
-        list(merged), [ort.OrtValue.ortvalue_from_numpy(a) for a in merged.values()]
-    )
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
-    fused = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    plain = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(2).random((2, 64), dtype=np.float32)
-    assert np.array_equal(fused.run(None, {"x": x})[0], plain.run(None, {"x": x})[0])
-
-
-def test_gate_and_up_of_different_quantisation_stay_apart(tmp_path):
-    proto = _mlp_graph(tmp_path, up_bits=8)
-    before = proto.SerializeToString()
-    assert native._fuse_gate_up(proto, tmp_path) == {} and proto.SerializeToString() == before
-
-
 def test_the_decoder_computes_logits_for_the_last_position_only(sched):
-    """Prompt chunks skip the LM head for all but their last position, gate and up projections are
-    merged; the numbers stay those of the graph as built."""
+    """Prompt chunks skip the LM head for all but their last position; the numbers stay the same."""
     import onnxruntime as ort
 
     decoder = sched.native.decoder
-    assert decoder.last_only and decoder.merged_mlps == decoder.layers
+    assert decoder.last_only
     original = ort.InferenceSession(str(sched.model.path / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.asarray([[1, 504, 3575, 282, 4649, 314]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}

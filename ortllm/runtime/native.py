@@ -145,18 +145,8 @@ class NativeDecoder:
             import onnx
 
             proto = onnx.load(str(path / decoder["filename"]), load_external_data=False)
-        # MLP gate and up projections in one MatMulNBits; the merged weights are handed to onnxruntime
-        # as arrays (kept alive here: onnxruntime uses them in place)
-        self._merged = _fuse_gate_up(proto, path)
-        self.merged_mlps = sum(1 for name in self._merged if name.endswith("_0"))
-        if self._merged:
-            options.add_external_initializers(
-                list(self._merged), [ort.OrtValue.ortvalue_from_numpy(a) for a in self._merged.values()]
-            )
         graph = _last_position_only(proto)
         self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
-        if graph is None and self._merged:
-            graph = proto.SerializeToString()
         if graph is not None:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(path)
@@ -245,78 +235,6 @@ class NativeDecoder:
         io.bind_ortvalue_output("logits", out[1])
         self.session.run_with_iobinding(io)
         return np.asarray(out[0][:, -1, :], dtype=np.float32)
-
-
-def _fuse_gate_up(model: Any, folder: Path) -> dict[str, np.ndarray]:
-    """Merge each MLP's gate and up projections — two MatMulNBits over the same input with the same
-    shape and quantisation — into one MatMulNBits of twice the width followed by a Split. At batch 1
-    a wide matrix keeps both cores busier than two narrow ones (see benchmarks/NOTES.md, lever 13);
-    the numbers are the same (columns are independent). `model` is changed in place: the merged
-    weights appear as initializers without data, returned here by name for the session options
-    (`add_external_initializers`). Empty when the graph has no such pair or anything is unexpected
-    (the graph is then left as it was)."""
-    try:
-        from onnx import ModelProto, TensorProto, helper, numpy_helper
-
-        work = ModelProto()
-        work.CopyFrom(model)  # changed, then copied back whole: a failure leaves `model` untouched
-        graph = work.graph
-        inits = {t.name: t for t in graph.initializer}
-        by_input: dict[str, list[Any]] = {}
-        for node in graph.node:
-            if node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) in (3, 4):
-                by_input.setdefault(node.input[0], []).append(node)
-        uses: dict[str, int] = {}
-        for node in graph.node:
-            for name in node.input:
-                uses[name] = uses.get(name, 0) + 1
-        plan = []
-        for nodes in by_input.values():
-            gate = next((n for n in nodes if "gate_proj" in n.name), None)
-            up = next((n for n in nodes if "up_proj" in n.name), None)
-            if gate is None or up is None or len(nodes) != 2 or len(gate.input) != len(up.input):
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in gate.attribute}
-            if attrs != {a.name: helper.get_attribute_value(a) for a in up.attribute}:
-                continue
-            weights = list(zip(gate.input[1:], up.input[1:], strict=True))
-            if any(
-                g not in inits or u not in inits or uses.get(g) != 1 or uses.get(u) != 1 for g, u in weights
-            ):
-                continue
-            merged = [np.concatenate([numpy_helper.to_array(inits[g], str(folder)),
-                                      numpy_helper.to_array(inits[u], str(folder))]) for g, u in weights]  # fmt: skip
-            plan.append((gate, up, attrs, weights, merged))
-        arrays: dict[str, np.ndarray] = {}
-        for k, (gate, up, attrs, weights, merged) in enumerate(plan):
-            names = [f"ortllm_gate_up_{k}_{j}" for j in range(len(merged))]
-            for name, array, (g, u) in zip(names, merged, weights, strict=True):
-                placeholder = TensorProto(name=name, data_type=inits[g].data_type, dims=array.shape,
-                                          data_location=TensorProto.EXTERNAL)  # fmt: skip
-                placeholder.external_data.add(key="location", value="ortllm-session-options")
-                graph.initializer.append(placeholder)
-                graph.initializer.remove(inits[g])
-                graph.initializer.remove(inits[u])
-                arrays[name] = np.ascontiguousarray(array)
-            n = int(attrs["N"])
-            split = f"ortllm_gate_up_{k}_split"
-            graph.initializer.append(helper.make_tensor(split, TensorProto.INT64, [2], [n, n]))
-            wide = f"ortllm_gate_up_{k}_output"
-            fused = helper.make_node("MatMulNBits", [gate.input[0], *names], [wide], domain="com.microsoft",
-                                     name=f"ortllm_gate_up_{k}", **{**attrs, "N": 2 * n})  # fmt: skip
-            halves = helper.make_node("Split", [wide, split], [gate.output[0], up.output[0]], axis=-1,
-                                      name=f"ortllm_gate_up_{k}_halves")  # fmt: skip
-            at = min(list(graph.node).index(gate), list(graph.node).index(up))
-            graph.node.remove(gate)
-            graph.node.remove(up)
-            graph.node.insert(at, halves)
-            graph.node.insert(at, fused)
-        if arrays:
-            model.CopyFrom(work)
-        return arrays
-    except Exception:  # the graph as built always works
-        log.debug("keeping separate gate and up projections", exc_info=True)
-        return {}
 
 
 def _last_position_only(model: Any) -> bytes | None:
