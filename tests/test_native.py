@@ -137,6 +137,25 @@ def ask(scheduler, messages=QUESTION, **kw):
     return scheduler.generate(GenerationRequest(opts(**{"max_tokens": 40, **kw}), messages=messages))
 
 
+def test_the_auto_backend_of_a_cpu_model_is_the_native_batcher(sched):
+    """What `ortllm serve` gets by default (ORTLLM_BATCHER=auto): a regression once left the server on
+    og.Engine while every test passed a backend explicitly."""
+    from ortllm.runtime.registry import ModelRegistry
+    from ortllm.runtime.scheduler import Scheduler
+
+    auto = Scheduler(sched.model, backend="auto")
+    try:
+        assert auto.api == "native" and auto.native is not None
+        assert auto.generate(GenerationRequest(opts(max_tokens=3), prompt="Hi")).usage.completion_tokens
+    finally:
+        auto.close()
+    registry = ModelRegistry(backend="auto")
+    try:
+        assert registry.load(DEFAULT_MODEL).native is not None
+    finally:
+        registry.close()
+
+
 def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
     first = ask(sched, [{"role": "user", "content": "Write one sentence about the sea."}])
     again = ask(sched, [{"role": "user", "content": "Write one sentence about the sea."}])

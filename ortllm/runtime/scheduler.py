@@ -167,11 +167,11 @@ class Scheduler:
         if backend == "native" and model.native is None:
             raise ModelLoadError(f"Model '{model.name}' was not loaded for the native batcher")
         self.model = model
-        self.backend = backend or model.info.api
-        self.use_engine = backend != "generator" and engine_supported()  # og.Engine for what native cannot do
+        self.backend = backend or model.info.api  # auto: what the model was loaded for
+        self.use_engine = self.backend != "generator" and engine_supported()  # what native cannot do
         self.native = (
             NativeBatcher(model.native, model.eos_token_ids, self._native_token)
-            if backend == "native"
+            if self.backend == "native"
             else None
         )
         self.max_queue = max_queue
