@@ -131,8 +131,15 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
 @click.option("--concurrency", default="1,4,8,16", show_default=True, help="Concurrent streaming clients.")
 @click.option("--requests", "per_client", default=2, show_default=True, help="Requests per client.")
 @click.option("--api-key", help="Bearer key for a server that requires one.")
+@click.option(
+    "--prompts",
+    type=click.Choice(["shared", "distinct"]),
+    default="shared",
+    show_default=True,
+    help="shared: prompts are prefixes of one text (prefix caches help); distinct: each its own.",
+)
 @with_compare
-def serve(model: str | None, url: str | None, concurrency: str, per_client: int, api_key: str | None,
+def serve(model: str | None, url: str | None, concurrency: str, per_client: int, api_key: str | None, prompts: str,
           compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
     """TTFT, TPOT, ITL p50/p90/p99, output tok/s and request throughput under concurrent streams."""
     console = Console()
@@ -143,9 +150,8 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
     cold = b.first_token_after(target, name, server.launched) if server else None
     try:
         with console.status(f"ortllm: {levels} concurrent streams against {target}"):
-            ours = b.serve_bench(
-                target, name, concurrency=levels, requests_per_client=per_client, api_key=api_key
-            )
+            ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client,
+                                 api_key=api_key, distinct=prompts == "distinct")  # fmt: skip
     finally:
         if server:
             server.stop()
@@ -154,6 +160,7 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
         "machine": _machine(),
         "ortllm": ours,
         "cold_start_first_token_s": cold,
+        "prompts": prompts,
     }
     peer: dict[str, Any] = {}
     if compare:
@@ -165,12 +172,14 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
         llama = b.ServerProcess.llama(binaries, source, parallel=max(levels), threads=default_threads())
         try:
             with console.status(f"llama-server -np {max(levels)}: the same load"):
-                peer = b.serve_bench(llama.url, name, concurrency=levels, requests_per_client=per_client)
+                peer = b.serve_bench(llama.url, name, concurrency=levels, requests_per_client=per_client,
+                                     distinct=prompts == "distinct")  # fmt: skip
         finally:
             llama.stop()
         result["llama_server"] = peer
     table = Table("clients", "output tok/s", "per-stream tok/s", "TTFT p50 / p99 / max", "ITL p50 / p99", "req/s",
-                  "errors", *(["vs llama-server (tok/s, max TTFT)"] if peer else []), title=f"serving {name}")  # fmt: skip
+                  "errors", *(["vs llama-server (tok/s, max TTFT)"] if peer else []),
+                  title=f"serving {name} ({prompts} prompts)")  # fmt: skip
     for level, r in ours.items():
         row = [level, f"{r['output_tok_s']:.1f}", f"{r['single_stream_tok_s']:.1f}",
                f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} / {r['ttft_s']['max']:.2f} s",

@@ -185,19 +185,25 @@ def first_token_after(url: str, model: str, since: float) -> float:
 
 def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int = 2,
                 prompt_tokens: tuple[int, ...] = (32, 128, 384), max_tokens: tuple[int, ...] = (64, 128),
-                stagger_s: float = 0.05, api_key: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Mixed-length streaming requests at each concurrency; clients start staggered (late arrivals)."""
+                stagger_s: float = 0.05, api_key: str | None = None, distinct: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Mixed-length streaming requests at each concurrency; clients start staggered (late arrivals).
+
+    The prompts are prefixes of one text (a shared system prompt or document: prefix caches help);
+    `distinct` starts each with its own tag, so no request can reuse another's keys and values."""
+    nonce = os.urandom(3).hex()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     _stream_once(url, model, "Hello", 4, headers)  # warm-up
     out: dict[str, Any] = {}
     for n in concurrency:
         samples: list[dict[str, Any]] = []
 
-        def client(i: int, out: list[dict[str, Any]] = samples) -> None:
+        def client(i: int, out: list[dict[str, Any]] = samples, level: int = n) -> None:
             time.sleep(i * stagger_s)
             for k in range(requests_per_client):
                 words = prompt_tokens[(i + k) % len(prompt_tokens)]
                 prompt = " ".join((FILLER.split() * (words // 10 + 1))[:words])
+                if distinct:
+                    prompt = f"Request {nonce}-{level}-{i}-{k}. {prompt}"
                 out.append(_stream_once(url, model, prompt, max_tokens[(i + k) % len(max_tokens)], headers))
 
         start = time.perf_counter()

@@ -21,7 +21,8 @@ def test_engine_bench_reports_every_metric(pulled, tmp_path):
 def test_serve_bench_against_a_running_server(server, tmp_path):
     out = tmp_path / "serve.json"
     ortllm("bench", "serve", DEFAULT_MODEL, "--url", server.url, "--concurrency", "1,2", "--requests", "1",
-           "--json", str(out), check=True)  # fmt: skip
+           "--prompts", "distinct", "--json", str(out), check=True)  # fmt: skip
+    assert json.loads(out.read_text())["prompts"] == "distinct"
     data = json.loads(out.read_text())["ortllm"]
     for level in ("1", "2"):
         r = data[level]
