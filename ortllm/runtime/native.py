@@ -110,8 +110,9 @@ class KVArena:
     def bytes_per_token(layers: int, kv_heads: int, head_size: int, dtype: Any) -> int:
         return 2 * layers * kv_heads * head_size * np.dtype(dtype).itemsize
 
-    def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        self.data[:, dst, :, :length] = self.data[:, src, :, :length]
+    def copy_prefix(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Positions start..length-1 of slot src into slot dst."""
+        self.data[:, dst, :, start:length] = self.data[:, src, :, start:length]
 
     def swap(self, a: int, b: int, len_a: int, len_b: int) -> None:
         """Exchange the first `len_a` / `len_b` positions of slots a and b."""
@@ -442,7 +443,7 @@ class NativeBatcher:
         n = shared if same else min(shared, len(prompt) - 1)  # at least one token is fed, for its logits
         if n <= len(slot.tokens):
             return
-        self.decoder.arena.copy_prefix(source, i, n)
+        self.decoder.arena.copy_prefix(source, i, n, start=len(slot.tokens))  # what slot i lacks
         slot.tokens, slot.pending = prompt[:n], prompt[n:]
         slot.prompt_logits, slot.prompt_len = (origin.prompt_logits, n) if same else (None, 0)
         slot.job.cached_prompt_tokens = n
