@@ -118,6 +118,25 @@ def test_probes_and_metrics_stay_open(secured):
     assert requests.get(secured.url + "/openapi.json").status_code == 200
 
 
+def test_prefix_caches_are_not_shared_between_keys(secured):
+    """Alice's prompt is cached for Alice only: Bob sending the same text computes it himself (usage
+    reports it), so response times cannot tell Bob what Alice asked."""
+    body = {"model": M, "messages": [{"role": "user", "content": "Alice's secret plan: Paris in May?"}],
+            "max_tokens": 2}  # fmt: skip
+
+    def cached(key):
+        r = requests.post(
+            secured.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], r.json()["usage"]["prompt_tokens"]
+
+    assert cached(KEY)[0] == 0
+    assert cached(OTHER_KEY)[0] == 0
+    again, prompt = cached(KEY)
+    assert again == prompt
+
+
 def test_openai_sdk_with_a_key(secured):
     good = openai.OpenAI(base_url=secured.url + "/v1", api_key=KEY)
     assert [m.id for m in good.models.list()] == [M]

@@ -163,6 +163,22 @@ def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
     assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens
 
 
+def test_callers_of_different_cache_scopes_never_share_a_prefix(sched):
+    """A prompt computed for one API key is not reused for another (cache timing would tell the second
+    what the first sent); the same key, or no key at all, reuses it."""
+    messages = [{"role": "user", "content": "Which planet has the most moons? One word."}]
+
+    def run(scope):
+        return sched.generate(GenerationRequest(opts(max_tokens=4), messages=messages, cache_scope=scope))
+
+    first = run("key:alice")
+    assert first.usage.cached_prompt_tokens == 0
+    assert run("key:bob").usage.cached_prompt_tokens == 0
+    assert run("key:alice").usage.cached_prompt_tokens == first.usage.prompt_tokens
+    assert run(None).usage.cached_prompt_tokens == 0  # anonymous callers do not see keyed caches either
+    assert run(None).usage.cached_prompt_tokens == first.usage.prompt_tokens
+
+
 def test_a_later_turn_rereads_only_what_is_new(sched):
     turn1 = [{"role": "user", "content": "My name is Ada. Remember it."}]
     answer = ask(sched, turn1, max_tokens=20)

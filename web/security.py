@@ -136,6 +136,15 @@ def count_request(response: Response) -> Response:
     return response
 
 
+def cache_scope() -> str | None:
+    """The prefix-cache scope of this request: its API key or JWT subject, None when auth is off (one
+    local user: everything may share). Outside a request (tests, the CLI) None as well."""
+    from flask import has_request_context
+
+    identity = getattr(g, "identity", None) if has_request_context() else None
+    return f"{identity.kind}:{identity.name}" if identity and identity.kind != "anonymous" else None
+
+
 def rate_key() -> str:
     identity = getattr(g, "identity", None)
     return f"{identity.kind}:{identity.name}" if identity else get_remote_address() or "unknown"

@@ -25,6 +25,7 @@ from ortllm.settings import Settings
 from ortllm.store import InstalledModel
 
 from .metrics import MeteredStream, Metrics
+from .security import cache_scope
 
 
 class Services:
@@ -82,9 +83,9 @@ class Services:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
             ]
-            request = GenerationRequest(options, messages=messages)
+            request = GenerationRequest(options, messages=messages, cache_scope=cache_scope())
         else:
-            request = GenerationRequest(options, prompt=prompt)
+            request = GenerationRequest(options, prompt=prompt, cache_scope=cache_scope())
         return scheduler, self.metered(scheduler, scheduler.submit(request))
 
     def metered(self, scheduler: Scheduler, stream: Stream) -> MeteredStream:
@@ -103,9 +104,8 @@ class Services:
                              session_id=session_id, system_prompt=system_prompt)  # fmt: skip
         else:
             turn = ChatTurn("", messages)
-        request = GenerationRequest(
-            options, messages=turn.messages, session_id=turn.session_id or None, guidance=guidance
-        )
+        request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
+                                    guidance=guidance, cache_scope=cache_scope())  # fmt: skip
         stream = self.metered(scheduler, scheduler.submit(request))
         return scheduler, ChatSession(self.sessions if store else None, turn, stream)
 

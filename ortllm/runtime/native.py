@@ -320,6 +320,7 @@ class _Slot:
     # (a prompt token fed alone computes slightly different numbers than inside a prompt chunk)
     prompt_logits: np.ndarray | None = None
     prompt_len: int = 0
+    scope: str | None = None  # the cache scope of the request that computed `tokens` (see GenerationRequest)
 
 
 class NativeBatcher:
@@ -367,7 +368,9 @@ class NativeBatcher:
             return False
         prompt = job.prompt_ids
         self.decoder.reserve(len(prompt) + 1, [len(s.tokens) for s in self.slots])
-        shared = {i: _common_prefix(self.slots[i].tokens, prompt) if self.reuse_prefixes else 0 for i in free}
+        scope = job.request.cache_scope
+        shared = {i: _common_prefix(self.slots[i].tokens, prompt) if self._may_share(self.slots[i], scope) else 0
+                  for i in free}  # fmt: skip
         # a slot used before is preferred to a fresh one: onnxruntime's first use of a slot touches
         # its whole buffer (~0.1 s), so memory grows with the concurrency actually seen
         used = {i: self.slots[i].last_used > 0 for i in free}
@@ -393,6 +396,7 @@ class NativeBatcher:
             slot.prompt_logits = None
         del slot.tokens[reuse:]
         slot.job = job
+        slot.scope = scope
         slot.pending = list(prompt[reuse:])
         slot.generated = 0
         slot.history = set(prompt) if job.options.repetition_penalty != 1.0 else set()
@@ -432,7 +436,7 @@ class NativeBatcher:
         prompt = slot.tokens + slot.pending
         source, shared = i, len(slot.tokens)
         for j, other in enumerate(self.slots):
-            if j != i and len(other.tokens) > shared:
+            if j != i and len(other.tokens) > shared and self._may_share(other, slot.scope):
                 n = _common_prefix(other.tokens, prompt)
                 if n > shared:
                     source, shared = j, n
@@ -447,6 +451,10 @@ class NativeBatcher:
         slot.tokens, slot.pending = prompt[:n], prompt[n:]
         slot.prompt_logits, slot.prompt_len = (origin.prompt_logits, n) if same else (None, 0)
         slot.job.cached_prompt_tokens = n
+
+    def _may_share(self, slot: _Slot, scope: str | None) -> bool:
+        """Whether a request of `scope` may reuse what `slot` holds."""
+        return self.reuse_prefixes and slot.scope == scope
 
     def _prefill(self, i: int, chunk: int) -> None:
         slot = self.slots[i]

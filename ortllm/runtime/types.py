@@ -26,6 +26,9 @@ class GenerationRequest:
     guidance: tuple[str, str] | None = (
         None  # ("json_schema" | "regex" | "lark_grammar", text): constrained output
     )
+    # whose cached keys and values this request may reuse: requests of different scopes (API keys) never
+    # share a prefix cache, so one caller cannot learn from timing what another has sent; None: all share
+    cache_scope: str | None = None
 
 
 @dataclass
