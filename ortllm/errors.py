@@ -4,10 +4,12 @@ from __future__ import annotations
 
 
 class OrtllmError(Exception):
-    """Base class: the message is shown as is, one line, no traceback."""
+    """Base class: the message is shown as is, one line, no traceback. `hint` says what to do about it
+    (the `details` of the /api/v1 dialect's error object)."""
 
     status: int = 400
     code: str = "INVALID_REQUEST"
+    hint: str = "The routes and their request schemas are described at /docs"
 
 
 class ModelNotFound(OrtllmError):
@@ -15,6 +17,7 @@ class ModelNotFound(OrtllmError):
 
     status = 404
     code = "MODEL_NOT_FOUND"
+    hint = "GET /api/v1/models lists the installed models; `ortllm pull NAME` installs a catalog model"
 
 
 class InvalidModelName(OrtllmError):
@@ -45,6 +48,7 @@ class NotEnoughDiskSpace(OrtllmError):
 
     status = 507
     code = "INSUFFICIENT_STORAGE"
+    hint = "Free space under ORTLLM_HOME (the model store) and retry"
 
 
 class ConversionFailed(OrtllmError):
@@ -62,6 +66,7 @@ class ContextOverflow(OrtllmError):
     """The prompt (plus at least one generated token) does not fit the context window."""
 
     code = "CONTEXT_LENGTH_EXCEEDED"
+    hint = "Shorten the prompt or the conversation, or lower max_tokens"
 
 
 class ModelLoadError(OrtllmError):
@@ -69,6 +74,7 @@ class ModelLoadError(OrtllmError):
 
     status = 503
     code = "MODEL_LOAD_FAILED"
+    hint = "The server log has the cause; `ortllm doctor` shows which runtime and variant each model uses"
 
 
 class Busy(OrtllmError):
@@ -76,6 +82,7 @@ class Busy(OrtllmError):
 
     status = 503
     code = "SERVICE_UNAVAILABLE"
+    hint = "Retry after the number of seconds in the Retry-After header"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -87,6 +94,7 @@ class SessionNotFound(OrtllmError):
 
     status = 404
     code = "SESSION_NOT_FOUND"
+    hint = "GET /api/sessions lists the sessions; omit the session id to start a new one"
 
 
 class GenerationTimeout(OrtllmError):
@@ -94,6 +102,7 @@ class GenerationTimeout(OrtllmError):
 
     status = 504
     code = "TIMEOUT"
+    hint = "Lower max_tokens, or retry when the server is less busy"
 
 
 class GenerationFailed(OrtllmError):
@@ -101,6 +110,7 @@ class GenerationFailed(OrtllmError):
 
     status = 500
     code = "GENERATION_FAILED"
+    hint = "The server log has the cause; the server keeps serving, so the request can be retried"
 
 
 def first_line(exc: BaseException, limit: int | None = 300) -> str:

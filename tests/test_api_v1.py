@@ -100,7 +100,7 @@ def test_load_seed_example(server):
     assert error_of(r) == {
         "code": "INVALID_REQUEST",
         "message": f"Model '{M}' has no fp16 build (it has: int4)",
-        "details": "",
+        "details": "The routes and their request schemas are described at /docs",
     }
 
 
@@ -137,6 +137,7 @@ def test_batch_results_keep_request_order(server):
 def test_errors_are_error_objects(server):
     r = requests.post(server.url + "/api/v1/generate", json={"prompt": "x", "model": "qwen-7b-chat"})
     assert r.status_code == 404 and error_of(r)["code"] == "MODEL_NOT_FOUND"
+    assert "ortllm pull NAME" in error_of(r)["details"]  # what to do about it, as the seed's example
     assert error_of(r)["message"].startswith("Model 'qwen-7b-chat' not found")
     r = requests.post(server.url + "/api/v1/models/llama-2-7b-chat/load", json={})
     assert r.status_code == 404 and error_of(r)["code"] == "MODEL_NOT_FOUND"
@@ -145,7 +146,7 @@ def test_errors_are_error_objects(server):
     assert error_of(r) == {
         "code": "INVALID_REQUEST",
         "message": "temperature must be between 0.0 and 2.0",
-        "details": "",
+        "details": "The routes and their request schemas are described at /docs",
     }
     r = requests.post(
         server.url + "/api/v1/generate", data="{bad", headers={"Content-Type": "application/json"}
@@ -153,6 +154,9 @@ def test_errors_are_error_objects(server):
     assert r.status_code == 400 and error_of(r)["message"].startswith("Malformed JSON")
     r = requests.post(server.url + "/api/v1/generate", json={"model": M})
     assert r.status_code == 400 and error_of(r)["message"] == "Missing required field: prompt"
+    assert error_of(r)["details"].startswith("Check `prompt`")
+    r = requests.get(server.url + "/api/v1/nowhere")
+    assert r.status_code == 404 and error_of(r)["details"] == "The routes are listed at /docs"
     r = requests.post(server.url + "/api/v1/batch/generate", json={"requests": []})
     assert r.status_code == 400 and error_of(r)["code"] == "INVALID_REQUEST"
     r = requests.post(
@@ -171,3 +175,4 @@ def test_model_not_loaded(tmp_path):
     )
     r = app.test_client().post("/api/v1/generate", json={"prompt": "Hello"})
     assert r.status_code == 503 and r.json["error"]["code"] == "MODEL_NOT_LOADED"
+    assert r.json["error"]["details"].startswith("Please call the load endpoint first")  # the seed's words

@@ -131,10 +131,10 @@ def test_prefix_caches_are_not_shared_between_keys(secured):
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], r.json()["usage"]["prompt_tokens"]
 
-    assert cached(KEY)[0] == 0
-    assert cached(OTHER_KEY)[0] == 0
-    again, prompt = cached(KEY)
-    assert again == prompt
+    cached(KEY)  # (Alice's earlier requests in this module may already cover the chat template)
+    bob, prompt = cached(OTHER_KEY)
+    assert bob < prompt - 8  # none of Alice's text (about 10 tokens) came from her cache
+    assert cached(KEY)[0] == prompt  # Alice herself reuses all of it
 
 
 def test_openai_sdk_with_a_key(secured):

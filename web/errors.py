@@ -32,9 +32,16 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 SPEC_CODES = {400: "INVALID_REQUEST", 401: "AUTHENTICATION_FAILED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
               413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
               504: "TIMEOUT"}  # fmt: skip
+# what to do about an error, by status: the `details` of the /api/v1 dialect (OrtllmErrors bring their own)
+SPEC_DETAILS = {400: "The routes and their request schemas are described at /docs",
+                401: "Send Authorization: Bearer <key> (on the WebSocket: ?token=<key>)",
+                404: "The routes are listed at /docs", 405: "The routes and their methods are listed at /docs",
+                413: "Send a smaller body (the limit is server.max_body_bytes)",
+                429: "Wait until the time in X-RateLimit-Reset (Retry-After says how long)",
+                500: "The server log has the cause", 503: "Retry shortly"}  # fmt: skip
 
 
-def error_response(status: int, message: str, code: str | None = None, *, details: str = "",
+def error_response(status: int, message: str, code: str | None = None, *, details: str | None = None,
                    param: str | None = None, path: str | None = None) -> Response:  # fmt: skip
     """The error body of the dialect that owns `path` (default: the current request's)."""
     dialect = dialect_of(path if path is not None else request.path)
@@ -44,8 +51,9 @@ def error_response(status: int, message: str, code: str | None = None, *, detail
                           "param": param, "code": (code or "").lower() or None}}  # fmt: skip
     elif dialect == "spec":
         body = {
-            "error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message, "details": details}
-        }
+            "error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message,
+                      "details": SPEC_DETAILS.get(status, "") if details is None else details}
+        }  # fmt: skip
     elif dialect == "rust":
         body = {"error": message}
     else:
@@ -68,7 +76,7 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
 def register(app: Flask) -> None:
     @app.errorhandler(OrtllmError)
     def ortllm_error(exc: OrtllmError) -> Response:
-        response = error_response(exc.status, str(exc), exc.code)
+        response = error_response(exc.status, str(exc), exc.code, details=exc.hint)
         if isinstance(exc, Busy):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
@@ -76,7 +84,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def invalid(exc: ValidationError) -> Response:
         message, param = validation_message(exc)
-        return error_response(400, message, "INVALID_REQUEST", param=param)
+        details = f"Check `{param}`; the request schema is described at /docs" if param else None
+        return error_response(400, message, "INVALID_REQUEST", param=param, details=details)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:

@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from ortllm.catalog import load_catalog
-from ortllm.errors import InvalidOptions, OrtllmError
+from ortllm.errors import GenerationFailed, InvalidOptions, OrtllmError
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_ep
 from ortllm.runtime.types import ERROR
 from ortllm.store import InstalledModel
@@ -33,6 +33,7 @@ class ModelNotLoaded(OrtllmError):
 
     status = 503
     code = "MODEL_NOT_LOADED"
+    hint = "Please call the load endpoint first (POST /api/v1/models/{name}/load), or name a model in `model`"
 
 
 def model_or_default(name: str | None) -> str:
@@ -107,7 +108,8 @@ def token_stream(stream: MeteredStream) -> Response:
                         "finish_reason": event.finish_reason,
                     }
                     if event.finish_reason == ERROR:
-                        last["error"] = {"code": "GENERATION_FAILED", "message": event.error, "details": ""}
+                        last["error"] = {"code": "GENERATION_FAILED", "message": event.error,
+                                         "details": GenerationFailed.hint}  # fmt: skip
                     else:
                         last["usage"] = usage_of(event)
                     yield last
