@@ -339,6 +339,34 @@ def test_model_dir_deleted_while_loaded(pulled, home):
         shutil.rmtree(copy, ignore_errors=True)
 
 
+def test_a_crashed_worker_is_replaced_on_the_next_request(pulled):
+    """A bug that kills a model's worker thread fails what it held with the cause, and the next request
+    loads the model afresh instead of getting "being unloaded" until a restart."""
+    from ortllm.runtime.options import validate_options
+    from ortllm.runtime.registry import ModelRegistry
+    from ortllm.runtime.types import GenerationRequest
+
+    registry = ModelRegistry()
+    try:
+        broken = registry.get(M)
+
+        def crash(*args, **kwargs):
+            raise RuntimeError("injected worker bug")
+
+        broken._next_work = crash  # the worker calls it on its next round
+        long = validate_options({"max_tokens": 50, "min_tokens": 50})  # still running when it crashes
+        stream = broken.submit(GenerationRequest(long, prompt="Hello"))
+        events = list(stream)
+        assert events[-1].finish_reason == "error" and "injected worker bug" in events[-1].error
+        broken._thread.join(10)
+        assert broken.crashed == "injected worker bug"
+        fresh = registry.get(M)
+        assert fresh is not broken and fresh.crashed is None
+        assert fresh.generate(GenerationRequest(prompt="Hello")).usage.completion_tokens > 0
+    finally:
+        registry.close()
+
+
 def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatch):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.web.app import create_app

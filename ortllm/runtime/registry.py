@@ -49,6 +49,12 @@ class ModelRegistry:
                 self.unload(name)
             raise
         scheduler = self._loaded.get(canonical)
+        if scheduler is not None and getattr(scheduler, "crashed", None):
+            # its worker died (a bug, logged with its traceback): load the model afresh rather than
+            # answering "being unloaded" until the server restarts
+            log.warning("reloading %s: its worker crashed (%s)", canonical, scheduler.crashed)  # type: ignore[union-attr]
+            self.unload(canonical)
+            scheduler = None
         if scheduler is None:
             if not autoload:
                 raise ModelNotFound(f"Model '{canonical}' is not loaded")

@@ -183,6 +183,7 @@ class Scheduler:
         self._active: dict[int, Job] = {}
         self._cv = threading.Condition()
         self._stopping = False
+        self.crashed: str | None = None  # why the worker died (a bug): the registry then loads it afresh
         self._engine_seeds = True  # until the Engine says it cannot reseed per turn
         self._thread = threading.Thread(target=self._run, name=f"ortllm-worker-{model.name}", daemon=True)
         self._thread.start()
@@ -296,6 +297,7 @@ class Scheduler:
         except BaseException as exc:  # the worker must never die silently: fail what it holds
             log.exception("worker for %s crashed", self.model.name)
             with self._cv:
+                self.crashed = first_line(exc)
                 self._stopping = True
                 jobs = (
                     list(self._active.values())
@@ -304,9 +306,7 @@ class Scheduler:
                 )
                 self._pending.clear()
             for job in jobs:
-                job.finish(
-                    ERROR, f"generation failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}"
-                )
+                job.finish(ERROR, f"generation failed: {self.crashed}")
 
     def _next_work(
         self, busy: bool, room: int, wait_s: float | None = None
