@@ -143,7 +143,10 @@ def test_the_auto_backend_of_a_cpu_model_is_the_native_batcher(sched):
     from ortllm.runtime.registry import ModelRegistry
     from ortllm.runtime.scheduler import Scheduler
 
-    auto = Scheduler(sched.model, backend="auto")
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.store import ModelStore
+
+    auto = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), backend="auto")  # its own KV arena
     try:
         assert auto.api == "native" and auto.native is not None
         assert auto.generate(GenerationRequest(opts(max_tokens=3), prompt="Hi")).usage.completion_tokens
@@ -166,6 +169,7 @@ def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
 def test_callers_of_different_cache_scopes_never_share_a_prefix(sched):
     """A prompt computed for one API key is not reused for another (cache timing would tell the second
     what the first sent); the same key, or no key at all, reuses it."""
+    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # fresh slots: the worst case
     messages = [{"role": "user", "content": "Which planet has the most moons? One word."}]
 
     def run(scope):

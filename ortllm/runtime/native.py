@@ -44,6 +44,7 @@ KV_BUDGET_FRACTION = 0.5  # at most this share of RAM for the KV arena
 INITIAL_CAPACITY = (
     1024  # tokens per slot at first; doubled (up to the context length) when a request needs more
 )
+KEEP_CACHE_S = 300.0  # a finished sequence's cache outranks a fresh slot for this long (then it is fair game)
 MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompts on CPU
 _DTYPES = {1: np.float32, 10: np.float16}
 
@@ -371,15 +372,25 @@ class NativeBatcher:
         scope = job.request.cache_scope
         shared = {i: _common_prefix(self.slots[i].tokens, prompt) if self._may_share(self.slots[i], scope) else 0
                   for i in free}  # fmt: skip
-        # a slot used before is preferred to a fresh one: onnxruntime's first use of a slot touches
-        # its whole buffer (~0.1 s), so memory grows with the concurrency actually seen
-        used = {i: self.slots[i].last_used > 0 for i in free}
-        source = max(free, key=lambda i: (shared[i], used[i], -self.slots[i].last_used))
+        now = time.monotonic()
+
+        def evict_order(i: int) -> tuple[int, float]:
+            """Which free slot to overwrite first: a cache idle for KEEP_CACHE_S, then a fresh slot
+            (onnxruntime's first use of one touches its whole buffer, ~0.1 s and its memory), then
+            the least recently used cache (a conversation someone may come back to)."""
+            last = self.slots[i].last_used
+            if last <= 0:
+                return (1, 0.0)
+            return (0 if now - last > KEEP_CACHE_S else 2, last)
+
+        source = min(free, key=lambda i: (-shared[i], evict_order(i)))
         best, best_len = source, shared[source]
-        if best_len < len(self.slots[source].tokens) // 2:
+        if best_len == 0:
+            best = min(free, key=evict_order)
+        elif best_len < len(self.slots[source].tokens) // 2:
             # most of that slot's cache is another conversation: keep it, copy the shared prefix into
-            # the least recently used free slot instead
-            best = min(free, key=lambda i: (i == source, not used[i], self.slots[i].last_used))
+            # the slot that is cheapest to overwrite instead
+            best = min(free, key=lambda i: (i == source, evict_order(i)))
             if best != source:
                 self.decoder.arena.copy_prefix(source, best, best_len)
                 target, origin = self.slots[best], self.slots[source]
