@@ -140,10 +140,9 @@ def ask(scheduler, messages=QUESTION, **kw):
 def test_the_auto_backend_of_a_cpu_model_is_the_native_batcher(sched):
     """What `ortllm serve` gets by default (ORTLLM_BATCHER=auto): a regression once left the server on
     og.Engine while every test passed a backend explicitly."""
+    from ortllm.runtime.loaded import LoadedModel
     from ortllm.runtime.registry import ModelRegistry
     from ortllm.runtime.scheduler import Scheduler
-
-    from ortllm.runtime.loaded import LoadedModel
     from ortllm.store import ModelStore
 
     auto = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), backend="auto")  # its own KV arena
