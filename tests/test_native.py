@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -94,6 +95,22 @@ def test_arena_swap_exchanges_only_the_valid_positions():
     assert (arena.data[:, 2] == 0).all()
 
 
+def test_warming_a_slot_keeps_its_content_and_marks_it_warm():
+    arena = native.KVArena(layers=2, kv_heads=1, head_size=2, capacity=4, slots=3, dtype=np.float32)
+    arena.data[:, 1] = np.arange(32, dtype=np.float32).reshape(4, 1, 4, 2)
+    before = arena.data.copy()
+    arena.mark_warm(0, 1)
+    steps = 0
+    while arena.warm_up(limit=2):
+        steps += 1
+    assert steps == 4 and arena.warm.tolist() == [
+        True,
+        True,
+        False,
+    ]  # slot 1, part by part; 2 is beyond the limit
+    assert np.array_equal(arena.data, before)
+
+
 def test_non_cpu_and_foreign_graphs_are_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
@@ -156,6 +173,14 @@ def test_the_auto_backend_of_a_cpu_model_is_the_native_batcher(sched):
         assert registry.load(DEFAULT_MODEL).native is not None
     finally:
         registry.close()
+
+
+def test_an_idle_batcher_warms_its_first_slots(sched):
+    deadline = time.monotonic() + 30
+    while not sched.native.decoder.arena.warm[: native.WARM_SLOTS].all() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sched.native.decoder.arena.warm[: native.WARM_SLOTS].all()
+    assert not sched.native.wants_warm_up  # then the worker sleeps until work arrives
 
 
 def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):

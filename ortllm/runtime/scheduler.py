@@ -342,7 +342,7 @@ class Scheduler:
             now = time.monotonic()
             held = [b.hold_until for b in self._batches if b.jobs and not b.ready(now, self.max_batch)]
             busy = any(b.ready(now, self.max_batch) for b in self._batches) or bool(
-                native and native.wants_step
+                native and (native.wants_step or native.wants_warm_up)
             )
             wait_s = max(0.0, min(held) - now) if held else None
             admit, calls = self._next_work(busy=busy, room=self._room(), wait_s=wait_s)
@@ -388,6 +388,8 @@ class Scheduler:
                     native.close()
                 elif native.wants_step:
                     native.step()
+                elif native.wants_warm_up:
+                    native.warm_up()  # idle: fault in a cold KV slot, a few ms at a time
 
     def _room(self) -> int:
         """How many waiting jobs can start now."""
