@@ -145,13 +145,14 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
     console = Console()
     name = model or load_catalog().default
     levels = _ints(concurrency)
+    distinct = prompts == "distinct"
     server = None if url else b.ServerProcess.ortllm(name)
     target = url or server.url  # type: ignore[union-attr]
     cold = b.first_token_after(target, name, server.launched) if server else None
     try:
         with console.status(f"ortllm: {levels} concurrent streams against {target}"):
             ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client,
-                                 api_key=api_key, distinct=prompts == "distinct")  # fmt: skip
+                                 api_key=api_key, distinct=distinct)  # fmt: skip
     finally:
         if server:
             server.stop()
@@ -173,7 +174,7 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
         try:
             with console.status(f"llama-server -np {max(levels)}: the same load"):
                 peer = b.serve_bench(llama.url, name, concurrency=levels, requests_per_client=per_client,
-                                     distinct=prompts == "distinct")  # fmt: skip
+                                     distinct=distinct)  # fmt: skip
         finally:
             llama.stop()
         result["llama_server"] = peer

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ortllm.runtime import native
-from ortllm.runtime.native import KVArena, native_unsupported, sample
+from ortllm.runtime.native import KVArena, inspect_decoder, sample
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.types import ERROR, LENGTH, GenerationRequest
 from tests.conftest import DEFAULT_MODEL, QUESTION
@@ -115,7 +115,7 @@ def test_non_cpu_and_foreign_graphs_are_refused(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    assert "CPU only" in native_unsupported(tmp_path, {}, "cuda")
+    assert "CPU only" in inspect_decoder(tmp_path, {}, "cuda")[1]
     graph = helper.make_graph(
         [helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
         [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 1]) for n in ("input_ids", "attention_mask",
@@ -124,8 +124,8 @@ def test_non_cpu_and_foreign_graphs_are_refused(tmp_path):
     )  # fmt: skip
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
     cfg = {"model": {"decoder": {"filename": "model.onnx", "num_hidden_layers": 0}}}
-    assert "position_ids" in native_unsupported(tmp_path, cfg, "cpu")
-    assert "single decoder" in native_unsupported(tmp_path, {"model": {"decoder": {}}}, "cpu")
+    assert "position_ids" in inspect_decoder(tmp_path, cfg, "cpu")[1]
+    assert "single decoder" in inspect_decoder(tmp_path, {"model": {"decoder": {}}}, "cpu")[1]
 
 
 def test_the_default_model_is_eligible(loaded_model):

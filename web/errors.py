@@ -33,7 +33,7 @@ SPEC_CODES = {400: "INVALID_REQUEST", 401: "AUTHENTICATION_FAILED", 404: "NOT_FO
               413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
               504: "TIMEOUT"}  # fmt: skip
 # what to do about an error, by status: the `details` of the /api/v1 dialect (OrtllmErrors bring their own)
-SPEC_DETAILS = {400: "The routes and their request schemas are described at /docs",
+SPEC_DETAILS = {400: OrtllmError.hint,
                 401: "Send Authorization: Bearer <key> (on the WebSocket: ?token=<key>)",
                 404: "The routes are listed at /docs", 405: "The routes and their methods are listed at /docs",
                 413: "Send a smaller body (the limit is server.max_body_bytes)",

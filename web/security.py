@@ -28,6 +28,10 @@ class Identity:
     name: str
     kind: str  # "key" | "jwt" | "anonymous"
 
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
+
 
 def load_keys(settings: Settings) -> dict[str, str]:
     """API keys by name. Entries are `name:key` or a bare key (named key-1, key-2 …); a key file holds
@@ -142,12 +146,12 @@ def cache_scope() -> str | None:
     from flask import has_request_context
 
     identity = getattr(g, "identity", None) if has_request_context() else None
-    return f"{identity.kind}:{identity.name}" if identity and identity.kind != "anonymous" else None
+    return identity.key if identity and identity.kind != "anonymous" else None
 
 
 def rate_key() -> str:
     identity = getattr(g, "identity", None)
-    return f"{identity.kind}:{identity.name}" if identity else get_remote_address() or "unknown"
+    return identity.key if identity else get_remote_address() or "unknown"
 
 
 def install(app: Flask, settings: Settings) -> Authenticator:

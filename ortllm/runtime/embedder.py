@@ -170,6 +170,7 @@ class Embedder:
 
     kind = "embedding"
     api = "onnxruntime"
+    crashed: str | None = None  # no worker thread to crash (see Scheduler.crashed)
 
     def __init__(
         self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None

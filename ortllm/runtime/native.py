@@ -50,11 +50,6 @@ MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompt
 _DTYPES = {1: np.float32, 10: np.float16}
 
 
-def native_unsupported(path: Path, genai_cfg: dict[str, Any], ep: str) -> str | None:
-    """Why this model cannot use the native batcher, or None when it can."""
-    return inspect_decoder(path, genai_cfg, ep)[1]
-
-
 def inspect_decoder(path: Path, genai_cfg: dict[str, Any], ep: str) -> tuple[Any, str | None]:
     """The decoder (an onnx ModelProto without its weights) when the native batcher can run it, else
     None and why not. NativeDecoder takes the proto, so the graph is read once per load."""

@@ -49,10 +49,10 @@ class ModelRegistry:
                 self.unload(name)
             raise
         scheduler = self._loaded.get(canonical)
-        if scheduler is not None and getattr(scheduler, "crashed", None):
+        if scheduler is not None and scheduler.crashed:
             # its worker died (a bug, logged with its traceback): load the model afresh rather than
             # answering "being unloaded" until the server restarts
-            log.warning("reloading %s: its worker crashed (%s)", canonical, scheduler.crashed)  # type: ignore[union-attr]
+            log.warning("reloading %s: its worker crashed (%s)", canonical, scheduler.crashed)
             self.unload(canonical)
             scheduler = None
         if scheduler is None:

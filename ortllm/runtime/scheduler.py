@@ -200,7 +200,11 @@ class Scheduler:
 
     @property
     def active_count(self) -> int:
-        return len(self._active) + (len(self.native.jobs()) if self.native else 0)
+        return len(self._running())
+
+    def _running(self) -> list[Job]:
+        """The jobs generating now: in og.Engine batches and in the native batcher."""
+        return list(self._active.values()) + (self.native.jobs() if self.native else [])
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Tokenize the request's prompt (chat template applied to messages)."""
@@ -282,7 +286,7 @@ class Scheduler:
             self._stopping = True
             pending = list(self._pending)
             self._pending.clear()
-            for job in list(self._active.values()) + (self.native.jobs() if self.native else []):
+            for job in self._running():
                 job.cancelled.set()
             self._cv.notify()
         for job in pending:
@@ -299,11 +303,7 @@ class Scheduler:
             with self._cv:
                 self.crashed = first_line(exc)
                 self._stopping = True
-                jobs = (
-                    list(self._active.values())
-                    + list(self._pending)
-                    + (self.native.jobs() if self.native else [])
-                )
+                jobs = self._running() + list(self._pending)
                 self._pending.clear()
             for job in jobs:
                 job.finish(ERROR, f"generation failed: {self.crashed}")
