@@ -14,7 +14,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from ortllm.catalog import load_catalog
-from ortllm.conversation import commit_turn, plan_turn
+from ortllm.conversation import abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import ModelNotFound
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.registry import ModelRegistry
@@ -195,6 +195,7 @@ class TerminalChat:
         stream = self.scheduler.submit(
             GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id)
         )
+        start_turn(self.sessions, turn)  # the question is kept even if the process dies mid-answer
         parts: list[str] = []
         started = time.monotonic()
         with Live(console=self.console, refresh_per_second=12, transient=False) as live:
@@ -216,6 +217,8 @@ class TerminalChat:
         reply = "".join(parts)
         if reply:
             commit_turn(self.sessions, turn, reply)
+        else:
+            abandon_turn(self.sessions, turn)
 
     def _view(
         self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ortllm.sessions import SessionStore
 from ortllm.settings import load_settings
 
 
@@ -64,6 +65,7 @@ def serve(host: str | None, port: int | None, models: tuple[str, ...], config: s
 
     check_exposure(settings)
     load_keys(settings)  # a bad key file or a too-short key fails here, before binding
+    SessionStore().check()  # a corrupt or read-only sessions database fails here, in one line, before the banner
 
     click.echo(
         f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True

@@ -5,10 +5,15 @@ new message plus a session id (the myllm seed's tip, the Rust seed's `prompt`). 
 both: the stored conversation is prepended unless the client's messages already start with it,
 or carry assistant turns of their own (then the client's list is the truth and replaces it).
 The system prompt is kept on the session, not among the messages.
+
+A turn is planned without writing anything (a request refused before it runs leaves no trace),
+started once it is accepted (the session and the user's new messages are stored, marked
+unanswered), and finished with the reply.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from .sessions import SessionStore
@@ -18,36 +23,50 @@ from .sessions import SessionStore
 class ChatTurn:
     session_id: str
     messages: list[dict[str, str]]  # what the model sees
-    to_store: list[dict[str, str]] = field(default_factory=list)  # appended before the reply
+    to_store: list[dict[str, str]] = field(default_factory=list)  # stored when the turn starts
     replace: bool = False  # the client's conversation replaces the stored one
+    model: str | None = None
+    system_prompt: str | None = None  # set on the session when the turn starts (None: unchanged)
+    pending: list[int] | None = None  # ids of the stored, not yet answered messages (None: not started)
 
 
 def plan_turn(sessions: SessionStore, *, model: str, messages: list[dict[str, str]], session_id: str | None = None,
               system_prompt: str | None = None) -> ChatTurn:  # fmt: skip
-    """Resolve history for a new turn; creates the session when the id is new or absent."""
+    """Resolve history for a new turn (read only: nothing is stored until `start_turn`)."""
     systems = [m["content"] for m in messages if m["role"] == "system"]
     system = system_prompt if system_prompt is not None else (systems[-1] if systems else None)
     session = sessions.find(session_id) if session_id else None
-    if session is None:
-        session = sessions.create(model=model, system_prompt=system, session_id=session_id)
-    elif system is not None and system != session.system_prompt:
-        session = sessions.update(session.id, system_prompt=system)
-    convo = [m for m in messages if m["role"] != "system"]
-    stored = sessions.messages(session.id)
+    convo = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+    # questions of earlier turns that were never answered are not history: this turn supersedes them
+    stored = sessions.messages(session.id, answered_only=True) if session else []
     if stored and convo[: len(stored)] == stored:
         full, new, replace = convo, convo[len(stored) :], False
     elif any(m["role"] == "assistant" for m in convo):
         full, new, replace = convo, convo, True
     else:
         full, new, replace = stored + convo, convo, False
-    prefix = [{"role": "system", "content": session.system_prompt}] if session.system_prompt else []
-    return ChatTurn(session.id, prefix + full, new, replace)
+    current = session.system_prompt if session else None
+    effective = system if system is not None else current
+    prefix = [{"role": "system", "content": effective}] if effective else []
+    sid = session.id if session else (SessionStore.check_id(session_id) if session_id else str(uuid.uuid4()))
+    changed = system if system is not None and (session is None or system != current) else None
+    return ChatTurn(sid, prefix + full, new, replace, model, changed)
+
+
+def start_turn(sessions: SessionStore, turn: ChatTurn) -> None:
+    """Store the turn's new messages as unanswered (creating the session when it is new)."""
+    turn.pending = sessions.start_turn(turn.session_id, turn.to_store, replace=turn.replace,
+                                       model=turn.model, system_prompt=turn.system_prompt)  # fmt: skip
 
 
 def commit_turn(sessions: SessionStore, turn: ChatTurn, reply: str) -> None:
-    """Store the turn's new messages and the assistant's reply."""
-    new = turn.to_store + [{"role": "assistant", "content": reply}]
-    if turn.replace:
-        sessions.replace(turn.session_id, new)
-    else:
-        sessions.append(turn.session_id, new)
+    """Store the assistant's reply (starting the turn first when that has not happened yet)."""
+    if turn.pending is None:
+        start_turn(sessions, turn)
+    sessions.finish_turn(turn.session_id, turn.pending or [], reply)
+
+
+def abandon_turn(sessions: SessionStore, turn: ChatTurn) -> None:
+    """A turn that ends without a reply: its questions stay stored, marked unanswered."""
+    if turn.pending is not None:
+        sessions.finish_turn(turn.session_id, turn.pending, None)

@@ -97,6 +97,17 @@ class SessionNotFound(OrtllmError):
     hint = "GET /api/sessions lists the sessions; omit the session id to start a new one"
 
 
+class SessionStoreUnavailable(OrtllmError):
+    """The sessions database cannot be opened, read or written (corrupt, read-only, disk full)."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+    hint = (
+        "Check the file named in the message: a corrupt one can be moved aside (an empty one is created "
+        "at the next start) or restored from a backup; generation without sessions keeps working"
+    )
+
+
 class GenerationTimeout(OrtllmError):
     """A generation that did not finish within the configured time (it is cancelled)."""
 
@@ -118,3 +129,12 @@ def first_line(exc: BaseException, limit: int | None = 300) -> str:
     the builder raise C++ traces and long logs, of which users need the first line."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
+
+
+class MalformedJSON(InvalidOptions):
+    """A request body that is not JSON this server accepts (syntax, nesting, huge integers, lone surrogates)."""
+
+    hint = (
+        "Send one JSON object in UTF-8: nested at most 64 levels, integers of at most 100 digits, "
+        "no NaN/Infinity, and no lone surrogate escapes (\\ud800-\\udfff must come in pairs)"
+    )

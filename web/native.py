@@ -72,13 +72,21 @@ def root() -> Response:
     )
 
 
-@api_route(bp, "/health", tag="health", summary="Health check (always open)", response=p.Health)
+@api_route(
+    bp,
+    "/health",
+    tag="health",
+    summary="Health check (always open; 503 when the sessions database is unusable)",
+    response=p.Health,
+)
 def health() -> Response:
     svc = services()
     svc.metrics.health_checks.inc()
-    return jsonify(
+    problem = svc.sessions_problem()
+    response = jsonify(
         {
-            "status": "healthy",
+            "status": "unhealthy" if problem else "healthy",
+            **({"detail": problem} if problem else {}),
             "model_loaded": bool(svc.registry.loaded()),
             "models_loaded": sorted(svc.registry.loaded()),
             "memory_usage": svc.memory_usage(),
@@ -87,6 +95,8 @@ def health() -> Response:
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
     )
+    response.status_code = 503 if problem else 200
+    return response
 
 
 @api_route(bp, "/api/models", tag=TAG, summary="List installed models", response=p.ModelList)

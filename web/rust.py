@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify
 
 from ortllm.errors import InvalidOptions, ModelLoadError
 from ortllm.runtime.loaded import variant_candidates
-from ortllm.runtime.types import ERROR, TokenEvent
+from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
 
 from . import protocol as p
 from .errors import error_response
@@ -55,21 +55,28 @@ def start_chat(body: p.RustChatRequest) -> ChatSession:
 
 
 def raw_tokens(events: Iterable[TokenEvent]) -> Iterator[str]:
-    """Token texts as raw SSE events; a failed generation ends with `__ERROR__:message`."""
+    """Token texts as raw SSE events; a failed generation ends with `__ERROR__:message`, one the server cut
+    short (shutdown, unload) with `__ERROR__:cancelled`, so it never looks complete."""
     for event in events:
         if event.text:
             yield event.text
         if event.done and event.finish_reason == ERROR:
             yield f"__ERROR__:{event.error}"
+        elif event.done and event.finish_reason == CANCELLED:
+            yield "__ERROR__:cancelled"
 
 
 @api_route(
     bp, "/readiness", tag=TAG, summary="Ready when a model is loaded (503 until then)", response=p.Readiness
 )
 def readiness() -> Response:
-    loaded = services().registry.loaded()
+    svc = services()
+    loaded = svc.registry.loaded()
     if not loaded:
         return error_response(503, "Not ready: no model is loaded yet")
+    problem = svc.sessions_problem()
+    if problem:
+        return error_response(503, f"Not ready: {problem}")
     return jsonify({"status": "ready", "models_available": len(loaded),
                     "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
 
@@ -104,24 +111,24 @@ def chat_completions(body: p.RustChatRequest) -> Response:
 
 @api_route(bp, "/sessions", tag=TAG, summary="Session ids, most recent first")
 def list_sessions() -> Response:
-    return jsonify([s.id for s in services().sessions.list()])
+    return jsonify([s.id for s in services().sessions().list()])
 
 
 @api_route(
     bp, "/chat/history/<path:session_id>", tag=TAG, summary="A session's messages, system prompt first"
 )
 def history(session_id: str) -> Response:
-    return jsonify(services().sessions.history(session_id))
+    return jsonify(services().sessions().history(session_id))
 
 
 @api_route(bp, "/chat/history/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")
 def delete_history(session_id: str) -> Response:
-    services().sessions.delete(session_id)
+    services().sessions().delete(session_id)
     return Response(status=204)
 
 
 @api_route(bp, "/chat/history/<path:session_id>/rollback", ("POST",), tag=TAG,
            summary="Remove the last `amount` messages", body=p.Rollback)  # fmt: skip
 def rollback(body: p.Rollback, session_id: str) -> Response:
-    services().sessions.rollback(session_id, body.amount)
+    services().sessions().rollback(session_id, body.amount)
     return jsonify({"status": "ok"})

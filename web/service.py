@@ -14,7 +14,8 @@ from typing import Any
 import psutil
 from flask import current_app
 
-from ortllm.conversation import ChatTurn, commit_turn, plan_turn
+from ortllm.conversation import ChatTurn, abandon_turn, commit_turn, plan_turn, start_turn
+from ortllm.errors import SessionStoreUnavailable
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.options import GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
@@ -34,7 +35,7 @@ class Services:
     def __init__(self, settings: Settings, registry: ModelRegistry, sessions: SessionStore) -> None:
         self.settings = settings
         self.registry = registry
-        self.sessions = sessions
+        self.session_store = sessions  # every owner's sessions: reach them through `sessions()`
         self.metrics = Metrics(registry)
         self.started = time.time()
         self._connections = 0
@@ -60,6 +61,19 @@ class Services:
         """Process RSS over total RAM, e.g. '0.4GB/24.0GB'."""
         rss = psutil.Process().memory_info().rss
         return f"{rss / 1e9:.1f}GB/{psutil.virtual_memory().total / 1e9:.1f}GB"
+
+    def sessions(self) -> SessionStore:
+        """The calling key's (or JWT subject's) own sessions; everything stored without an owner when auth
+        is off. A foreign session id is simply not found."""
+        return self.session_store.scoped(cache_scope() or "")
+
+    def sessions_problem(self) -> str | None:
+        """Why the sessions database cannot be used right now (None when it can): /health and /readiness."""
+        try:
+            self.session_store.check()
+        except SessionStoreUnavailable as exc:
+            return str(exc)
+        return None
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -99,15 +113,22 @@ class Services:
         scheduler = self.scheduler(model)
         self.metrics.chat_completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
-        if store:
-            turn = plan_turn(self.sessions, model=scheduler.model.name, messages=messages,
+        sessions = self.sessions() if store else None
+        if sessions is not None:
+            turn = plan_turn(sessions, model=scheduler.model.name, messages=messages,
                              session_id=session_id, system_prompt=system_prompt)  # fmt: skip
         else:
             turn = ChatTurn("", messages)
         request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
                                     guidance=guidance, cache_scope=cache_scope())  # fmt: skip
         stream = self.metered(scheduler, scheduler.submit(request))
-        return scheduler, ChatSession(self.sessions if store else None, turn, stream)
+        if sessions is not None:
+            try:  # only an accepted turn is stored: a refused one (busy, too long) leaves no empty session
+                start_turn(sessions, turn)
+            except BaseException:
+                stream.cancel()
+                raise
+        return scheduler, ChatSession(sessions, turn, stream)
 
     # ---- model facts -------------------------------------------------------------------------
 
@@ -138,34 +159,51 @@ class Services:
 
 
 class ChatSession:
-    """A chat turn's event stream that stores the reply in the session when the turn completes."""
+    """A chat turn's event stream that stores the reply in the session when the turn completes (and keeps
+    the question, marked unanswered, when it does not)."""
 
     def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream) -> None:
         self.sessions = sessions
         self.turn = turn
         self.stream = stream
         self.parts: list[str] = []
+        self._iterating = False
+        self._ended = sessions is None  # the turn's outcome is in the session store
+        self._lock = threading.Lock()
 
     @property
     def session_id(self) -> str:
         return self.turn.session_id
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        with self.stream:
-            for event in self.stream:
-                if event.text:
-                    self.parts.append(event.text)
-                if event.done:
-                    self._store(event)
-                yield event
+        self._iterating = True
+        try:
+            with self.stream:
+                for event in self.stream:
+                    if event.text:
+                        self.parts.append(event.text)
+                    if event.done:
+                        ok = event.finish_reason not in (ERROR, CANCELLED) and bool(self.parts)
+                        self._end("".join(self.parts) if ok else None)
+                    yield event
+        finally:
+            self._end(None)  # a client that went away mid-answer: the question stays, unanswered
 
-    def _store(self, final: TokenEvent) -> None:
-        reply = "".join(self.parts)
-        if self.sessions is not None and final.finish_reason not in (ERROR, CANCELLED) and reply:
+    def _end(self, reply: str | None) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        assert self.sessions is not None
+        if reply is not None:
             commit_turn(self.sessions, self.turn, reply)
+        else:
+            abandon_turn(self.sessions, self.turn)
 
     def cancel(self) -> None:
         self.stream.cancel()
+        if not self._iterating:  # never read: nobody else will end the turn
+            self._end(None)
 
 
 def services() -> Services:

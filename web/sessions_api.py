@@ -16,13 +16,13 @@ TAG = "sessions (web UI)"
 
 @api_route(bp, "", tag=TAG, summary="All sessions, most recently updated first", response=p.SessionList)
 def list_sessions() -> Response:
-    return jsonify({"sessions": [s.as_dict() for s in services().sessions.list()]})
+    return jsonify({"sessions": [s.as_dict() for s in services().sessions().list()]})
 
 
 @api_route(bp, "", ("POST",), tag=TAG, summary="Create a session (201); `messages` seed its history",
            body=p.SessionCreate, response=p.SessionObject, optional_body=True)  # fmt: skip
 def create_session(body: p.SessionCreate) -> tuple[Response, int]:
-    store = services().sessions
+    store = services().sessions()
     messages = [m.model_dump() for m in body.messages]
     systems = [m["content"] for m in messages if m["role"] == "system"]
     system = body.system_prompt if body.system_prompt is not None else (systems[-1] if systems else None)
@@ -35,18 +35,18 @@ def create_session(body: p.SessionCreate) -> tuple[Response, int]:
 
 @api_route(bp, "/<path:session_id>", tag=TAG, summary="A session with its messages")
 def get_session(session_id: str) -> Response:
-    store = services().sessions
+    store = services().sessions()
     return jsonify({**store.get(session_id).as_dict(), "messages": store.messages(session_id)})
 
 
 @api_route(bp, "/<path:session_id>", ("PATCH",), tag=TAG, summary="Change the title or the system prompt",
            body=p.SessionPatch, response=p.SessionObject)  # fmt: skip
 def update_session(body: p.SessionPatch, session_id: str) -> Response:
-    session = services().sessions.update(session_id, title=body.title, system_prompt=body.system_prompt)
+    session = services().sessions().update(session_id, title=body.title, system_prompt=body.system_prompt)
     return jsonify(session.as_dict())
 
 
 @api_route(bp, "/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")
 def delete_session(session_id: str) -> Response:
-    services().sessions.delete(session_id)
+    services().sessions().delete(session_id)
     return Response(status=204)
