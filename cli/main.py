@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
@@ -43,6 +44,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    clean_leftovers()
+
+
+def clean_leftovers() -> None:
+    """Remove the staging folders of conversions whose process died (`kill -9`), whatever the command."""
+    from ortllm.paths import ortllm_home
+    from ortllm.store import ModelStore
+
+    with contextlib.suppress(OSError):  # an unusable store is reported by the command that needs it
+        if (ortllm_home() / "models").is_dir():
+            ModelStore().clean_stale()
 
 
 def _register() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from ortllm.errors import (
     ConversionFailed,
@@ -18,6 +20,8 @@ from ortllm.errors import (
     MissingDependency,
     UnsupportedArchitecture,
 )
+
+from . import child
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 EPS = ("cpu", "cuda", "dml", "webgpu")
@@ -128,17 +132,19 @@ def build(
     if precision == "int4":
         options.update(INT4_DEFAULTS)
     options.update(extra or {})
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+    # the builder dies with this process (even on kill -9) and, in its own process group, a Ctrl-C in the
+    # terminal reaches only ortllm, which stops it below
+    cmd = child.command(
+        os.getpid(), "onnxruntime_genai.models.builder",
         "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", ep, "-c", str(cache_dir),
         "--extra_options", *[f"{k}={v}" for k, v in options.items()],
-    ]  # fmt: skip
+    )  # fmt: skip
     started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", **own_group()
         )
         assert proc.stdout is not None
         try:
@@ -159,6 +165,13 @@ def build(
         "extra_options": options,
         "build_seconds": round(time.monotonic() - started, 1),
     }
+
+
+def own_group() -> dict[str, Any]:
+    """Popen arguments that start a child in its own process group (POSIX: a new session)."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
 
 
 def _last_error(log_path: Path) -> str:

@@ -8,7 +8,8 @@ The system prompt is kept on the session, not among the messages.
 
 A turn is planned without writing anything (a request refused before it runs leaves no trace),
 started once it is accepted (the session and the user's new messages are stored, marked
-unanswered), and finished with the reply.
+unanswered, so a crash keeps the question), and finished with the reply — or undone when the
+client withdraws it, or left unanswered when the server could not answer.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ChatTurn:
     model: str | None = None
     system_prompt: str | None = None  # set on the session when the turn starts (None: unchanged)
     pending: list[int] | None = None  # ids of the stored, not yet answered messages (None: not started)
+    created: bool = False  # starting the turn created the session
 
 
 def plan_turn(sessions: SessionStore, *, model: str, messages: list[dict[str, str]], session_id: str | None = None,
@@ -55,7 +57,7 @@ def plan_turn(sessions: SessionStore, *, model: str, messages: list[dict[str, st
 
 def start_turn(sessions: SessionStore, turn: ChatTurn) -> None:
     """Store the turn's new messages as unanswered (creating the session when it is new)."""
-    turn.pending = sessions.start_turn(turn.session_id, turn.to_store, replace=turn.replace,
+    turn.pending, turn.created = sessions.start_turn(turn.session_id, turn.to_store, replace=turn.replace,
                                        model=turn.model, system_prompt=turn.system_prompt)  # fmt: skip
 
 
@@ -66,7 +68,13 @@ def commit_turn(sessions: SessionStore, turn: ChatTurn, reply: str) -> None:
     sessions.finish_turn(turn.session_id, turn.pending or [], reply)
 
 
-def abandon_turn(sessions: SessionStore, turn: ChatTurn) -> None:
-    """A turn that ends without a reply: its questions stay stored, marked unanswered."""
-    if turn.pending is not None:
+def abandon_turn(sessions: SessionStore, turn: ChatTurn, *, withdrawn: bool = False) -> None:
+    """A turn that ends without a reply. The server could not answer (shutdown, unload, a runtime error):
+    its questions stay stored, marked unanswered, for a retry. The client withdrew it (cancelled, went
+    away): it is undone, and a session it created is removed again."""
+    if turn.pending is None:
+        return
+    if withdrawn:
+        sessions.withdraw_turn(turn.session_id, turn.pending, created=turn.created)
+    else:
         sessions.finish_turn(turn.session_id, turn.pending, None)

@@ -132,9 +132,28 @@ def first_line(exc: BaseException, limit: int | None = 300) -> str:
 
 
 class MalformedJSON(InvalidOptions):
-    """A request body that is not JSON this server accepts (syntax, nesting, huge integers, lone surrogates)."""
+    """A body that is not JSON this server accepts (syntax, nesting, huge integers, lone surrogates)."""
 
     hint = (
         "Send one JSON object in UTF-8: nested at most 64 levels, integers of at most 100 digits, "
         "no NaN/Infinity, and no lone surrogate escapes (\\ud800-\\udfff must come in pairs)"
     )
+
+
+class RequestTooLarge(OrtllmError):
+    """More work in one request than the server's limits allow (embedding inputs or their tokens)."""
+
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+    hint = (
+        "Split the input into several requests (limits: server.max_embedding_inputs and "
+        "server.max_embedding_tokens in config.toml)"
+    )
+
+
+class RequestCancelled(OrtllmError):
+    """A request dropped before it completed: its client went away or its model was unloaded."""
+
+    status = 503
+    code = "CANCELLED"
+    hint = "Retry the request"

@@ -282,22 +282,22 @@ class SessionStore:
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
 
     def start_turn(self, session_id: str, messages: builtins.list[dict[str, str]], *, replace: bool,
-                   model: str | None, system_prompt: str | None) -> builtins.list[int]:  # fmt: skip
+                   model: str | None, system_prompt: str | None) -> tuple[builtins.list[int], bool]:  # fmt: skip
         """Store a turn's new messages before it is answered, in one transaction (the session is created
         when new): the user's question survives a crash. Messages up to the last assistant message count
         as answered; the rest are pending until `finish_turn`. Pending messages of turns that are no
         longer running (a crash, a cancelled or failed turn) are superseded by this turn and removed.
-        Returns the ids of the pending messages."""
+        Returns the ids of the pending messages and whether the session was created."""
         self.check_id(session_id)
         self._check_messages(messages)
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         now = time.time()
         with self._transaction() as db:
-            db.execute(
+            created = db.execute(
                 "INSERT OR IGNORE INTO sessions(owner, id, model, system_prompt, title, created, updated) "
                 "VALUES (?,?,?,?,?,?,?)",
                 (self.owner, session_id, model, system_prompt, None, now, now),
-            )
+            ).rowcount
             pk = self._pk(db, session_id)
             if system_prompt is not None:
                 db.execute("UPDATE sessions SET system_prompt = ? WHERE pk = ?", (system_prompt, pk))
@@ -320,7 +320,7 @@ class SessionStore:
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
         with self._live_lock:
             self._live.update(pending)
-        return pending
+        return pending, bool(created)
 
     def finish_turn(self, session_id: str, pending: builtins.list[int], reply: str | None) -> None:
         """End a turn started with `start_turn`: with a reply, its questions are answered and the reply
@@ -338,6 +338,26 @@ class SessionStore:
                     (pk, "assistant", reply, now),
                 )
                 db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
+        finally:
+            with self._live_lock:
+                self._live.difference_update(pending)
+
+    def withdraw_turn(self, session_id: str, pending: builtins.list[int], *, created: bool) -> None:
+        """Undo a turn the client withdrew (cancelled): its pending messages go, and so does the session when
+        the turn created it and nothing else was stored in it meanwhile."""
+        try:
+            with self._transaction() as db:
+                pk = self._pk(db, session_id)
+                db.executemany("DELETE FROM messages WHERE id = ? AND session_pk = ? AND answered = 0",
+                               [(i, pk) for i in pending])  # fmt: skip
+                empty = (
+                    db.execute("SELECT 1 FROM messages WHERE session_pk = ? LIMIT 1", (pk,)).fetchone()
+                    is None
+                )
+                if created and empty:
+                    db.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
+        except SessionNotFound:
+            pass  # deleted meanwhile: nothing to undo
         finally:
             with self._live_lock:
                 self._live.difference_update(pending)

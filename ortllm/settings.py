@@ -36,6 +36,12 @@ class ServerSettings(_Section):
     keep_alive: float = Field(0, ge=0, description="unload a model idle this many seconds (0 = never)")
     threads: int = Field(128, ge=4, description="HTTP worker threads (each stream holds one)")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="texts in one embeddings request; more get 413 (every dialect)"
+    )
+    max_embedding_tokens: int = Field(
+        32768, ge=1, description="tokens of all texts of one embeddings request; more get 413"
+    )
 
 
 class AuthSettings(_Section):
@@ -43,7 +49,12 @@ class AuthSettings(_Section):
     key_file: str | None = None
     jwt_secret: str | None = None
     jwt_audience: str | None = None
-    protect_metrics: bool = False
+    protect_metrics: bool | None = Field(
+        None, description="/metrics needs a key; default: whenever keys or a JWT secret are set"
+    )
+    failed_per_minute: int = Field(
+        20, ge=0, description="wrong keys per client IP per minute before 429; 0 = unlimited"
+    )
 
 
 class RateLimitSettings(_Section):

@@ -191,14 +191,18 @@ class ModelStore:
         shutil.rmtree(old, ignore_errors=True)
 
     def clean_stale(self, max_age_s: float = 0.0) -> None:
-        """Remove leftovers of interrupted conversions whose process is gone."""
+        """Remove leftovers of interrupted conversions (`kill -9`) whose owner process is gone."""
         for child in self.root.iterdir():
             if not child.name.startswith((".staging-", ".trash-")):
                 continue
-            pid = _pid_in(child.name)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            try:
+                changed = child.stat().st_mtime
+            except OSError:  # another process removed it meanwhile
                 continue
-            if time.time() - child.stat().st_mtime >= max_age_s:
+            pid = _pid_in(child.name)
+            if pid is not None and _owner_alive(pid, changed):
+                continue
+            if time.time() - changed >= max_age_s:
                 shutil.rmtree(child, ignore_errors=True)
 
     @staticmethod
@@ -229,7 +233,15 @@ def _pid_in(folder_name: str) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def _owner_alive(pid: int, changed: float) -> bool:
+    """Whether process `pid` runs and can have made a folder last changed at `changed` (a process
+    started after that only reuses the dead owner's pid)."""
     import psutil
 
-    return psutil.pid_exists(pid)
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # it exists but may not be inspected: take it for the owner
+        return True
+    return started <= changed + 2.0  # create_time is derived from the boot time: allow for its rounding

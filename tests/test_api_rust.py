@@ -332,7 +332,8 @@ def test_websocket_multi_turn_cancel_and_close(server):
         json.loads(frame[len("__END__:") :])["finish_reason"] == "cancelled"
         and time.monotonic() - started < 5
     )
-    assert requests.get(f"{server.url}/chat/history/{body['session-id']}").json() == []  # not stored
+    # withdrawn by the client: nothing stored, not even the session the turn created
+    assert requests.get(f"{server.url}/chat/history/{body['session-id']}").status_code == 404
     ws.send(json.dumps(chat_body(prompt="Hi", **{"session-id": body["session-id"], "max-token": 5})))
     _, end = frames_until_end(ws)
     assert end["finish_reason"] in ("stop", "length")

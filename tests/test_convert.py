@@ -102,6 +102,66 @@ def test_killed_conversion_leaves_nothing_listed_and_a_rerun_succeeds(pulled, ho
     ortllm("rm", "smol-killed", check=True)
 
 
+def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled, home):
+    """kill -9 of `ortllm pull` alone (not its process group): the builder dies with it, and the next
+    command of any kind (`list`) removes the dead pull's staging folder; the installed model is untouched."""
+    import psutil
+
+    models = home / "models"
+    proc = subprocess.Popen([sys.executable, "-m", "ortllm.cli.main", "pull", DEFAULT_MODEL, "--force"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list(models.glob(f".staging-{DEFAULT_MODEL}-*/build.log"))
+        if logs and logs[0].stat().st_size > 2000:  # the builder is writing the model
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the build never started")
+    builders = psutil.Process(proc.pid).children(recursive=True)
+    assert builders, "the builder runs as a child process"
+    proc.send_signal(signal.SIGKILL)  # the parent only: nothing else is signalled
+    proc.wait()
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    limit = time.monotonic() + 10
+    while any(running(p) for p in builders) and time.monotonic() < limit:
+        time.sleep(0.1)
+    survivors = [p.pid for p in builders if running(p)]
+    for pid in survivors:  # do not leave them behind when the assertion fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "the builder outlived its killed parent"
+    assert list(models.glob(f".staging-{DEFAULT_MODEL}-*"))  # the dead pull's leftovers, until ...
+    ortllm("list", check=True)
+    assert not list(models.glob(f".staging-{DEFAULT_MODEL}-*"))  # ... any next command removes them
+    assert DEFAULT_MODEL in ortllm("list", "--json", check=True).stdout
+
+
+def test_staging_of_a_live_process_is_kept_and_a_reused_pid_does_not_protect():
+    """Only folders whose owner is dead are removed: a live owner keeps its folder, a process that merely
+    got a dead owner's pid later does not."""
+    import tempfile
+
+    from ortllm.store import ModelStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ModelStore(Path(tmp))
+        mine = store.root / f".staging-m-cpu-int4-{os.getpid()}-abcd1234"
+        (mine / "cpu-int4").mkdir(parents=True)
+        reused = store.root / f".staging-m-cpu-int4-{os.getpid()}-feed5678"
+        (reused / "cpu-int4").mkdir(parents=True)
+        old = time.time() - 10 * 365 * 86400  # last changed long before this process started
+        os.utime(reused, (old, old))
+        store.clean_stale()
+        assert mine.exists() and not reused.exists()
+
+
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]

@@ -110,12 +110,13 @@ def test_valid_key_and_jwt_are_accepted(secured):
     )
 
 
-def test_probes_and_metrics_stay_open(secured):
+def test_probes_stay_open_and_metrics_need_the_key(secured):
     assert requests.get(secured.url + "/health").status_code == 200
-    requests.get(secured.url + "/api/models", headers=AUTH)
-    text = requests.get(secured.url + "/metrics").text
-    assert 'http_requests_total{dialect="detail",identity="alice",status="200"}' in text  # per-key names
     assert requests.get(secured.url + "/openapi.json").status_code == 200
+    requests.get(secured.url + "/api/models", headers=AUTH)
+    assert requests.get(secured.url + "/metrics").status_code == 401  # it names the callers
+    text = requests.get(secured.url + "/metrics", headers=AUTH).text
+    assert 'http_requests_total{dialect="detail",identity="alice",status="200"}' in text  # per-key names
 
 
 def test_prefix_caches_are_not_shared_between_keys(secured):

@@ -20,7 +20,7 @@ import pytest
 import requests
 from simple_websocket import Client, ConnectionClosed
 
-from ortllm.conversation import commit_turn, plan_turn, start_turn
+from ortllm.conversation import abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import InvalidOptions, SessionNotFound, SessionStoreUnavailable
 from ortllm.sessions import SessionStore
 from tests.conftest import DEFAULT_MODEL, LiveServer
@@ -118,6 +118,25 @@ def test_concurrent_turns_do_not_remove_each_others_questions(tmp_path):
     commit_turn(store, first, "ONE")
     commit_turn(store, second, "TWO")
     assert [m["content"] for m in store.messages("s")] == ["one", "two", "ONE", "TWO"]
+
+
+def test_a_withdrawn_turn_is_undone_and_its_new_session_removed(tmp_path):
+    store = SessionStore(tmp_path / "s.db")
+    fresh = plan_turn(store, model="m", messages=Q, session_id="fresh")
+    start_turn(store, fresh)
+    abandon_turn(store, fresh, withdrawn=True)
+    assert store.find("fresh") is None
+    kept = plan_turn(store, model="m", messages=Q, session_id="kept")
+    commit_turn(store, kept, "OK")
+    again = plan_turn(store, model="m", messages=[{"role": "user", "content": "more"}], session_id="kept")
+    start_turn(store, again)
+    abandon_turn(store, again, withdrawn=True)
+    assert store.messages("kept") == [*Q, {"role": "assistant", "content": "OK"}]
+    # the server could not answer: the question stays for a retry
+    failed = plan_turn(store, model="m", messages=[{"role": "user", "content": "more"}], session_id="kept")
+    start_turn(store, failed)
+    abandon_turn(store, failed)
+    assert store.messages("kept")[-1] == {"role": "user", "content": "more", "unanswered": True}
 
 
 def test_a_broken_database_is_a_503_error_naming_the_file(tmp_path):
@@ -257,6 +276,17 @@ def test_a_refused_turn_leaves_no_empty_session(server):
     assert "refused-1" not in requests.get(server.url + "/sessions").json()
 
 
+def test_a_client_that_goes_away_withdraws_its_turn(server):
+    with requests.post(server.url + "/api/chat", stream=True, timeout=120, json={
+        "model": M, "session_id": "went-away", "options": {"max_tokens": 500},
+        "messages": [{"role": "user", "content": "Tell a long story."}]}) as r:  # fmt: skip
+        next(r.iter_lines())
+    deadline = time.monotonic() + 30
+    while requests.get(server.url + "/api/sessions/went-away").status_code != 404:
+        assert time.monotonic() < deadline, "the withdrawn turn's session is still there"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_answer_keeps_the_questions(pulled, home):
     live = LiveServer("--model", M)
@@ -268,9 +298,10 @@ def test_kill_9_mid_answer_keeps_the_questions(pulled, home):
             with requests.post(live.url + "/api/chat", stream=True, timeout=120, json={
                 "model": M, "session_id": sid, "options": {"max_tokens": 500},
                 "messages": [{"role": "user", "content": f"Question {sid}: tell a long story."}]}) as r:  # fmt: skip
-                next(r.iter_lines())  # the first token has arrived
+                lines = r.iter_lines()  # one iterator: a second one may find the stream consumed
+                next(lines)  # the first token has arrived
                 started.wait()
-                for _ in r.iter_lines():
+                for _ in lines:
                     pass
         except (requests.RequestException, threading.BrokenBarrierError):
             pass

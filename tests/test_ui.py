@@ -164,6 +164,12 @@ def test_root_serves_the_page_to_browsers_and_json_to_api_clients(server):
 
 # ---- chatting -------------------------------------------------------------------------------------
 
+# point the page's WebSocket at a path the server does not serve: the upgrade fails like a blocking proxy
+NO_WEBSOCKET = """{
+    const Real = window.WebSocket;
+    window.WebSocket = class extends Real { constructor(url, p) { super(url.replace('/chat/ws', '/no-such-ws'), p); } };
+}"""
+
 
 def test_streams_an_answer_over_the_websocket_with_live_stats(ui, server):
     ui.open(server.url)
@@ -201,11 +207,7 @@ def test_streams_an_answer_over_the_websocket_with_live_stats(ui, server):
 
 
 def test_sse_fallback_when_the_websocket_fails(ui, server):
-    # point the page's WebSocket at a path the server does not serve: the upgrade fails like a blocking proxy
-    ui.page.add_init_script("""{
-        const Real = window.WebSocket;
-        window.WebSocket = class extends Real { constructor(url, p) { super(url.replace('/chat/ws', '/no-such-ws'), p); } };
-    }""")
+    ui.page.add_init_script(NO_WEBSOCKET)
     ui.open(server.url)
     ui.page.wait_for_selector("#conn[data-mode=sse]")
     assert ui.page.inner_text("#conn-text") == "connected (SSE)"
@@ -214,6 +216,44 @@ def test_sse_fallback_when_the_websocket_fails(ui, server):
     assert "Paris" in ui.answers()[-1]
     assert re.fullmatch(r"\d+(\.\d+)?", ui.page.inner_text("#stat-tps"))
     assert [m["role"] for m in server_messages(server.url, current_session(ui))] == ["user", "assistant"]
+
+
+def test_sse_fallback_sends_the_system_prompt_options_and_stop_sequences(ui, server):
+    ui.page.add_init_script(NO_WEBSOCKET)
+    # the page's own POST /api/sessions is refused (it then lets the chat request create the session), so
+    # the stored system prompt can only come from what /api/chat was sent
+    ui.page.route(
+        "**/api/sessions",
+        lambda route: (
+            route.fulfill(status=404, content_type="application/json", body='{"detail": "not here"}')
+            if route.request.method == "POST"
+            else route.continue_()
+        ),
+    )
+    bodies: list[dict] = []
+    ui.page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/api/chat") else None)
+    ui.open(server.url)
+    ui.page.wait_for_selector("#conn[data-mode=sse]")
+    ui.page.click("#settings-btn")
+    ui.page.fill("#temperature-num", "0")
+    ui.page.fill("#max_tokens-num", "16")
+    ui.page.fill("#stop-seqs", "END\n###")
+    ui.page.fill("#system-prompt", "You are terse.")
+    ui.page.press("#system-prompt", "Tab")
+    ui.page.click("#settings-close")
+    ui.send(PARIS)
+    assert len(bodies) == 1 and "session_id" not in bodies[0]
+    assert bodies[0]["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": PARIS},
+    ]
+    options = bodies[0]["options"]
+    assert options["temperature"] == 0 and options["max_tokens"] == 16 and options["stop"] == ["END", "###"]
+    shown = {key: float(ui.page.input_value(f"#{key}-num")) for key in ("top_p", "top_k", "repeat_penalty")}
+    assert {key: options[key] for key in shown} == shown and len(options) == 6, options
+    stored = requests.get(f"{server.url}/api/sessions/{current_session(ui)}", timeout=10).json()
+    assert stored["system_prompt"] == "You are terse."
+    assert [m["role"] for m in stored["messages"] if m["role"] != "system"] == ["user", "assistant"]
 
 
 def test_stop_cancels_the_answer(ui, server):

@@ -92,7 +92,11 @@ def register(app: Flask) -> None:
         status = exc.code or 500
         messages = {404: f"Not found: {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
                     413: "Request body too large", 429: f"Rate limit exceeded: {exc.description}"}  # fmt: skip
-        return error_response(status, messages.get(status, exc.description or exc.name))
+        response = error_response(status, messages.get(status, exc.description or exc.name))
+        for name, value in exc.get_headers():  # werkzeug's own headers: Allow on 405, Retry-After on 429
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

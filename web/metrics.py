@@ -51,7 +51,8 @@ class Metrics:
         self.active_connections = Gauge(
             "active_connections", "HTTP requests and streams in flight", registry=r
         )
-        self.requests = Counter("http_requests", "HTTP requests by dialect, caller (API key name) and status",
+        # callers by API key name or JWT subject; by a stable hash when auth is on but /metrics is open
+        self.requests = Counter("http_requests", "HTTP requests by dialect, caller and status",
                                 ["dialect", "identity", "status"], registry=r)  # fmt: skip
         r.register(_SchedulerCollector(models))
 

@@ -190,9 +190,14 @@ def generate(body: p.GenerateRequest) -> Response:
 @api_route(bp, "/api/embeddings", ("POST",), tag=TAG, summary="Embedding vector(s) for text",
            body=p.EmbeddingsRequest, response=p.EmbeddingResponse)  # fmt: skip
 def embeddings(body: p.EmbeddingsRequest) -> Response:
+    from flask import request
+
+    from ortllm.runtime.types import client_gone_probe
+
     scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    vectors = scheduler.embed(texts)
+    # the limits (server.max_embedding_*) are checked by the runtime, the same for every dialect
+    vectors = scheduler.embed_texts(texts, client_gone=client_gone_probe(request.environ)).vectors
     if isinstance(body.input, str):
         return jsonify({"embedding": vectors[0], "model": scheduler.model.name})
     return jsonify({"embeddings": vectors, "model": scheduler.model.name})

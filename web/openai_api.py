@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import InvalidOptions, ModelNotFound
-from ortllm.runtime.types import ERROR, TokenEvent
+from ortllm.errors import InvalidOptions, ModelNotFound, RequestCancelled
+from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
 
 from . import protocol as p
 from .native import collect
 from .routes import api_route
 from .service import services
-from .sse import sse_response
+from .sse import cancel_reason, sse_response
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 TAG = "OpenAI-compatible"
@@ -58,7 +58,22 @@ def usage_of(event: TokenEvent) -> dict[str, Any]:
 
 
 def finish_reason(event: TokenEvent) -> str:
+    """OpenAI's finish_reason of a complete answer (a cut-short one never gets one: see `ended_early`)."""
+    if event.finish_reason == CANCELLED:
+        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
     return "length" if event.finish_reason == "length" else "stop"
+
+
+def ended_early(event: TokenEvent) -> dict[str, Any] | None:
+    """The error chunk that ends a failed or cancelled stream, else None; no `[DONE]` follows it (as
+    llama-server does), and the openai SDK raises APIError on it, so a cut-short answer never looks whole."""
+    if event.finish_reason == ERROR:
+        message, code = event.error or "generation failed", None
+    elif event.finish_reason == CANCELLED:
+        message, code = f"The answer was cancelled: {cancel_reason()}", "cancelled"
+    else:
+        return None
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
 
 @api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat completion (OpenAI)",
@@ -98,11 +113,9 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
             if event.text:
                 yield chunk({"content": event.text})
             if event.done:
-                if event.finish_reason == ERROR:
-                    yield {
-                        "error": {"message": event.error, "type": "server_error", "param": None, "code": None}
-                    }
-                    break
+                if (error := ended_early(event)) is not None:
+                    yield error
+                    return
                 yield chunk({}, finish_reason(event))
                 if include_usage:
                     yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -147,16 +160,9 @@ def completions(body: p.CompletionRequest) -> Response:
                 if event.text:
                     yield chunk(event.text)
                 if event.done:
-                    if event.finish_reason == ERROR:
-                        yield {
-                            "error": {
-                                "message": event.error,
-                                "type": "server_error",
-                                "param": None,
-                                "code": None,
-                            }
-                        }
-                        break
+                    if (error := ended_early(event)) is not None:
+                        yield error
+                        return
                     yield chunk("", finish_reason(event))
                     if include_usage:
                         yield {**chunk(""), "choices": [], "usage": usage_of(event)}
@@ -169,14 +175,19 @@ def completions(body: p.CompletionRequest) -> Response:
     bp, "/embeddings", ("POST",), tag=TAG, summary="Embeddings (OpenAI)", body=p.OpenAIEmbeddingsRequest
 )
 def embeddings(body: p.OpenAIEmbeddingsRequest) -> Response:
+    from flask import request
+
+    from ortllm.runtime.types import client_gone_probe
+
     scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise InvalidOptions("input must not be empty")
-    vectors = scheduler.embed(texts)
-    tokens = sum(len(scheduler.model.encode(t)) for t in texts)
+    # the limits (server.max_embedding_*) are checked by the runtime, the same for every dialect
+    result = scheduler.embed_texts(texts, client_gone=client_gone_probe(request.environ))
+    tokens = result.tokens
     data = []
-    for i, vector in enumerate(vectors):
+    for i, vector in enumerate(result.vectors):
         if body.dimensions:  # truncate and renormalise, as OpenAI's shortened embeddings do
             v = np.asarray(vector[: body.dimensions], dtype=np.float32)
             vector = (v / (np.linalg.norm(v) or 1.0)).tolist()

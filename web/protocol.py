@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Required, TypedDict
+
+from ortllm.runtime.options import MAX_STOP_STRINGS
+from ortllm.sessions import ID_PATTERN
 
 Role = Literal["system", "user", "assistant"]
 
 
-class Wire(BaseModel):
-    """Requests ignore unknown fields (clients send extras), but types are checked."""
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 3.0 as an integer: accept it (requests are validated strictly otherwise)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+Integral = BeforeValidator(_integral)  # after the Field() in Annotated, so the bounds reach the JSON schema
+Int = Annotated[int, Integral]
+# the ranges ortllm/runtime/options.py checks, declared here so /openapi.json states them
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0.0 to 2.0 (0 = greedy)")]
+TopP = Annotated[float, Field(ge=0.0, le=1.0, description="0.0 to 1.0")]
+TopK = Annotated[int, Field(ge=0, description="integer >= 0 (0 = off)"), Integral]
+RepeatPenalty = Annotated[float, Field(ge=0.0, description=">= 0.0 (1 = off)")]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1), Integral]
+StopString = Annotated[str, Field(min_length=1)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS, description="stop sequences")]
+# bounds that are server settings: openapi_spec writes [keyword, setting] as `keyword: <the setting's value>`
+LIMIT_MARK = "x-ortllm-limit"
+MaxTokens = Annotated[
+    int, Field(ge=1, json_schema_extra={LIMIT_MARK: ["maximum", "max_tokens_limit"]}), Integral
+]
+SESSION_ID_PATTERN = f"^{ID_PATTERN.pattern}$"
+SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
+
+
+class Wire(BaseModel):
+    """Requests ignore unknown fields (clients send extras), but types are checked strictly (no "1" for 1)
+    and numbers must be finite."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
 
 
 class Message(Wire):
@@ -23,27 +52,95 @@ class Message(Wire):
 class InferenceOptions(Wire):
     """The seeds' InferenceOptions; ranges are checked by ortllm's one options validator."""
 
-    temperature: float | None = Field(None, description="0.0 to 2.0 (0 = greedy)")
-    top_p: float | None = Field(None, description="0.0 to 1.0")
-    top_k: int | None = Field(None, description="integer >= 0 (0 = off)")
-    max_tokens: int | None = Field(None, description="integer >= 1")
-    stop: list[str] | None = Field(None, description="stop sequences")
-    repeat_penalty: float | None = Field(None, description=">= 0.0 (1 = off)")
-    seed: int | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    max_tokens: MaxTokens | None = None
+    stop: StopList | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    seed: Seed | None = None
+
+
+# ---- error bodies, one per dialect (web/errors.py:error_response) --------------------------------
+
+
+class OpenAIErrorObject(Wire):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Wire):
+    error: OpenAIErrorObject
+
+
+class SpecErrorObject(Wire):
+    code: str
+    message: str
+    details: str
+
+
+class SpecError(Wire):
+    error: SpecErrorObject
+
+
+class RustError(Wire):
+    error: str
+
+
+class DetailError(Wire):
+    detail: str
 
 
 # ---- native (myllm seeds) ----------------------------------------------------------------------
 
 
+# the runtime needs something to answer: a user or assistant message, or a non-empty system prompt
+ANSWERABLE = "messages need a user or assistant message, or a system message with content"
+EmbeddingText = Annotated[str, Field(pattern=r"\S", description="not empty or only whitespace")]
+EmbeddingInput = (
+    EmbeddingText
+    | Annotated[
+        list[EmbeddingText],
+        Field(min_length=1, json_schema_extra={LIMIT_MARK: ["maxItems", "max_embedding_inputs"]}),
+    ]
+)
+
+
 class ChatRequest(Wire):
     model: str
-    messages: list[Message] = Field(min_length=1)
-    session_id: str | None = None
+    messages: list[Message] = Field(
+        min_length=1,
+        json_schema_extra={
+            "contains": {
+                "anyOf": [
+                    {"properties": {"role": {"enum": ["user", "assistant"]}}},
+                    {"properties": {"content": {"minLength": 1}}},
+                ]
+            }
+        },
+    )
+    session_id: SessionId | None = None
     stream: bool = True
     options: InferenceOptions | None = None
 
+    @field_validator("messages")
+    @classmethod
+    def _answerable(cls, messages: list[Message]) -> list[Message]:
+        if not any(m.role != "system" or m.content for m in messages):
+            raise ValueError(ANSWERABLE)
+        return messages
+
 
 class GenerateRequest(Wire):
+    model_config = ConfigDict(  # a raw prompt is the model's whole input: it cannot be empty
+        json_schema_extra={
+            "if": {"properties": {"raw": {"const": True}}, "required": ["raw"]},
+            "then": {"properties": {"prompt": {"minLength": 1}}},
+        }
+    )
+
     model: str
     prompt: str
     stream: bool = True
@@ -51,10 +148,16 @@ class GenerateRequest(Wire):
     system: str | None = None
     options: InferenceOptions | None = None
 
+    @model_validator(mode="after")
+    def _raw_not_empty(self) -> GenerateRequest:
+        if self.raw and not self.prompt:
+            raise ValueError("prompt must not be empty when raw is true")
+        return self
+
 
 class EmbeddingsRequest(Wire):
     model: str
-    input: str | list[str]
+    input: EmbeddingInput
 
 
 class Usage(Wire):
@@ -135,25 +238,47 @@ class StreamOptions(Wire):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(TypedDict, total=False):
+    """OpenAI's `response_format.json_schema`: its `schema` constrains the output."""
+
+    name: str
+    description: str
+    schema: Required[dict[str, Any]]
+    strict: bool | None
+
+
 class ResponseFormat(Wire):
+    model_config = ConfigDict(  # `json_schema` is required with type json_schema
+        json_schema_extra={
+            "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+            "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}},
+        }
+    )
+
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when type is json_schema")
+        return self
 
 
 class OpenAISampling(Wire):
     model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stop: StopString | StopList | None = None
+    seed: Seed | None = None
+    n: Int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, description="accepted, not applied (see README)")
     frequency_penalty: float | None = Field(None, description="accepted, not applied (see README)")
-    top_k: int | None = Field(None, description="extension: top-k sampling")
-    repeat_penalty: float | None = Field(None, description="extension: repetition penalty")
+    top_k: TopK | None = Field(None, description="extension: top-k sampling")
+    repeat_penalty: RepeatPenalty | None = Field(None, description="extension: repetition penalty")
     ignore_eos: bool = Field(False, description="extension (vLLM, llama.cpp): generate exactly max_tokens")
     user: str | None = None
 
@@ -166,21 +291,53 @@ class OpenAISampling(Wire):
 
 
 class ChatCompletionRequest(OpenAISampling):
-    messages: list[OpenAIMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    messages: list[OpenAIMessage] = Field(
+        min_length=1,
+        json_schema_extra={
+            "contains": {
+                "anyOf": [
+                    {"properties": {"role": {"enum": ["user", "assistant"]}}},
+                    {
+                        "properties": {
+                            "role": {"enum": ["system", "developer"]},
+                            "content": {"type": "string", "minLength": 1},
+                        },
+                        "required": ["content"],
+                    },
+                ]
+            }
+        },
+    )
+    max_completion_tokens: MaxTokens | None = None
     response_format: ResponseFormat | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _answerable(cls, messages: list[OpenAIMessage]) -> list[OpenAIMessage]:
+        said = (
+            m.role in ("system", "developer") and isinstance(m.content, str) and m.content for m in messages
+        )
+        if not any(m.role in ("user", "assistant") for m in messages) and not any(said):
+            raise ValueError(ANSWERABLE + " (tool messages are not read)")
+        return messages
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list[str]
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]],
+            Field(min_length=1, max_length=1, description="one prompt"),
+        ]
+    )
     echo: bool = False
 
 
 class OpenAIEmbeddingsRequest(Wire):
     model: str
-    input: str | list[str]
+    input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, Field(ge=1), Integral] | None = None
 
 
 # ---- Rust service ------------------------------------------------------------------------------
@@ -189,10 +346,10 @@ class OpenAIEmbeddingsRequest(Wire):
 class RustCompletionRequest(Wire):
     model: str
     prompt: str = Field(min_length=1)
-    max_tokens: int = Field(128, ge=1)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    stop: list[str] = Field(default_factory=list)
+    max_tokens: MaxTokens = 128
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
+    stop: StopList = Field(default_factory=list)
     stream: bool = False
 
 
@@ -207,20 +364,24 @@ class RustChatRequest(Wire):
 
     model_name: str = Field(alias="model-name")
     prompt: str = Field(min_length=1)
-    session_id: str | None = Field(None, alias="session-id", description="auto: a new session (X-Session-Id)")
-    max_token: int = Field(512, ge=1, alias="max-token")
-    temperature: float = 0.7
-    top_p: float = Field(0.95, alias="top-p")
-    top_k: int = Field(40, alias="top-k")
-    repeat_penalty: float = Field(1.1, alias="repeat-penalty")
+    session_id: SessionId | None = Field(
+        None, alias="session-id", description="absent: a new session (X-Session-Id)"
+    )
+    max_token: MaxTokens = Field(512, alias="max-token")
+    temperature: Temperature = 0.7
+    top_p: TopP = Field(0.95, alias="top-p")
+    top_k: TopK = Field(40, alias="top-k")
+    repeat_penalty: RepeatPenalty = Field(1.1, alias="repeat-penalty")
     system_prompt: str | None = Field(None, alias="system-prompt")
-    stop: list[str] = Field(default_factory=list)
-    device: str = Field("cpu", description="cpu, cuda, dml or webgpu (400 when not available here)")
+    stop: StopList = Field(default_factory=list)
+    device: str = Field(
+        "cpu", description="cpu, cuda, dml (or directml) or webgpu; 400 when this machine or model has none"
+    )
     multi_turn: bool = Field(False, alias="multi-turn", description="WebSocket only: keep the socket open")
 
 
 class Rollback(Wire):
-    amount: int = Field(ge=0, le=1_000_000)
+    amount: Annotated[int, Field(ge=0, le=1_000_000), Integral]
 
 
 class Readiness(Wire):
@@ -254,9 +415,9 @@ class TGIStarted(Wire):
 class TGIGenerateRequest(Wire):
     model_id: str
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(200, ge=1)
-    temperature: float = 0.7
-    top_p: float = 0.95
+    max_new_tokens: MaxTokens = 200
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
 
 
 class TGIGenerateResponse(Wire):
@@ -270,11 +431,11 @@ class TGIGenerateResponse(Wire):
 class SpecGenerateRequest(Wire):
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, description="absent or 'default': the first loaded model")
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: list[str] | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    stop: StopList | None = None
     stream: bool = False
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
+import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +16,19 @@ from flask import Flask, Response, g, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
+from limits import RateLimitItemPerMinute
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 
 from ortllm.settings import ConfigError, Settings
 
 from .errors import error_response
 
+log = logging.getLogger("ortllm.web")
+
 # reachable without credentials: probes, the API description and the browser UI's files
 OPEN_PREFIXES = ("/health", "/readiness", "/docs", "/openapi.json", "/ui/", "/static/")
+WS_PATH = "/chat/ws"  # the one route that takes ?token=: browsers cannot give a WebSocket headers
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,27 @@ def check_exposure(settings: Settings) -> None:
 
 
 class Authenticator:
-    """Checks `Authorization: Bearer …` (or `?token=` on WebSocket upgrades) before every request."""
+    """Checks `Authorization: Bearer …` (or `?token=` on the WebSocket upgrade) before every request and
+    answers 429 to a client address that keeps sending wrong credentials."""
 
     def __init__(self, settings: Settings) -> None:
         self.keys = load_keys(settings)
         self.jwt_secret = settings.auth.jwt_secret
         self.audience = settings.auth.jwt_audience
-        self.protect_metrics = settings.auth.protect_metrics
         self.enabled = bool(self.keys or self.jwt_secret)
+        protect = settings.auth.protect_metrics
+        self.protect_metrics = self.enabled if protect is None else protect
+        # keyed by the configured secrets: a label cannot be reversed by hashing guessed names
+        secrets = "\n".join([*sorted(self.keys.values()), self.jwt_secret or ""])
+        self.label_key = hashlib.sha256(secrets.encode()).digest()
+        # flask-limiter's own machinery (the limits package) on the same storage: Redis shares these counts too
+        per_minute = settings.auth.failed_per_minute if self.enabled else 0
+        self.failed_limit = RateLimitItemPerMinute(per_minute) if per_minute else None
+        self.failures = (
+            FixedWindowRateLimiter(storage_from_string(settings.rate_limit.storage_uri))
+            if per_minute
+            else None
+        )
 
     def is_open(self) -> bool:
         path = request.path
@@ -118,25 +141,66 @@ class Authenticator:
         if not self.enabled or self.is_open():
             return None
         header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else request.args.get("token", "")
-        identity = self.identify(token) if token else None
+        if header[:7].lower() == "bearer ":
+            token = header[7:].strip()
+        elif request.path == WS_PATH and request.headers.get("Upgrade", "").lower() == "websocket":
+            token = request.args.get("token", "")
+        else:
+            token = ""
+        if not token:
+            message = "Missing API key: send Authorization: Bearer <key>"
+            if "token" in request.args:
+                message += f" (?token= is accepted only on the WebSocket upgrade {WS_PATH})"
+            return unauthorized(message)
+        identity = self.identify(token)
         if identity is None:
-            response = error_response(401, "Invalid or missing API key (send Authorization: Bearer <key>)",
-                                      "AUTHENTICATION_FAILED")  # fmt: skip
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
+            return self.failed()
         g.identity = identity
         return None
 
+    def failed(self) -> Response:
+        """A wrong key or token: 401, or 429 once this address has spent its budget of failures."""
+        address = get_remote_address() or "unknown"
+        refused = unauthorized("Invalid API key (send Authorization: Bearer <key>)")
+        if self.failed_limit is None or self.failures is None:
+            return refused
+        try:
+            if self.failures.hit(self.failed_limit, "auth-failed", address):
+                return refused
+            reset_at = self.failures.get_window_stats(self.failed_limit, "auth-failed", address).reset_time
+        except Exception as exc:  # an unreachable rate-limit storage must not turn a 401 into a 500
+            log.warning(
+                "cannot count failed authentications in %s: %s", type(self.failures.storage).__name__, exc
+            )
+            return refused
+        retry_after = max(1, math.ceil(reset_at - time.time()))
+        response = error_response(429, f"Too many failed authentications from this address "
+                                  f"({self.failed_limit.amount} per minute): retry in {retry_after} s",
+                                  "RATE_LIMITED")  # fmt: skip
+        response.headers["Retry-After"] = str(retry_after)
+        return response
 
-def count_request(response: Response) -> Response:
-    """Count the request under its dialect, caller name (not the client address) and status."""
-    from .errors import dialect_of
-    from .service import services
+    def count_request(self, response: Response) -> Response:
+        """Count the request under its dialect, caller and status. Callers are named (never the client
+        address); on a /metrics that anyone may read while auth is on, by a stable hash of the name."""
+        from .errors import dialect_of
+        from .service import services
 
-    identity = getattr(g, "identity", None)
-    who = identity.name if identity and identity.kind != "anonymous" else "anonymous"
-    services().metrics.requests.labels(dialect_of(request.path), who, str(response.status_code)).inc()
+        identity = getattr(g, "identity", None)
+        who = "anonymous"
+        if identity and identity.kind != "anonymous":
+            who = identity.name if self.protect_metrics else self.pseudonym(identity)
+        services().metrics.requests.labels(dialect_of(request.path), who, str(response.status_code)).inc()
+        return response
+
+    def pseudonym(self, identity: Identity) -> str:
+        """A caller's stable label on an open /metrics: the same key or subject always gets the same one."""
+        return "hmac:" + hmac.new(self.label_key, identity.key.encode(), hashlib.sha256).hexdigest()[:12]
+
+
+def unauthorized(message: str) -> Response:
+    response = error_response(401, message, "AUTHENTICATION_FAILED")
+    response.headers["WWW-Authenticate"] = "Bearer"
     return response
 
 
@@ -158,7 +222,7 @@ def install(app: Flask, settings: Settings) -> Authenticator:
     """Wire auth, rate limiting and CORS into the app (in that order: limits are per identity)."""
     auth = Authenticator(settings)
     app.before_request(auth.before_request)
-    app.after_request(count_request)
+    app.after_request(auth.count_request)
     per_minute = rate_per_minute(settings)
     limiter = Limiter(
         rate_key,

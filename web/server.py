@@ -1,5 +1,9 @@
 """Run the app: gunicorn (gthread, one process so each model loads once) on POSIX; werkzeug's
-threaded server where gunicorn cannot run (Windows). Both serve flask-sock WebSockets."""
+threaded server where gunicorn cannot run (Windows). Both serve flask-sock WebSockets.
+
+Shutdown (SIGTERM, SIGINT/Ctrl-C, SIGQUIT) cancels every answer at once, so each stream ends with its
+dialect's cancelled marker, refuses new requests with 503, and the worker exits within EXIT_DEADLINE_S
+even if a handler cannot be cancelled (it is named in the log)."""
 
 from __future__ import annotations
 
@@ -7,19 +11,122 @@ import logging
 import os
 import signal
 import threading
+import time
+from collections.abc import Iterable
 from typing import Any
+
+from flask import Flask, Response
+from werkzeug.wsgi import ClosingIterator
 
 from ortllm.settings import Settings
 
+from .errors import error_response
+from .sse import STOPPING
+
 log = logging.getLogger("ortllm.server")
+EXIT_DEADLINE_S = 2.5  # after a stop signal the worker is gone by then, whatever its handlers do
+GRACEFUL_TIMEOUT_S = 5  # gunicorn's own limit: only a worker wedged beyond the deadline meets it
+_shutdown_once = threading.Lock()
+_deadline: float | None = None  # when the worker exits at the latest, once a stop signal came
+
+
+class InFlight:
+    """WSGI middleware: the requests being answered now (a stream until its body is closed), by path."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+        self.requests: dict[int, tuple[str, float]] = {}
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        key = id(environ)
+        with self.lock:
+            self.requests[key] = (
+                f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')}",
+                time.monotonic(),
+            )
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            self._done(key)
+            raise
+        return ClosingIterator(body, [lambda: self._done(key)])
+
+    def _done(self, key: int) -> None:
+        with self.lock:
+            self.requests.pop(key, None)
+
+    def describe(self) -> list[str]:
+        now = time.monotonic()
+        with self.lock:
+            return [f"{what} ({now - since:.1f} s)" for what, since in self.requests.values()]
+
+
+def prepare(app: Flask) -> InFlight:
+    """Refuse requests once shutdown has begun and track those in flight (to name stragglers)."""
+
+    def refuse_while_stopping() -> Response | None:
+        if not STOPPING.is_set():
+            return None
+        response = error_response(503, "The server is shutting down; retry when it is back", "SHUTTING_DOWN")
+        response.headers["Connection"] = "close"
+        return response
+
+    app.before_request_funcs.setdefault(None, []).insert(0, refuse_while_stopping)
+    inflight = InFlight(app.wsgi_app)
+    app.wsgi_app = inflight  # type: ignore[method-assign]
+    return inflight
 
 
 def shutdown(app: Any) -> None:
     """Cancel every stream, end open WebSockets and unload the models (streams end 'cancelled')."""
     from .ws import close_all
 
+    STOPPING.set()  # before anything is cancelled: the markers then say why
+    if not _shutdown_once.acquire(blocking=False):
+        return  # SIGTERM and SIGINT (Ctrl-C reaches master and worker) both ask: once is enough
     close_all()
-    app.extensions["ortllm"].registry.close()
+    registry = app.extensions["ortllm"].registry
+    # all models at once: each unload cancels its answers first, then waits for its worker thread
+    threads = [
+        threading.Thread(target=registry.unload, args=(name,), daemon=True) for name in registry.loaded()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _watch_exit(app: Any, inflight: InFlight, deadline: float) -> None:
+    """Unload models a request loaded after shutdown began; at `deadline` exit, naming what still runs."""
+    registry = app.extensions["ortllm"].registry
+    while time.monotonic() < deadline:
+        for name in registry.loaded():  # a request past the 503 check was loading it: cancel its answer too
+            threading.Thread(target=registry.unload, args=(name,), daemon=True).start()
+        time.sleep(0.1)
+    _exit_now(inflight)
+
+
+def _exit_now(inflight: InFlight) -> None:
+    stragglers = inflight.describe()
+    if stragglers:
+        log.warning("exiting with %d request(s) that did not end after %.1f s: %s", len(stragglers),
+                    EXIT_DEADLINE_S, "; ".join(stragglers))  # fmt: skip
+    logging.shutdown()
+    # neither a handler that cannot be cancelled nor a thread left behind (simple-websocket's reader waits
+    # for the peer's close or its next ping) may hold the exit; the answers are written, the store committed
+    os._exit(0)
+
+
+def _on_worker_exit(arbiter: Any, worker: Any) -> None:
+    """gunicorn's loop has ended (no connection left, or its timeout): after a stop signal, exit as soon as
+    the requests still in flight end (or at the deadline) rather than wait for every thread to finish."""
+    if _deadline is None:
+        return
+    inflight: InFlight = worker.wsgi.extensions["ortllm.inflight"]
+    while inflight.requests and time.monotonic() < _deadline:
+        time.sleep(0.05)
+    _exit_now(inflight)
 
 
 def serve(settings: Settings) -> None:
@@ -39,6 +146,7 @@ def _serve_werkzeug(settings: Settings) -> None:
     from .app import create_app
 
     app = create_app(settings)
+    prepare(app)
     try:
         run_simple(settings.server.host, settings.server.port, app, threaded=True, use_reloader=False)
     finally:
@@ -58,29 +166,45 @@ def _serve_gunicorn(settings: Settings) -> None:
                 "worker_class": "gthread",
                 "threads": settings.server.threads,
                 "timeout": 0,  # streams can be long; the worker heartbeat runs in its own thread
-                "graceful_timeout": 15,
+                "graceful_timeout": GRACEFUL_TIMEOUT_S,
                 "keepalive": 5,
                 "accesslog": None,
                 "errorlog": "-",
                 "loglevel": "warning",
                 "post_worker_init": _on_worker_start,
+                "worker_exit": _on_worker_exit,
             }
             for key, value in cfg.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return create_app(settings)
+            app = create_app(settings)
+            app.extensions["ortllm.inflight"] = prepare(app)
+            return app
 
     Server().run()
 
 
 def _on_worker_start(worker: Any) -> None:
-    """On SIGTERM, cancel streams at once so the graceful shutdown finishes them, then stop."""
-    previous = signal.getsignal(signal.SIGTERM)
+    """On SIGTERM (graceful) and SIGINT/SIGQUIT (Ctrl-C, quick), cancel every answer at once so the
+    handlers end with their cancelled markers, then let gunicorn stop the worker; a watchdog makes sure
+    it is gone within EXIT_DEADLINE_S."""
+    app = worker.wsgi
 
-    def on_term(signum: int, frame: Any) -> None:
-        threading.Thread(target=shutdown, args=(worker.wsgi,), daemon=True).start()
-        if callable(previous):
-            previous(signum, frame)
+    def wrap(signum: int) -> None:
+        previous = signal.getsignal(signum)
 
-    signal.signal(signal.SIGTERM, on_term)
+        def on_stop(sig: int, frame: Any) -> None:
+            global _deadline
+            if _deadline is None:
+                _deadline = deadline = time.monotonic() + EXIT_DEADLINE_S
+                threading.Thread(target=shutdown, args=(app,), name="ortllm-shutdown", daemon=True).start()
+                threading.Thread(target=_watch_exit, args=(app, app.extensions["ortllm.inflight"], deadline),
+                                 name="ortllm-exit-watchdog", daemon=True).start()  # fmt: skip
+            if callable(previous):
+                previous(sig, frame)
+
+        signal.signal(signum, on_stop)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        wrap(signum)

@@ -159,8 +159,9 @@ class Services:
 
 
 class ChatSession:
-    """A chat turn's event stream that stores the reply in the session when the turn completes (and keeps
-    the question, marked unanswered, when it does not)."""
+    """A chat turn's event stream that stores the reply in the session when the turn completes. A turn the
+    client withdraws (cancel, disconnect) is undone; one the server could not finish (shutdown, unload, a
+    runtime error) keeps the question, marked unanswered, for a retry."""
 
     def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream) -> None:
         self.sessions = sessions
@@ -168,6 +169,7 @@ class ChatSession:
         self.stream = stream
         self.parts: list[str] = []
         self._iterating = False
+        self._withdrawn = False
         self._ended = sessions is None  # the turn's outcome is in the session store
         self._lock = threading.Lock()
 
@@ -184,12 +186,12 @@ class ChatSession:
                         self.parts.append(event.text)
                     if event.done:
                         ok = event.finish_reason not in (ERROR, CANCELLED) and bool(self.parts)
-                        self._end("".join(self.parts) if ok else None)
+                        self._end("".join(self.parts) if ok else None, self._withdrawn)
                     yield event
         finally:
-            self._end(None)  # a client that went away mid-answer: the question stays, unanswered
+            self._end(None, True)  # the reader stopped before the end: its client went away
 
-    def _end(self, reply: str | None) -> None:
+    def _end(self, reply: str | None, withdrawn: bool) -> None:
         with self._lock:
             if self._ended:
                 return
@@ -198,12 +200,14 @@ class ChatSession:
         if reply is not None:
             commit_turn(self.sessions, self.turn, reply)
         else:
-            abandon_turn(self.sessions, self.turn)
+            abandon_turn(self.sessions, self.turn, withdrawn=withdrawn)
 
-    def cancel(self) -> None:
+    def cancel(self, *, withdrawn: bool = True) -> None:
+        """Stop the answer: the client withdrew the turn, or (`withdrawn=False`) the server is shutting down."""
+        self._withdrawn = self._withdrawn or withdrawn
         self.stream.cancel()
         if not self._iterating:  # never read: nobody else will end the turn
-            self._end(None)
+            self._end(None, self._withdrawn)
 
 
 def services() -> Services:

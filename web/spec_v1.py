@@ -10,9 +10,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from ortllm.catalog import load_catalog
-from ortllm.errors import GenerationFailed, InvalidOptions, OrtllmError
+from ortllm.errors import GenerationFailed, InvalidOptions, OrtllmError, RequestCancelled
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_ep
-from ortllm.runtime.types import ERROR
+from ortllm.runtime.types import CANCELLED, ERROR
 from ortllm.store import InstalledModel
 
 from . import protocol as p
@@ -20,7 +20,7 @@ from .metrics import MeteredStream
 from .native import collect, usage_of
 from .routes import api_route
 from .service import services
-from .sse import sse_response
+from .sse import cancel_reason, sse_response
 
 bp = Blueprint("spec_v1", __name__, url_prefix="/api/v1")
 TAG = "API design spec (/api/v1)"
@@ -62,6 +62,8 @@ def start(body: p.SpecGenerateRequest) -> MeteredStream:
 def result(stream: MeteredStream, started: float) -> dict[str, Any]:
     with stream:
         text, final = collect(stream)
+    if final.finish_reason == CANCELLED:
+        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
     return {"text": text, "usage": usage_of(final), "latency": round(time.monotonic() - started, 3)}
 
 
@@ -112,6 +114,9 @@ def token_stream(stream: MeteredStream) -> Response:
                                          "details": GenerationFailed.hint}  # fmt: skip
                     else:
                         last["usage"] = usage_of(event)
+                    if event.finish_reason == CANCELLED:  # cut short: `finished` alone would look complete
+                        last["error"] = {"code": RequestCancelled.code, "details": RequestCancelled.hint,
+                                         "message": f"The answer was cancelled: {cancel_reason()}"}  # fmt: skip
                     yield last
 
     return sse_response(events())

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Response
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+STOPPING = threading.Event()  # set when the server starts shutting down: cancellations then say so
+
+
+def cancel_reason() -> str:
+    """Why a stream the client did not cancel ended early: the server's shutdown or a model unload."""
+    if STOPPING.is_set():
+        return "the server is shutting down"
+    return "the model was unloaded or the request was cancelled"
 
 
 def format_event(data: Any) -> str:

@@ -10,13 +10,14 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import GenerationTimeout, ModelNotFound
+from ortllm.errors import GenerationTimeout, ModelNotFound, RequestCancelled
 from ortllm.runtime.types import CANCELLED
 
 from . import protocol as p
 from .native import collect
 from .routes import api_route
 from .service import services
+from .sse import cancel_reason
 
 bp = Blueprint("tgi", __name__)
 TAG = "TGI orchestrator"
@@ -91,4 +92,6 @@ def generate(body: p.TGIGenerateRequest) -> Response:
         timer.cancel()
     if expired.is_set() and final.finish_reason == CANCELLED:
         raise GenerationTimeout(f"Generation did not finish within {timeout:g} seconds")
+    if final.finish_reason == CANCELLED:  # shutdown or unload: partial text must not look like an answer
+        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
     return jsonify({"generated_text": text, "model_id": body.model_id})

@@ -5,7 +5,10 @@ Multi-turn opt-in (`/chat/ws?mode=multi`, or `"multi-turn": true` in the first m
 framed by `__START__:{"session-id"}` and `__END__:{"session-id", "finish_reason", "usage", "timings"}`, the
 socket stays open for the next request (without a `session-id` it continues the socket's conversation),
 and `{"action": "cancel"}` ends the current answer ("cancelled"); `{"action": "close"}` or closing the
-socket cancels it too."""
+socket cancels it too. An answer cut short by the server (shutdown, model unloaded) ends with
+`__ERROR__:cancelled` (then `__END__` in multi-turn mode); at most MAX_PENDING requests wait behind the
+answer in progress, more get `__ERROR__:too many pending messages`; a message over server.max_body_bytes
+closes the socket with 1009."""
 
 from __future__ import annotations
 
@@ -13,27 +16,30 @@ import json
 import logging
 import queue
 import threading
+import time
 import weakref
 from typing import Any
 
-from flask import Blueprint, request
-from flask_sock import Sock
+from flask import Blueprint, Response, current_app, request
 from pydantic import ValidationError
 from simple_websocket import ConnectionClosed, Server
 
 from ortllm.errors import InvalidOptions, OrtllmError
-from ortllm.runtime.types import ERROR, TokenEvent
+from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
 
 from . import protocol as p
 from .errors import validation_message
 from .native import usage_of
+from .routes import decode_json
 from .rust import start_chat
 from .service import ChatSession
 
 log = logging.getLogger("ortllm.web")
 bp = Blueprint("rust_ws", __name__)
-sock = Sock()
 POLL_S = 1.0  # how often the reader checks that the handler is still running
+MAX_PENDING = 8  # chat requests one socket may queue behind the answer in progress
+TOO_MANY = "__ERROR__:too many pending messages"
+LINGER_S, LINGER_IDLE_S = 5.0, 0.5  # how long to read away the rest of a too-big message
 OPEN: weakref.WeakSet[Connection] = weakref.WeakSet()  # sockets to end on shutdown
 OPEN_LOCK = threading.Lock()
 CLOSING = threading.Event()  # set on shutdown: a socket whose handler starts afterwards ends at once
@@ -64,10 +70,7 @@ def action_of(text: str) -> str | None:
 
 
 def parse(text: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidOptions(f"Malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    data = decode_json(text)  # the HTTP bodies' decoder: depth, huge integers, lone surrogates → 400
     if not isinstance(data, dict):
         raise InvalidOptions("Send a JSON object")
     if "action" in data:
@@ -75,15 +78,39 @@ def parse(text: str) -> dict[str, Any]:
     return data
 
 
+class LingeringServer(Server):
+    """simple-websocket's server, but a message over max_message_size is read away (bounded in time) after
+    the 1009 close frame is sent: closing a socket with unread data sends a TCP reset, and a client still
+    sending would never see the close frame."""
+
+    def _handle_events(self) -> bool:
+        keep_going: bool = super()._handle_events()
+        if not keep_going and self.max_message_size and self.incoming_message_len > self.max_message_size:
+            self._drain()
+        return keep_going
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + LINGER_S
+        try:
+            self.sock.settimeout(LINGER_IDLE_S)
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except OSError:  # idle (the client has stopped sending) or gone: close now
+            pass
+
+
 class Connection:
     """One socket's reader thread: cancel and close act at once (a closed socket cancels too); chat
-    requests wait in `inbox` (None: the socket is gone or the client asked to close)."""
+    requests wait in `inbox` (None: the socket is gone or the client asked to close), at most MAX_PENDING."""
 
     def __init__(self, ws: Server) -> None:
         self.ws = ws
         self.inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self.current: ChatSession | None = None
         self.running = True
+        self.pending = 0  # chat requests in the inbox
+        self.client_cancelled = False  # the client's own {"action": "cancel"} ended the current answer
+        self.lock = threading.Lock()  # the reader and the handler both send: one frame at a time
         with OPEN_LOCK:
             OPEN.add(self)
             closing = CLOSING.is_set()
@@ -92,9 +119,22 @@ class Connection:
             return
         threading.Thread(target=self._read, name="ortllm-ws-reader", daemon=True).start()
 
+    def send(self, text: str) -> None:
+        with self.lock:
+            self.ws.send(text)
+
+    def next_request(self) -> str | None:
+        """The next chat request (blocking); None when the socket is done."""
+        text = self.inbox.get()
+        if text is not None:
+            with self.lock:
+                self.pending -= 1
+        return text
+
     def end(self) -> None:
-        """Cancel the current answer and let the handler return (it then closes the socket)."""
-        self.cancel()
+        """Cancel the current answer and let the handler return (it then closes the socket): the server is
+        shutting down, so the turn's question stays stored for a retry."""
+        self.cancel(withdrawn=False)
         self.inbox.put(None)
 
     def _read(self) -> None:
@@ -106,8 +146,9 @@ class Connection:
                 text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
                 action = action_of(text)
                 if action is None:
-                    self.inbox.put(text)
+                    self._enqueue(text)
                     continue
+                self.client_cancelled = True
                 self.cancel()
                 if action == "close":
                     break
@@ -115,21 +156,32 @@ class Connection:
             self.cancel()
         self.inbox.put(None)
 
-    def cancel(self) -> None:
+    def _enqueue(self, text: str) -> None:
+        """Queue a chat request, or refuse it at once when MAX_PENDING already wait."""
+        with self.lock:
+            accepted = self.pending < MAX_PENDING
+            if accepted:
+                self.pending += 1
+                self.inbox.put(text)
+            else:
+                self.ws.send(TOO_MANY)
+
+    def cancel(self, *, withdrawn: bool = True) -> None:
         current = self.current
         if current is not None:
-            current.cancel()
+            current.cancel(withdrawn=withdrawn)
 
     def answer(self, session: ChatSession, multi: bool) -> None:
         """Send the answer's tokens as frames (framed by __START__/__END__ in multi-turn mode)."""
         final: TokenEvent | None = None
+        self.client_cancelled = False
         self.current = session
         try:
             if multi:
-                self.ws.send("__START__:" + json.dumps({"session-id": session.session_id}))
+                self.send("__START__:" + json.dumps({"session-id": session.session_id}))
             for event in session:
                 if event.text:
-                    self.ws.send(event.text)
+                    self.send(event.text)
                 if event.done:
                     final = event
         finally:
@@ -137,19 +189,46 @@ class Connection:
             session.cancel()  # a no-op when finished; frees the slot when a send failed
         assert final is not None
         if final.finish_reason == ERROR:
-            self.ws.send(f"__ERROR__:{final.error}")
+            self.send(f"__ERROR__:{final.error}")
+        elif final.finish_reason == CANCELLED and not (multi and self.client_cancelled):
+            self.send("__ERROR__:cancelled")  # cut short by the server: the text is not the whole answer
         if multi:
             timings = final.timings.as_dict() if final.timings else {}
-            self.ws.send("__END__:" + json.dumps({"session-id": session.session_id, "finish_reason": final.finish_reason,
-                                                  "usage": usage_of(final), "timings": timings}))  # fmt: skip
+            self.send("__END__:" + json.dumps({"session-id": session.session_id, "finish_reason": final.finish_reason,
+                                               "usage": usage_of(final), "timings": timings}))  # fmt: skip
 
 
-@sock.route("/chat/ws", bp=bp)
-def chat_ws(ws: Server) -> None:
+@bp.route("/chat/ws", websocket=True)
+def chat_ws() -> Response:
+    """The upgrade (as flask-sock does it, with LingeringServer): run the socket, then hand the connection
+    back to the WSGI server without a response of its own."""
+    ws = LingeringServer(request.environ, **current_app.config.get("SOCK_SERVER_OPTIONS", {}))
+    try:
+        serve_socket(ws)
+    except ConnectionClosed:
+        pass
+    try:
+        ws.close()
+    except (ConnectionClosed, OSError):  # already closed by either side
+        pass
+
+    class WebSocketResponse(Response):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if ws.mode == "gunicorn":
+                raise StopIteration()  # gunicorn's gthread worker: the socket was already answered
+            if ws.mode == "werkzeug":
+                return super().__call__(*args, **kwargs)
+            return []
+
+    return WebSocketResponse()
+
+
+def serve_socket(ws: Server) -> None:
+    """Read chat requests and answer them until the socket closes (after one answer unless multi-turn)."""
     conn = Connection(ws)
     multi, first, last_session = request.args.get("mode") == "multi", True, None
     try:
-        while (text := conn.inbox.get()) is not None:
+        while (text := conn.next_request()) is not None:
             try:
                 data = parse(text)
                 if first:
@@ -160,7 +239,7 @@ def chat_ws(ws: Server) -> None:
                 session = start_chat(p.RustChatRequest.model_validate(data))
                 last_session = session.session_id
             except (OrtllmError, ValidationError) as exc:
-                ws.send(
+                conn.send(
                     f"__ERROR__:{validation_message(exc)[0] if isinstance(exc, ValidationError) else exc}"
                 )
                 if multi:
@@ -168,7 +247,7 @@ def chat_ws(ws: Server) -> None:
                 return
             except Exception as exc:  # never close silently: say what failed
                 log.exception("WebSocket chat request failed")
-                ws.send(f"__ERROR__:Internal error: {type(exc).__name__}")
+                conn.send(f"__ERROR__:Internal error: {type(exc).__name__}")
                 return
             conn.answer(session, multi)
             if not multi:

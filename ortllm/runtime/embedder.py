@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ortllm.errors import InvalidOptions, ModelLoadError, first_line
+from ortllm.errors import InvalidOptions, ModelLoadError, RequestCancelled, first_line
 from ortllm.store import InstalledModel, Variant
+
+from .types import Embeddings, RequestLimits, embedding_tokens
 
 log = logging.getLogger("ortllm.runtime")
 
@@ -131,11 +134,14 @@ class EmbeddingModel:
         raise not_generative(self.name)
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
+        return self.embed_encodings(self.tokenizer.encode_batch(texts))
+
+    def embed_encodings(self, encodings: list[Any]) -> np.ndarray:
+        """Vectors of texts the tokenizer has encoded (padded to the longest of them)."""
         width = max(len(e.ids) for e in encodings)
-        ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(texts), width), dtype=np.int64)
-        types = np.zeros((len(texts), width), dtype=np.int64)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
             ids[row, :n] = enc.ids
@@ -172,12 +178,13 @@ class Embedder:
     api = "onnxruntime"
     crashed: str | None = None  # no worker thread to crash (see Scheduler.crashed)
 
-    def __init__(
-        self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None
-    ) -> None:
+    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None,
+                 limits: RequestLimits | None = None) -> None:  # fmt: skip
         self.model = EmbeddingModel(installed, force_ep=force_ep, threads=threads)
+        self.limits = limits or RequestLimits()
         self._active = 0
         self._lock = threading.Lock()
+        self._closed = threading.Event()
 
     @property
     def queue_depth(self) -> int:
@@ -189,16 +196,29 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """One L2-normalised vector per text (sentence-transformers' encode with normalisation)."""
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
+        return self.embed_texts(texts).vectors
+
+    def embed_texts(self, texts: list[str], client_gone: Callable[[], bool] | None = None) -> Embeddings:
+        """`embed` with the token count, checked against the limits first; it stops between batches when
+        the model is unloaded or `client_gone()` turns true."""
+        encodings: list[Any] = []
+
+        def encode(text: str) -> list[int]:
+            encodings.append(self.model.tokenizer.encode(text))
+            return list(encodings[-1].ids)
+
+        tokens = sum(len(ids) for ids in embedding_tokens(texts, encode, self.limits))
         with self._lock:
             self._active += 1
         try:
             out: list[list[float]] = []
-            for start in range(0, len(texts), MAX_BATCH):
-                out.extend(self.model.embed_batch(texts[start : start + MAX_BATCH]).tolist())
-            return out
+            for start in range(0, len(encodings), MAX_BATCH):
+                if self._closed.is_set():
+                    raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
+                if client_gone is not None and client_gone():
+                    raise RequestCancelled("The embeddings request was cancelled: its client went away")
+                out.extend(self.model.embed_encodings(encodings[start : start + MAX_BATCH]).tolist())
+            return Embeddings(out, tokens)
         finally:
             with self._lock:
                 self._active -= 1
@@ -216,4 +236,5 @@ class Embedder:
         pass
 
     def close(self, timeout: float = 10.0) -> None:
+        self._closed.set()  # requests in progress stop before their next batch
         self.model.session = None  # type: ignore[assignment]

@@ -14,6 +14,7 @@ from .embedder import Embedder, is_embedding_model
 from .loaded import LoadedModel
 from .native import batcher_choice
 from .scheduler import DEFAULT_MAX_QUEUE, Scheduler
+from .types import RequestLimits
 
 log = logging.getLogger("ortllm.registry")
 
@@ -22,9 +23,12 @@ class ModelRegistry:
     """Thread-safe map of model name → Scheduler (an Embedder for embedding models) over a ModelStore."""
 
     def __init__(self, store: ModelStore | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 backend: str | None = None, threads: int | None = None) -> None:  # fmt: skip
+                 backend: str | None = None, threads: int | None = None,
+                 limits: RequestLimits | None = None) -> None:  # fmt: skip
+        """`limits`: the most work one request may ask of a model (RequestLimits.of(settings.server))."""
         self.store = store or ModelStore()
         self.max_queue = max_queue
+        self.limits = limits or RequestLimits()
         self.backend = backend or batcher_choice()  # native | engine | generator | auto
         self.threads = threads
         self._loaded: dict[str, Scheduler | Embedder] = {}
@@ -74,10 +78,12 @@ class ModelRegistry:
                 self.unload(installed.name)
             scheduler: Scheduler | Embedder
             if is_embedding_model(installed):  # plain onnxruntime; generation requests get a 400
-                scheduler = Embedder(installed, force_ep=ep, threads=self.threads)
+                scheduler = Embedder(installed, force_ep=ep, threads=self.threads, limits=self.limits)
             else:
                 model = LoadedModel(installed, force_ep=ep, threads=self.threads, batcher=self.backend)
-                scheduler = Scheduler(model, max_queue=self.max_queue, backend=self.backend)
+                scheduler = Scheduler(
+                    model, max_queue=self.max_queue, backend=self.backend, limits=self.limits
+                )
             with self._lock:
                 self._loaded[installed.name] = scheduler
                 self._last_used[installed.name] = time.monotonic()

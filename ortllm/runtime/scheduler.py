@@ -18,19 +18,41 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime_genai as og
 
-from ortllm.errors import Busy, GenerationFailed, InvalidOptions, ModelLoadError, first_line
+from ortllm.errors import (
+    Busy,
+    GenerationFailed,
+    InvalidOptions,
+    ModelLoadError,
+    OrtllmError,
+    RequestCancelled,
+    first_line,
+)
 
 from .loaded import LoadedModel
 from .native import NativeBatcher
 from .options import GenerationOptions
 from .stop import StopMatcher
-from .types import CANCELLED, ERROR, LENGTH, STOP, GenerationRequest, Result, Timings, TokenEvent, Usage
+from .types import (
+    CANCELLED,
+    ERROR,
+    LENGTH,
+    STOP,
+    Embeddings,
+    GenerationRequest,
+    RequestLimits,
+    Result,
+    Timings,
+    TokenEvent,
+    Usage,
+    embedding_tokens,
+)
 
 log = logging.getLogger("ortllm.scheduler")
 T = TypeVar("T")
@@ -41,6 +63,10 @@ DEFAULT_MAX_ENGINES = 4  # Engines (static batches) stepping side by side
 
 
 ADMISSION_WINDOW_S = 0.15  # while other batches run, a new batch waits this long for companions
+EMBED_CHUNK = 16  # tokens per forward pass of an embedding (a long text takes several, between decode steps)
+EMBED_SLICE_S = 0.01  # embedding work per turn of the worker loop (at least one chunk)
+EMBED_YIELD = 3.0  # while others generate, they get this many times the embeddings' time in between
+POLL_S = 0.25  # how often a waiting caller checks whether its client has gone
 
 
 class _Batch:
@@ -125,19 +151,24 @@ class Stream:
         self.prompt_tokens = len(job.prompt_ids)
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        gone = self._job.request.client_gone
         while self.final is None:
             try:  # a timeout keeps the consumer interruptible (Ctrl-C in the terminal chat)
-                event = self._job.events.get(timeout=0.5)
+                event = self._job.events.get(timeout=POLL_S if gone else 0.5)
             except queue.Empty:
+                if gone is not None and gone():  # nobody will read the answer: free the queue place / slot
+                    self.cancel()
                 continue
             if event.done:
                 self.final = event
             yield event
 
     def cancel(self) -> None:
+        """Stop the request: one still queued is dropped at once (it never runs), a running one at the
+        next decode step."""
         if self.final is None:
             self._job.cancelled.set()
-            self._scheduler.wake()
+            self._scheduler.drop(self._job)
 
     def result(self) -> Result:
         """Wait for the whole generation; raise if it failed."""
@@ -156,11 +187,34 @@ class Stream:
         self.cancel()
 
 
+class EmbedJob:
+    """One embeddings request inside the scheduler: its texts' tokens, progress (the worker computes a
+    few chunks per turn) and the future its vectors go to."""
+
+    def __init__(self, token_lists: list[list[int]]) -> None:
+        self.token_lists = token_lists
+        self.vectors: list[list[float]] = []
+        self.future: Future[list[list[float]]] = Future()
+        self.cancelled = threading.Event()
+        self.generator: Any = None  # the og.Generator of the text in progress
+        self.offset = 0  # tokens of that text already fed
+        self.total: np.ndarray | None = None  # the sum of their hidden states
+        self.started = False
+
+    def fail(self, exc: OrtllmError) -> None:
+        self.generator = None
+        try:
+            self.future.set_exception(exc)
+        except InvalidStateError:  # already answered
+            pass
+
+
 class Scheduler:
     """Owns a LoadedModel and its worker thread; the only way to generate with it."""
 
     def __init__(self, model: LoadedModel, *, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_engines: int = DEFAULT_MAX_ENGINES, backend: str | None = None) -> None:  # fmt: skip
+                 max_engines: int = DEFAULT_MAX_ENGINES, backend: str | None = None,
+                 limits: RequestLimits | None = None) -> None:  # fmt: skip
         backend = None if backend == "auto" else backend
         if backend == "engine" and not engine_supported():
             raise ModelLoadError("This onnxruntime-genai has no Engine API (it needs 0.18 or later)")
@@ -175,11 +229,15 @@ class Scheduler:
             else None
         )
         self.max_queue = max_queue
+        self.limits = limits or RequestLimits()
         self.max_batch = max_batch
         self.max_engines = max_engines
         self._batches: list[_Batch] = []
         self._pending: deque[Job] = deque()
         self._calls: deque[Callable[[], None]] = deque()
+        self._embeds: deque[EmbedJob] = deque()  # the first is in progress, a slice per turn of the loop
+        self._embed_next = 0.0  # while others generate, no embedding slice before this time
+        self.dropped = 0  # requests dropped from the queue (their client gone) before they ran
         self._active: dict[int, Job] = {}
         self._cv = threading.Condition()
         self._stopping = False
@@ -196,7 +254,8 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        """Requests waiting: generations not started and embeddings behind the one in progress."""
+        return len(self._pending) + sum(1 for e in self._embeds if not e.started)
 
     @property
     def active_count(self) -> int:
@@ -263,18 +322,62 @@ class Scheduler:
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """Mean-pooled, L2-normalised final hidden states, one vector per text."""
+        return self.embed_texts(texts).vectors
+
+    def embed_texts(self, texts: list[str], client_gone: Callable[[], bool] | None = None) -> Embeddings:
+        """`embed` with the token count; checked against the limits first, computed a slice at a time
+        between decode steps (generation keeps streaming), dropped when `client_gone()` turns true."""
         if not self.model.has_hidden_states:
             raise InvalidOptions(
                 f"Model '{self.model.name}' was built without hidden states; reconvert it with this ortllm to embed"
             )
-        token_lists = []
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
-            ids = self.model.encode(text)
+        token_lists = embedding_tokens(texts, self.model.encode, self.limits)
+        for ids in token_lists:
             self.model.check_fits(len(ids))
-            token_lists.append(ids)
-        return self.call(lambda: [self._embed_one(ids) for ids in token_lists])
+        job = EmbedJob(token_lists)
+        with self._cv:
+            if self._stopping:
+                raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
+            if self.queue_depth >= self.max_queue:
+                raise Busy(
+                    f"Model '{self.model.name}' is busy ({self.max_queue} requests waiting); retry shortly"
+                )
+            self._embeds.append(job)
+            self._cv.notify()
+        try:
+            while True:
+                try:
+                    vectors = job.future.result(POLL_S)
+                    break
+                except FutureTimeout:
+                    if client_gone is not None and client_gone():
+                        raise RequestCancelled(
+                            "The embeddings request was cancelled: its client went away"
+                        ) from None
+        finally:
+            # cancelled (client gone, or the caller interrupted): it stops at its next slice
+            if not job.future.done():
+                job.cancelled.set()
+                self.drop(job)
+        return Embeddings(vectors, sum(len(ids) for ids in token_lists))
+
+    def drop(self, job: Job | EmbedJob) -> None:
+        """A cancelled request: out of the queue now when it has not started (counted in `dropped`)."""
+        with self._cv:
+            if isinstance(job, Job):
+                waiting = job in self._pending
+                if waiting:
+                    self._pending.remove(job)
+            else:
+                waiting = job in self._embeds and not job.started
+                if waiting:
+                    self._embeds.remove(job)
+            self.dropped += waiting
+            self._cv.notify()
+        if isinstance(job, EmbedJob):
+            job.fail(RequestCancelled("The embeddings request was cancelled"))
+        elif waiting:
+            job.finish(CANCELLED)
 
     def wake(self) -> None:
         with self._cv:
@@ -286,11 +389,16 @@ class Scheduler:
             self._stopping = True
             pending = list(self._pending)
             self._pending.clear()
+            embeds = list(self._embeds)
+            self._embeds.clear()
             for job in self._running():
                 job.cancelled.set()
             self._cv.notify()
         for job in pending:
             job.finish(CANCELLED)
+        for embed in embeds:  # the one in progress stops at its next chunk
+            embed.cancelled.set()
+            embed.fail(ModelLoadError(f"Model '{self.model.name}' is being unloaded"))
         self._thread.join(timeout)
 
     # ---- worker side ---------------------------------------------------------------------------
@@ -305,8 +413,12 @@ class Scheduler:
                 self._stopping = True
                 jobs = self._running() + list(self._pending)
                 self._pending.clear()
+                embeds = list(self._embeds)
+                self._embeds.clear()
             for job in jobs:
                 job.finish(ERROR, f"generation failed: {self.crashed}")
+            for embed in embeds:
+                embed.fail(GenerationFailed(f"embedding failed: {self.crashed}"))
 
     def _next_work(
         self, busy: bool, room: int, wait_s: float | None = None
@@ -314,10 +426,19 @@ class Scheduler:
         """Up to `room` jobs to admit and the calls to run; blocks while there is nothing to do
         (at most `wait_s` seconds when given)."""
         with self._cv:
-            while not busy and not self._pending and not self._calls and not self._stopping:
+            while (
+                not busy and not self._pending and not self._calls and not self._embeds and not self._stopping
+            ):
                 if not self._cv.wait(wait_s) and wait_s is not None:
                     break
-            admit = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            admit: list[Job] = []
+            while self._pending and len(admit) < room:
+                job = self._pending.popleft()
+                if job.cancelled.is_set():  # cancelled while queued (Stream.cancel normally removes it)
+                    self.dropped += 1
+                    job.finish(CANCELLED)
+                else:
+                    admit.append(job)
             calls = list(self._calls)
             self._calls.clear()
             return admit, calls
@@ -388,8 +509,9 @@ class Scheduler:
                     native.close()
                 elif native.wants_step:
                     native.step()
-                elif native.wants_warm_up:
+                elif native.wants_warm_up and not self._embeds:
                     native.warm_up()  # idle: fault in a cold KV slot, a few ms at a time
+            self._embed_turn(generating=bool(self._running()))
 
     def _room(self) -> int:
         """How many waiting jobs can start now."""
@@ -553,6 +675,7 @@ class Scheduler:
                     self._run_serially(job)
                 finally:
                     self._active.pop(id(job), None)
+            self._embed_turn(generating=False)  # one request at a time here: a slice between requests
 
     def _generate_one(self, job: Job) -> None:
         job.started = time.monotonic()
@@ -585,12 +708,55 @@ class Scheduler:
                 return
         job.finish(STOP if job.hit_eos else LENGTH)
 
-    def _embed_one(self, ids: list[int]) -> list[float]:
-        params = og.GeneratorParams(self.model.model)
-        params.set_search_options(max_length=len(ids) + 1)
-        generator = og.Generator(self.model.model, params)
-        generator.append_tokens(np.asarray([ids], dtype=np.int32))
-        hidden = np.asarray(generator.get_output("hidden_states"), dtype=np.float64)[0]
-        vector = hidden.mean(axis=0)
+    def _embed_turn(self, generating: bool) -> None:
+        """One slice of the first embeddings request, unless others generating have not yet had their
+        EMBED_YIELD share of time since the last slice."""
+        if not self._embeds or (generating and time.monotonic() < self._embed_next):
+            return
+        start = time.monotonic()
+        self._embed_slice(self._embeds[0], start + EMBED_SLICE_S)
+        end = time.monotonic()
+        self._embed_next = end + EMBED_YIELD * (end - start)
+
+    def _embed_slice(self, job: EmbedJob, until: float) -> None:
+        """Chunks of `job` until the time `until` (at least one); the job leaves the queue when done."""
+        job.started = True
+        try:
+            while not job.cancelled.is_set() and len(job.vectors) < len(job.token_lists):
+                self._embed_chunk(job)
+                if time.monotonic() >= until:
+                    break
+        except Exception as exc:  # one request's failure must not stop the worker
+            log.exception("embedding failed on %s", self.model.name)
+            job.fail(GenerationFailed(f"embedding failed: {first_line(exc)}"))
+        if job.cancelled.is_set() or job.future.done() or len(job.vectors) == len(job.token_lists):
+            with self._cv:
+                if self._embeds and self._embeds[0] is job:
+                    self._embeds.popleft()
+            job.generator = None
+            try:
+                job.future.set_result(job.vectors)
+            except InvalidStateError:  # failed or cancelled meanwhile
+                pass
+
+    def _embed_chunk(self, job: EmbedJob) -> None:
+        """Feed the next EMBED_CHUNK tokens of the text in progress; a finished text gives its vector:
+        the mean of its final hidden states, L2-normalised (chunked feeding gives the same states)."""
+        ids = job.token_lists[len(job.vectors)]
+        if job.generator is None:
+            params = og.GeneratorParams(self.model.model)
+            params.set_search_options(max_length=len(ids) + 1)
+            job.generator = og.Generator(self.model.model, params)
+            job.offset, job.total = 0, None
+        chunk = ids[job.offset : job.offset + EMBED_CHUNK]
+        job.generator.append_tokens(np.asarray([chunk], dtype=np.int32))
+        hidden = np.asarray(job.generator.get_output("hidden_states"), dtype=np.float64)[0]
+        part = hidden.sum(axis=0)
+        job.total = part if job.total is None else job.total + part
+        job.offset += len(chunk)
+        if job.offset < len(ids):
+            return
+        vector = job.total / len(ids)
         norm = float(np.linalg.norm(vector)) or 1.0
-        return (vector / norm).astype(np.float32).tolist()
+        job.vectors.append((vector / norm).astype(np.float32).tolist())
+        job.generator = None

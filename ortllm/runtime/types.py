@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import select
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from ortllm.errors import InvalidOptions, RequestTooLarge
 
 from .options import GenerationOptions
 
@@ -29,6 +35,8 @@ class GenerationRequest:
     # whose cached keys and values this request may reuse: requests of different scopes (API keys) never
     # share a prefix cache, so one caller cannot learn from timing what another has sent; None: all share
     cache_scope: str | None = None
+    # True once the caller's client has gone (see client_gone_probe): a request still queued is then dropped
+    client_gone: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -96,3 +104,75 @@ class Result:
             "usage": self.usage.as_dict(),
             "timings": self.timings.as_dict(),
         }
+
+
+# ---- limits on the work one request may cause -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The most work one request may ask for (server.max_embedding_* in config.toml); larger ones get 413."""
+
+    max_embedding_inputs: int = 2048  # texts in one embeddings request (OpenAI's limit too)
+    max_embedding_tokens: int = 32768  # their tokens together
+
+    @classmethod
+    def of(cls, server: Any) -> RequestLimits:
+        """The limits set in a ServerSettings."""
+        return cls(server.max_embedding_inputs, server.max_embedding_tokens)
+
+
+@dataclass
+class Embeddings:
+    """The vectors of one embeddings request, in input order, and how many tokens they took."""
+
+    vectors: list[list[float]]
+    tokens: int
+
+
+def embedding_tokens(
+    texts: Any, encode: Callable[[str], list[int]], limits: RequestLimits
+) -> list[list[int]]:
+    """Each text's token ids, after checking the input against `limits` (the count before any tokenizing)."""
+    if not isinstance(texts, list) or not texts:
+        raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
+    if len(texts) > limits.max_embedding_inputs:
+        raise RequestTooLarge(
+            f"input has {len(texts)} items; the limit is {limits.max_embedding_inputs} (server.max_embedding_inputs)"
+        )
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
+    lists = [encode(text) for text in texts]
+    total = sum(len(ids) for ids in lists)
+    if total > limits.max_embedding_tokens:
+        raise RequestTooLarge(
+            f"input has {total} tokens; the limit is {limits.max_embedding_tokens} (server.max_embedding_tokens)"
+        )
+    return lists
+
+
+def client_gone_probe(environ: Mapping[str, Any]) -> Callable[[], bool] | None:
+    """A check that the HTTP client of a WSGI request has closed its connection (None when the server does
+    not expose the socket): a peek that finds the end of the stream, without blocking or consuming data."""
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):  # no poll() on Windows
+        return None
+
+    def gone() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            # readable with nothing to read is the end of the stream (poll said recv will not wait)
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError as exc:  # reset or closed under us; anything else is not a verdict
+            return exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN)
+        except ValueError:  # the socket object was closed (fileno -1)
+            return True
+
+    return gone
