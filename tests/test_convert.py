@@ -102,6 +102,16 @@ def test_killed_conversion_leaves_nothing_listed_and_a_rerun_succeeds(pulled, ho
     ortllm("rm", "smol-killed", check=True)
 
 
+def alive(proc) -> bool:
+    """Running, and not a zombie waiting for a reaper."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled, home):
     """kill -9 of `ortllm pull` alone (not its process group): the builder dies with it, and the next
     command of any kind (`list`) removes the dead pull's staging folder; the installed model is untouched."""
@@ -124,16 +134,12 @@ def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled,
     proc.send_signal(signal.SIGKILL)  # the parent only: nothing else is signalled
     proc.wait()
 
-    def running(p: psutil.Process) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    limit = time.monotonic() + 10
-    while any(running(p) for p in builders) and time.monotonic() < limit:
+    limit = (
+        time.monotonic() + 3
+    )  # at once (a parent-death signal), not at the builder's next write to the pipe
+    while any(alive(p) for p in builders) and time.monotonic() < limit:
         time.sleep(0.1)
-    survivors = [p.pid for p in builders if running(p)]
+    survivors = [p.pid for p in builders if alive(p)]
     for pid in survivors:  # do not leave them behind when the assertion fails
         os.kill(pid, signal.SIGKILL)
     assert not survivors, "the builder outlived its killed parent"
@@ -141,6 +147,36 @@ def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled,
     ortllm("list", check=True)
     assert not list(models.glob(f".staging-{DEFAULT_MODEL}-*"))  # ... any next command removes them
     assert DEFAULT_MODEL in ortllm("list", "--json", check=True).stdout
+
+
+def test_a_guarded_child_dies_with_its_parent_even_when_silent(tmp_path):
+    """The builder's guard on its own: a child that never writes (so no broken pipe would stop it) ends
+    when its parent is killed with SIGKILL."""
+    import psutil
+
+    (tmp_path / "sleeper.py").write_text("import time\ntime.sleep(120)\n")
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        "from ortllm.converters import child, genai\n"
+        "p = subprocess.Popen(child.command(os.getpid(), 'sleeper'), **genai.own_group())\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=env)
+    assert parent.stdout is not None
+    kid = psutil.Process(int(parent.stdout.readline()))
+    time.sleep(1.0)  # the child is running its module now
+    assert alive(kid)
+    assert os.getpgid(kid.pid) != os.getpgid(parent.pid)  # its own process group: Ctrl-C reaches only ortllm
+    parent.kill()
+    parent.wait()
+    limit = time.monotonic() + 5
+    while alive(kid) and time.monotonic() < limit:
+        time.sleep(0.1)
+    if alive(kid):
+        kid.kill()
+        pytest.fail("the child outlived its parent")
 
 
 def test_staging_of_a_live_process_is_kept_and_a_reused_pid_does_not_protect():

@@ -50,7 +50,7 @@ def fuzz_server(pulled: Path, tmp_path_factory: pytest.TempPathFactory):
     config = home / "config.toml"
     keys = json.dumps([f"{name}:{key}" for name, key in KEYS.items()])
     config.write_text(
-        f"[server]\nmax_tokens_limit = {MAX_TOKENS}\n[auth]\nfailed_per_minute = 0\napi_keys = {keys}\n"
+        f"[server]\nmax_tokens_limit = {MAX_TOKENS}\nmax_embedding_inputs = 16\n[auth]\nfailed_per_minute = 0\napi_keys = {keys}\n"
         "[rate_limit]\nper_minute = 0\n"
     )
     live = LiveServer("--model", DEFAULT_MODEL, env={"ORTLLM_HOME": str(home), "ORTLLM_CONFIG": str(config)})
@@ -150,7 +150,7 @@ checks.unsupported_method.enabled = false
     cmd = [
         sys.executable, "-m", "schemathesis.cli", "--config-file", str(work / "schemathesis.toml"), "run",
         str(work / "openapi.json"), "--url", fuzz_server.url, "--max-examples", examples,
-        "--seed", "20261122", "--workers", "2", "--request-timeout", "60",
+        "--seed", "20261122", "--request-timeout", "60",
         "--report", "junit", "--report-dir", str(work / "report"),
     ]  # fmt: skip
     started = time.monotonic()

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Flask
 
 from ortllm.runtime.registry import ModelRegistry
+from ortllm.runtime.types import RequestLimits
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
 
@@ -66,7 +67,9 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
-    registry = registry or ModelRegistry(max_queue=settings.server.max_queue)
+    registry = registry or ModelRegistry(
+        max_queue=settings.server.max_queue, limits=RequestLimits.of(settings.server)
+    )
     services = Services(settings, registry, sessions or SessionStore())
     app.extensions["ortllm"] = services
     errors.register(app)

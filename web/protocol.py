@@ -20,17 +20,25 @@ def _integral(value: Any) -> Any:
 
 Integral = BeforeValidator(_integral)  # after the Field() in Annotated, so the bounds reach the JSON schema
 Int = Annotated[int, Integral]
-# the ranges ortllm/runtime/options.py checks, declared here so /openapi.json states them
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0.0 to 2.0 (0 = greedy)")]
-TopP = Annotated[float, Field(ge=0.0, le=1.0, description="0.0 to 1.0")]
-TopK = Annotated[int, Field(ge=0, description="integer >= 0 (0 = off)"), Integral]
-RepeatPenalty = Annotated[float, Field(ge=0.0, description=">= 0.0 (1 = off)")]
-Seed = Annotated[int, Field(ge=0, le=2**63 - 1), Integral]
-StopString = Annotated[str, Field(min_length=1)]
-StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS, description="stop sequences")]
+# The ranges of ortllm/runtime/options.py, the one options validator (its messages name the field): stated
+# in /openapi.json only, so every dialect keeps one check and one message per rule.
+Temperature = Annotated[
+    float, Field(description="0.0 to 2.0 (0 = greedy)", json_schema_extra={"minimum": 0.0, "maximum": 2.0})
+]
+TopP = Annotated[float, Field(description="0.0 to 1.0", json_schema_extra={"minimum": 0.0, "maximum": 1.0})]
+TopK = Annotated[int, Field(description="integer >= 0 (0 = off)", json_schema_extra={"minimum": 0}), Integral]
+RepeatPenalty = Annotated[float, Field(description=">= 0.0 (1 = off)", json_schema_extra={"minimum": 0.0})]
+Seed = Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": 2**63 - 1}), Integral]
+StopString = Annotated[str, Field(json_schema_extra={"minLength": 1})]
+StopList = Annotated[
+    list[StopString], Field(description="stop sequences", json_schema_extra={"maxItems": MAX_STOP_STRINGS})
+]
 # bounds that are server settings: openapi_spec writes [keyword, setting] as `keyword: <the setting's value>`
 LIMIT_MARK = "x-ortllm-limit"
 MaxTokens = Annotated[
+    int, Field(json_schema_extra={"minimum": 1, LIMIT_MARK: ["maximum", "max_tokens_limit"]}), Integral
+]
+PositiveMaxTokens = Annotated[
     int, Field(ge=1, json_schema_extra={LIMIT_MARK: ["maximum", "max_tokens_limit"]}), Integral
 ]
 SESSION_ID_PATTERN = f"^{ID_PATTERN.pattern}$"
@@ -308,7 +316,7 @@ class ChatCompletionRequest(OpenAISampling):
             }
         },
     )
-    max_completion_tokens: MaxTokens | None = None
+    max_completion_tokens: PositiveMaxTokens | None = None  # 0 would silently fall back to max_tokens
     response_format: ResponseFormat | None = None
 
     @field_validator("messages")
@@ -346,7 +354,7 @@ class OpenAIEmbeddingsRequest(Wire):
 class RustCompletionRequest(Wire):
     model: str
     prompt: str = Field(min_length=1)
-    max_tokens: MaxTokens = 128
+    max_tokens: MaxTokens = Field(128, ge=1)
     temperature: Temperature = 0.7
     top_p: TopP = 0.95
     stop: StopList = Field(default_factory=list)
@@ -367,7 +375,7 @@ class RustChatRequest(Wire):
     session_id: SessionId | None = Field(
         None, alias="session-id", description="absent: a new session (X-Session-Id)"
     )
-    max_token: MaxTokens = Field(512, alias="max-token")
+    max_token: MaxTokens = Field(512, ge=1, alias="max-token")
     temperature: Temperature = 0.7
     top_p: TopP = Field(0.95, alias="top-p")
     top_k: TopK = Field(40, alias="top-k")
@@ -415,7 +423,7 @@ class TGIStarted(Wire):
 class TGIGenerateRequest(Wire):
     model_id: str
     prompt: str = Field(min_length=1)
-    max_new_tokens: MaxTokens = 200
+    max_new_tokens: MaxTokens = Field(200, ge=1)
     temperature: Temperature = 0.7
     top_p: TopP = 0.95
 

@@ -251,6 +251,8 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
             content: dict[str, Any] = {}
             if route.response is not None:
                 content["application/json"] = {"schema": ref(route.response)}
+            elif route.streams and route.body is not None and "stream" in route.body.model_fields:
+                content["application/json"] = {}  # `"stream": false` answers one JSON object
             if route.streams:  # SSE: a sequence of `data:` events, described per route in its summary
                 content["text/event-stream"] = {}
             if content and success != 204:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
-from flask import current_app
+from flask import current_app, has_request_context, request
 
 from ortllm.conversation import ChatTurn, abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import SessionStoreUnavailable
@@ -20,7 +20,7 @@ from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.options import GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.scheduler import Scheduler, Stream
-from ortllm.runtime.types import CANCELLED, ERROR, GenerationRequest, TokenEvent
+from ortllm.runtime.types import CANCELLED, ERROR, GenerationRequest, TokenEvent, client_gone_probe
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel
@@ -97,9 +97,13 @@ class Services:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
             ]
-            request = GenerationRequest(options, messages=messages, cache_scope=cache_scope())
+            request = GenerationRequest(
+                options, messages=messages, cache_scope=cache_scope(), client_gone=client_gone()
+            )
         else:
-            request = GenerationRequest(options, prompt=prompt, cache_scope=cache_scope())
+            request = GenerationRequest(
+                options, prompt=prompt, cache_scope=cache_scope(), client_gone=client_gone()
+            )
         return scheduler, self.metered(scheduler, scheduler.submit(request))
 
     def metered(self, scheduler: Scheduler, stream: Stream) -> MeteredStream:
@@ -119,8 +123,9 @@ class Services:
                              session_id=session_id, system_prompt=system_prompt)  # fmt: skip
         else:
             turn = ChatTurn("", messages)
+        gone = client_gone()
         request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
-                                    guidance=guidance, cache_scope=cache_scope())  # fmt: skip
+                                    guidance=guidance, cache_scope=cache_scope(), client_gone=gone)  # fmt: skip
         stream = self.metered(scheduler, scheduler.submit(request))
         if sessions is not None:
             try:  # only an accepted turn is stored: a refused one (busy, too long) leaves no empty session
@@ -128,7 +133,7 @@ class Services:
             except BaseException:
                 stream.cancel()
                 raise
-        return scheduler, ChatSession(sessions, turn, stream)
+        return scheduler, ChatSession(sessions, turn, stream, gone)
 
     # ---- model facts -------------------------------------------------------------------------
 
@@ -163,10 +168,12 @@ class ChatSession:
     client withdraws (cancel, disconnect) is undone; one the server could not finish (shutdown, unload, a
     runtime error) keeps the question, marked unanswered, for a retry."""
 
-    def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream) -> None:
+    def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream,
+                 client_gone: Callable[[], bool] | None = None) -> None:  # fmt: skip
         self.sessions = sessions
         self.turn = turn
         self.stream = stream
+        self.client_gone = client_gone  # the runtime cancels a stream whose client left: that is a withdrawal
         self.parts: list[str] = []
         self._iterating = False
         self._withdrawn = False
@@ -186,10 +193,13 @@ class ChatSession:
                         self.parts.append(event.text)
                     if event.done:
                         ok = event.finish_reason not in (ERROR, CANCELLED) and bool(self.parts)
-                        self._end("".join(self.parts) if ok else None, self._withdrawn)
+                        self._end("".join(self.parts) if ok else None, self._withdrawn or self._left())
                     yield event
         finally:
             self._end(None, True)  # the reader stopped before the end: its client went away
+
+    def _left(self) -> bool:
+        return self.client_gone is not None and self.client_gone()
 
     def _end(self, reply: str | None, withdrawn: bool) -> None:
         with self._lock:
@@ -208,6 +218,11 @@ class ChatSession:
         self.stream.cancel()
         if not self._iterating:  # never read: nobody else will end the turn
             self._end(None, self._withdrawn)
+
+
+def client_gone() -> Callable[[], bool] | None:
+    """A check that this request's HTTP client has closed its connection: a queued request is then dropped."""
+    return client_gone_probe(request.environ) if has_request_context() else None
 
 
 def services() -> Services:

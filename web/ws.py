@@ -61,8 +61,8 @@ def close_all() -> None:
 def action_of(text: str) -> str | None:
     """The `action` of a control message (`cancel`, `close`), None for anything else."""
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = decode_json(text)  # json.loads would raise RecursionError on deep nesting, killing the reader
+    except OrtllmError:
         return None
     return (
         data.get("action") if isinstance(data, dict) and data.get("action") in ("cancel", "close") else None

@@ -212,6 +212,11 @@ class LoadedModel:
         """The og.Model, loaded on first use when the native batcher serves the model."""
         with self.lock:
             if self._og_model is None:
+                if self.native is not None and hasattr(self._config, "overlay"):
+                    # beside the native batcher (embeddings, constrained output) one thread: the pool
+                    # threads of a second session spin after each run and slowed decode steps 1.7x
+                    single = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+                    self._config.overlay(json.dumps({"model": {"decoder": {"session_options": single}}}))
                 try:
                     self._og_model = og.Model(self._config)
                 except Exception as exc:
