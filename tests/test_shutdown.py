@@ -293,3 +293,37 @@ def test_requests_after_shutdown_began_get_503_and_load_nothing(pulled, monkeypa
         assert not registry.loaded()
     finally:
         registry.close()
+
+
+def test_an_unload_cuts_streams_short_with_their_markers(pulled):
+    """An unload (not only a shutdown) ends the model's streams with the dialect's cancelled marker."""
+    from ortllm.web.app import create_app
+
+    app = create_app()
+    client = app.test_client()
+    registry = app.extensions["ortllm"].registry
+    cases = [
+        (
+            "/v1/chat/completions",
+            {
+                "model": M,
+                "messages": [{"role": "user", "content": COUNT}],
+                "stream": True,
+                "ignore_eos": True,
+                "max_tokens": LONG,
+            },
+        ),  # fmt: skip
+        ("/completions", {"model": M, "prompt": COUNT, "stream": True, "max_tokens": LONG, "temperature": 0}),
+    ]
+    tails = []
+    try:
+        for path, body in cases:
+            chunks = iter(client.post(path, json=body, buffered=False).response)
+            next(chunks), next(chunks)  # streaming now
+            registry.unload(M)
+            tails.append(b"".join(chunks).decode())
+    finally:
+        registry.close()
+    openai_tail, rust_tail = tails
+    assert '"code":"cancelled"' in openai_tail and "unloaded" in openai_tail and "[DONE]" not in openai_tail
+    assert rust_tail.endswith("data: __ERROR__:cancelled\n\n")
