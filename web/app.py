@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     settings = settings or load_settings()
     app = Flask("ortllm")
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
-    # WebSockets (flask-sock): pings find dead peers, so an abandoned /chat/ws frees its thread and stream
+    # WebSockets (simple-websocket): pings find dead peers, so an abandoned /chat/ws frees its thread and stream
     app.config["SOCK_SERVER_OPTIONS"] = {
         "ping_interval": 25,
         "max_message_size": settings.server.max_body_bytes,

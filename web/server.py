@@ -1,5 +1,5 @@
 """Run the app: gunicorn (gthread, one process so each model loads once) on POSIX; werkzeug's
-threaded server where gunicorn cannot run (Windows). Both serve flask-sock WebSockets.
+threaded server where gunicorn cannot run (Windows). Both serve the WebSocket (simple-websocket).
 
 Shutdown (SIGTERM, SIGINT/Ctrl-C, SIGQUIT) cancels every answer at once, so each stream ends with its
 dialect's cancelled marker, refuses new requests with 503, and the worker exits within EXIT_DEADLINE_S

@@ -495,7 +495,12 @@ class Scheduler:
                 self._begin_turn(batch, job)
             if unplaced:
                 with self._cv:
-                    self._pending.extendleft(reversed(unplaced))
+                    stopping = self._stopping  # close() already emptied the queue: do not refill it
+                    if not stopping:
+                        self._pending.extendleft(reversed(unplaced))
+                if stopping:
+                    for job in unplaced:
+                        job.finish(CANCELLED)
             for job in list(self._active.values()):
                 if (job.cancelled.is_set() or job.matcher.stopped) and not job.cancel_sent:
                     job.cancel_sent = True
