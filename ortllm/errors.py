@@ -11,6 +11,10 @@ class OrtllmError(Exception):
     code: str = "INVALID_REQUEST"
     hint: str = "The routes and their request schemas are described at /docs"
 
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # the request field at fault, when one is (OpenAI's error `param`)
+
 
 class ModelNotFound(OrtllmError):
     """A name that is neither installed nor in the catalog (or not installed when required)."""
@@ -136,7 +140,7 @@ class MalformedJSON(InvalidOptions):
 
     hint = (
         "Send one JSON object in UTF-8: nested at most 64 levels, integers of at most 100 digits, "
-        "no NaN/Infinity, and no lone surrogate escapes (\\ud800-\\udfff must come in pairs)"
+        "and no lone surrogate escapes (\\ud800-\\udfff must come in pairs)"
     )
 
 

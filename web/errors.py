@@ -76,7 +76,7 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
 def register(app: Flask) -> None:
     @app.errorhandler(OrtllmError)
     def ortllm_error(exc: OrtllmError) -> Response:
-        response = error_response(exc.status, str(exc), exc.code, details=exc.hint)
+        response = error_response(exc.status, str(exc), exc.code, details=exc.hint, param=exc.param)
         if isinstance(exc, Busy):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response

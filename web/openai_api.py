@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify
+from llguidance import LLMatcher
 
 from ortllm.errors import InvalidOptions, ModelNotFound, RequestCancelled
 from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
@@ -47,7 +48,14 @@ def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
     schema = spec.get("schema")
     if not isinstance(schema, dict):
         raise InvalidOptions("response_format.json_schema.schema must be a JSON Schema object")
-    return ("json_schema", json.dumps(schema))
+    text = json.dumps(schema)
+    # the runtime compiles it only when the answer starts: check it here, so a bad schema is a 400, not a 500
+    problem = LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(text))
+    if problem:
+        raise InvalidOptions(
+            f"response_format.json_schema.schema cannot be used: {problem.strip()}", param="response_format"
+        )
+    return ("json_schema", text)
 
 
 def usage_of(event: TokenEvent) -> dict[str, Any]:

@@ -46,10 +46,9 @@ SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 
 
 class Wire(BaseModel):
-    """Requests ignore unknown fields (clients send extras), but types are checked strictly (no "1" for 1)
-    and numbers must be finite."""
+    """Requests ignore unknown fields (clients send extras), but types are checked strictly (no "1" for 1)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
 
 class Message(Wire):
@@ -106,7 +105,11 @@ class DetailError(Wire):
 
 # the runtime needs something to answer: a user or assistant message, or a non-empty system prompt
 ANSWERABLE = "messages need a user or assistant message, or a system message with content"
-EmbeddingText = Annotated[str, Field(pattern=r"\S", description="not empty or only whitespace")]
+# a character str.isspace() is false for (the runtime strips texts): the same set in Python's and ECMA regex
+NOT_ONLY_SPACE = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+EmbeddingText = Annotated[
+    str, Field(description="not empty or only whitespace", json_schema_extra={"pattern": NOT_ONLY_SPACE})
+]
 EmbeddingInput = (
     EmbeddingText
     | Annotated[

@@ -59,10 +59,6 @@ class _HugeInt(Exception):
     """Raised by the int hook: caught in decode_json, which names the field."""
 
 
-def _constant(name: str) -> float:
-    raise MalformedJSON(f"Malformed JSON: {name} is not a JSON number")
-
-
 def _encodable(data: Any) -> bool:
     """Whether every string in `data` is valid Unicode (a C-speed check before looking for where)."""
     try:
@@ -72,17 +68,25 @@ def _encodable(data: Any) -> bool:
     return True
 
 
-def _surrogate_path(data: Any) -> str | None:
-    """Where the first string (or key) holding a lone surrogate is, e.g. `messages[0].content`."""
+def _lone_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def _nul(text: str) -> bool:
+    return "\x00" in text
+
+
+def _string_path(data: Any, bad: Callable[[str], bool]) -> str | None:
+    """Where the first string (or key) for which `bad` holds is, e.g. `messages[0].content`."""
     todo: list[tuple[str, Any]] = [("", data)]
     while todo:
         path, value = todo.pop()
         if isinstance(value, str):
-            if any("\ud800" <= ch <= "\udfff" for ch in value):
+            if bad(value):
                 return path or "(the body)"
         elif isinstance(value, dict):
             for key, item in reversed(value.items()):
-                if any("\ud800" <= ch <= "\udfff" for ch in key):
+                if bad(key):
                     return f"{path}.{key!a}".lstrip(".")
                 todo.append((f"{path}.{key}".lstrip("."), item))
         elif isinstance(value, list):
@@ -95,7 +99,7 @@ def decode_json(text: str) -> Any:
     if _too_deep(text):
         raise MalformedJSON(f"JSON nested too deeply (limit {MAX_DEPTH})")
     try:
-        data = json.loads(text, parse_int=_int, parse_constant=_constant)
+        data = json.loads(text, parse_int=_int)  # NaN/Infinity pass: each field's validator names them
     except json.JSONDecodeError as exc:
         raise MalformedJSON(f"Malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except _HugeInt:
@@ -106,10 +110,13 @@ def decode_json(text: str) -> Any:
         raise MalformedJSON(f"JSON nested too deeply (limit {MAX_DEPTH})") from None
     # \ud800-\udfff escapes decode to lone surrogates, which no encoder (UTF-8, sqlite, tokenizer) accepts
     if _SURROGATE_ESCAPE.search(text) and not _encodable(data):
-        where = _surrogate_path(data)
+        where = _string_path(data, _lone_surrogate)
         raise MalformedJSON(
             f"Lone surrogate (\\ud800-\\udfff without its pair) in `{where}`: not valid Unicode"
         )
+    # the tokenizer stops reading at U+0000: whatever follows would be dropped without a word
+    if "\\u0000" in text and (where := _string_path(data, _nul)):
+        raise MalformedJSON(f"NUL character (\\u0000) in `{where}`: the tokenizer cannot read past it")
     return data
 
 
@@ -162,9 +169,8 @@ def api_route(bp: Blueprint, rule: str, methods: tuple[str, ...] = ("GET",), *, 
 class DocPolicy:
     """What this server enforces beyond the schemas: written into /openapi.json so it says the truth."""
 
-    limits: dict[str, int] = field(
-        default_factory=dict
-    )  # server settings that bound fields (protocol.LIMIT_MARK)
+    # server settings that bound fields (protocol.LIMIT_MARK), e.g. max_tokens_limit
+    limits: dict[str, int] = field(default_factory=dict)
     auth: bool = False  # 401 (and 429 for repeated wrong keys) on every route but the open ones
     rate_limited: bool = False  # 429 past the per-minute budget
     open_prefixes: tuple[str, ...] = ()  # routes that never ask for a key
@@ -177,8 +183,8 @@ STATUS_TEXT = {
     404: "No such model, session or route",
     413: "Request body too large (server.max_body_bytes), or more work than the server's limits",
     429: "Rate limit exceeded (see Retry-After)",
-    503: "Busy (see Retry-After), a model that cannot load, the answer cut short by shutdown or unload, "
-    "or the sessions database unusable",
+    503: "The server is shutting down, or (as the route applies) the model is busy (see Retry-After), "
+    "cannot load or was unloaded mid-answer, or the sessions database is unusable",
     504: "Generation timed out",
 }
 # body fields that name a model or a session: an unknown one answers 404, and a model may be busy (503)
@@ -202,8 +208,7 @@ def _error_statuses(route: RouteDoc, params: list[str], policy: DocPolicy) -> se
         statuses.add(413)
     if uses_model or params:
         statuses.add(404)
-    if uses_model or "session" in route.rule or "/chat/" in route.rule:
-        statuses.add(503)
+    statuses.add(503)  # every route refuses requests once shutdown has begun (web/server.py)
     is_open = route.rule.startswith(policy.open_prefixes) and route.rule != "/"
     if policy.auth and not is_open and (route.rule != "/metrics" or policy.protect_metrics):
         statuses |= {401, 429}

@@ -144,6 +144,9 @@ def embedding_tokens(
         if not isinstance(text, str) or not text.strip():
             raise InvalidOptions("input must be a non-empty string or a list of non-empty strings")
     lists = [encode(text) for text in texts]
+    empty = next((i for i, ids in enumerate(lists) if not ids), None)
+    if empty is not None:  # e.g. only characters the tokenizer drops
+        raise InvalidOptions(f"input[{empty}] has no tokens the model can read", param="input")
     total = sum(len(ids) for ids in lists)
     if total > limits.max_embedding_tokens:
         raise RequestTooLarge(
