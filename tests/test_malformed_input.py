@@ -12,8 +12,8 @@ import requests
 from simple_websocket import Client, ConnectionClosed
 
 from ortllm.errors import MalformedJSON
-from tests.conftest import DEFAULT_MODEL
 from ortllm.web.routes import MAX_DEPTH, decode_json
+from tests.conftest import DEFAULT_MODEL
 
 M = DEFAULT_MODEL
 DEEP = "[" * 100_000 + "]" * 100_000
