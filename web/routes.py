@@ -217,6 +217,12 @@ def _error_statuses(route: RouteDoc, params: list[str], policy: DocPolicy) -> se
     return statuses
 
 
+NO_NUL = (
+    "No string in a request body may contain the NUL character U+0000: it is refused with a 400 naming the "
+    "field, because the tokenizer stops reading there."
+)
+
+
 def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> dict[str, Any]:
     """OpenAPI 3.1 from the declared routes and their pydantic models, with the statuses each can answer."""
     from . import protocol as p
@@ -274,7 +280,8 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
     if policy.auth:
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     _write_limits(schemas, policy)
-    return {"openapi": "3.1.0", "info": {"title": title, "version": version}, "paths": paths,
+    info = {"title": title, "version": version, "description": NO_NUL}
+    return {"openapi": "3.1.0", "info": info, "paths": paths,
             "components": components}  # fmt: skip
 
 
