@@ -140,6 +140,21 @@ class LiveServer(ServerProcess):
         super().__init__(cmd, port, timeout_s=90, log=log, env={**os.environ, **(env or {})})
 
 
+# the secured server's callers: two API keys and a JWT secret (tokens made with jwt.encode in the tests)
+ALICE_KEY = "sk-alice-0123456789"
+BOB_KEY = "sk-bob-0123456789"
+JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def secured(pulled: Path):
+    """The real server with auth on: keys `alice` and `bob`, and HS256 JWTs."""
+    live = LiveServer("--model", DEFAULT_MODEL, "--api-key", f"alice:{ALICE_KEY}", "--api-key", f"bob:{BOB_KEY}",
+                      "--rate-limit", "1000", env={"ORTLLM_JWT_SECRET": JWT_SECRET})  # fmt: skip
+    yield live
+    live.stop()
+
+
 @pytest.fixture(scope="session")
 def server(pulled: Path):
     live = LiveServer("--model", DEFAULT_MODEL)

@@ -16,21 +16,11 @@ import openai
 import pytest
 import requests
 
-from tests.conftest import DEFAULT_MODEL, LiveServer, ortllm
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_MODEL, JWT_SECRET, LiveServer, ortllm
 
 M = DEFAULT_MODEL
-KEY = "sk-alice-0123456789"
-OTHER_KEY = "sk-bob-0123456789"
-SECRET = "jwt-secret-for-tests-0123456789abcdef"
+KEY, OTHER_KEY, SECRET = ALICE_KEY, BOB_KEY, JWT_SECRET
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="module")
-def secured(pulled):
-    live = LiveServer("--model", M, "--api-key", f"alice:{KEY}", "--api-key", f"bob:{OTHER_KEY}",
-                      "--rate-limit", "1000", env={"ORTLLM_JWT_SECRET": SECRET})  # fmt: skip
-    yield live
-    live.stop()
 
 
 # one route per dialect: (path, method, body, how its error body names the message)

@@ -23,11 +23,10 @@ from simple_websocket import Client, ConnectionClosed
 from ortllm.conversation import abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import InvalidOptions, SessionNotFound, SessionStoreUnavailable
 from ortllm.sessions import SessionStore
-from tests.conftest import DEFAULT_MODEL, LiveServer
+from tests.conftest import ALICE_KEY, BOB_KEY, DEFAULT_MODEL, JWT_SECRET, LiveServer
 
 M = DEFAULT_MODEL
-ALICE, BOB = "alicekey-123456", "bobkey-7654321"
-SECRET = "jwt-secret-for-isolation-0123456789"
+ALICE, BOB, SECRET = ALICE_KEY, BOB_KEY, JWT_SECRET
 Q = [{"role": "user", "content": "My password is hunter2. Say OK."}]
 
 
@@ -158,14 +157,6 @@ def test_a_broken_database_is_a_503_error_naming_the_file(tmp_path):
 # ---- over HTTP, every dialect ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_keys(pulled):
-    live = LiveServer("--model", M, "--api-key", f"alice:{ALICE}", "--api-key", f"bob:{BOB}",
-                      "--rate-limit", "1000", env={"ORTLLM_JWT_SECRET": SECRET})  # fmt: skip
-    yield live
-    live.stop()
-
-
 def native_chat(url: str, token: str, sid: str, text: str) -> requests.Response:
     return requests.post(url + "/api/chat", headers=bearer(token), timeout=120, json={
         "model": M, "stream": False, "session_id": sid, "options": {"max_tokens": 8},
@@ -213,8 +204,8 @@ def assert_invisible(url: str, token: str, sid: str) -> None:
     assert sid not in [s["id"] for s in requests.get(f"{url}/api/sessions", headers=h).json()["sessions"]]
 
 
-def test_the_issue_reproduction(two_keys):
-    url = two_keys.url
+def test_the_issue_reproduction(secured):
+    url = secured.url
     assert native_chat(url, ALICE, "alice-secret-1", "my password is hunter2").ok
     r = requests.get(f"{url}/chat/history/alice-secret-1", headers=bearer(BOB))
     assert r.status_code == 404 and r.json() == {"error": "Session 'alice-secret-1' not found"}
@@ -226,8 +217,8 @@ def test_the_issue_reproduction(two_keys):
 
 @pytest.mark.parametrize("dialect", ["native", "rust", "websocket", "web-ui"])
 @pytest.mark.parametrize("owner, intruder", [(ALICE, BOB), (BOB, ALICE), (ALICE, "jwt")])
-def test_no_caller_reaches_another_callers_session(two_keys, dialect, owner, intruder):
-    url = two_keys.url
+def test_no_caller_reaches_another_callers_session(secured, dialect, owner, intruder):
+    url = secured.url
     intruder = alice_jwt() if intruder == "jwt" else intruder
     sid = f"{dialect}-{owner[:3]}-{intruder[:3]}-{time.monotonic_ns()}"
     secret = f"the secret of {sid}"
@@ -255,8 +246,8 @@ def test_no_caller_reaches_another_callers_session(two_keys, dialect, owner, int
     assert sid in requests.get(f"{url}/sessions", headers=bearer(owner)).json()
 
 
-def test_openai_and_stateless_routes_store_nothing_anyone_can_list(two_keys):
-    url = two_keys.url
+def test_openai_and_stateless_routes_store_nothing_anyone_can_list(secured):
+    url = secured.url
     before = requests.get(f"{url}/sessions", headers=bearer(BOB)).json()
     r = requests.post(url + "/v1/chat/completions", headers=bearer(ALICE), json={
         "model": M, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
