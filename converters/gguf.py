@@ -41,7 +41,7 @@ def dequantise(gguf: Path, cache: Path) -> Path:
         # the dequantised weights are plain float tensors; drop the GGUF quantiser so they serialise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it non-optional
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         _copy_chat_template(tokenizer, tmp)

@@ -589,7 +589,7 @@ def _write_embedding_config(src: Path, out_dir: Path, info: dict[str, Any]) -> N
             pooling = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
                        "mean_tokens": "mean", "lasttoken": "last"}[mode]  # fmt: skip
             break
-    # without modules.json (a plain transformers encoder) vectors are normalised, as SPEC §3 asks
+    # without modules.json (a plain transformers encoder) vectors are normalised, as the catalog's embedding models are
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True
     max_length = int(config.get("max_position_embeddings") or 512)
     with contextlib.suppress(OSError, ValueError, TypeError):

@@ -1,7 +1,7 @@
 """Chat turns over stored sessions: what to send the model and what to store afterwards.
 
 Clients differ: some send their whole history every turn (OpenAI style), some send only the
-new message plus a session id (the myllm seed's tip, the Rust seed's `prompt`). One rule serves
+new message plus a session id (the native `/api/chat` tip, the chat-completions `prompt`). One rule serves
 both: the stored conversation is prepended unless the client's messages already start with it,
 or carry assistant turns of their own (then the client's list is the truth and replaces it).
 The system prompt is kept on the session, not among the messages.

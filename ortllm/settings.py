@@ -101,7 +101,7 @@ ENV = {
 LIST_KEYS = {("server", "models"), ("auth", "api_keys"), ("cors", "origins")}
 
 
-def load_settings(config: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
                   env: dict[str, str] | None = None) -> Settings:  # fmt: skip
     """Layer config.toml (path from the argument or `ORTLLM_CONFIG`), env vars and `overrides`."""
     env = dict(os.environ if env is None else env)
