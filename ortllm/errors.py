@@ -5,11 +5,12 @@ from __future__ import annotations
 
 class OrtllmError(Exception):
     """Base class: the message is shown as is, one line, no traceback. `hint` says what to do about it
-    (the `details` of the /api/v1 dialect's error object)."""
+    (the `details` of the /api/v1 dialect's error object); empty where the answer names a route or a header,
+    which the web layer supplies by `code` (web/errors.py)."""
 
     status: int = 400
     code: str = "INVALID_REQUEST"
-    hint: str = "The routes and their request schemas are described at /docs"
+    hint: str = ""
 
     def __init__(self, message: str = "", *, param: str | None = None) -> None:
         super().__init__(message)
@@ -21,7 +22,6 @@ class ModelNotFound(OrtllmError):
 
     status = 404
     code = "MODEL_NOT_FOUND"
-    hint = "GET /api/v1/models lists the installed models; `ortllm pull NAME` installs a catalog model"
 
 
 class InvalidModelName(OrtllmError):
@@ -86,7 +86,6 @@ class Busy(OrtllmError):
 
     status = 503
     code = "SERVICE_UNAVAILABLE"
-    hint = "Retry after the number of seconds in the Retry-After header"
 
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
@@ -98,7 +97,6 @@ class SessionNotFound(OrtllmError):
 
     status = 404
     code = "SESSION_NOT_FOUND"
-    hint = "GET /api/sessions lists the sessions; omit the session id to start a new one"
 
 
 class SessionStoreUnavailable(OrtllmError):

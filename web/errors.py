@@ -1,4 +1,4 @@
-"""One error mapper: each dialect's error body, chosen by the request path (SPEC §6)."""
+"""One error mapper: each dialect's error body, chosen by the request path, and the hints that name routes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ortllm.errors import Busy, OrtllmError
 
 log = logging.getLogger("ortllm.web")
 
-# routes of the Rust service seed answer {"error": "..."}
+# routes of the chat service dialect answer {"error": "..."}
 RUST_PREFIXES = ("/completions", "/chat/", "/sessions", "/readiness")
 
 
@@ -32,8 +32,23 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 SPEC_CODES = {400: "INVALID_REQUEST", 401: "AUTHENTICATION_FAILED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
               413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
               504: "TIMEOUT"}  # fmt: skip
+# what to do about an OrtllmError whose answer names a route or a header, by its code (the core's errors
+# know no HTTP: where their own `hint` is empty, this one is sent)
+HINTS = {
+    "INVALID_REQUEST": "The routes and their request schemas are described at /docs",
+    "MODEL_NOT_FOUND": "GET /api/v1/models lists the installed models; `ortllm pull NAME` installs a catalog model",
+    "SERVICE_UNAVAILABLE": "Retry after the number of seconds in the Retry-After header",
+    "SESSION_NOT_FOUND": "GET /api/sessions lists the sessions; omit the session id to start a new one",
+}
+
+
+def hint_of(exc: OrtllmError) -> str:
+    """What to do about `exc`: its own hint, else the route-naming one for its code (else: read /docs)."""
+    return exc.hint or HINTS.get(exc.code, HINTS["INVALID_REQUEST"])
+
+
 # what to do about an error, by status: the `details` of the /api/v1 dialect (OrtllmErrors bring their own)
-SPEC_DETAILS = {400: OrtllmError.hint,
+SPEC_DETAILS = {400: HINTS["INVALID_REQUEST"],
                 401: "Send Authorization: Bearer <key> (on the WebSocket: ?token=<key>)",
                 404: "The routes are listed at /docs", 405: "The routes and their methods are listed at /docs",
                 413: "Send a smaller body (the limit is server.max_body_bytes)",
@@ -76,7 +91,7 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
 def register(app: Flask) -> None:
     @app.errorhandler(OrtllmError)
     def ortllm_error(exc: OrtllmError) -> Response:
-        response = error_response(exc.status, str(exc), exc.code, details=exc.hint, param=exc.param)
+        response = error_response(exc.status, str(exc), exc.code, details=hint_of(exc), param=exc.param)
         if isinstance(exc, Busy):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response

@@ -1,11 +1,11 @@
-"""Prometheus metrics with both seeds' names, recorded where every generation passes (the Services)."""
+"""Prometheus metrics, recorded where every generation passes (the Services, which own one `Metrics`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
-from flask import Blueprint, Response
+from flask import Blueprint, Flask, Response, current_app
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -14,15 +14,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-
-from ortllm.runtime.types import ERROR, TokenEvent
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .routes import api_route
-
-if TYPE_CHECKING:
-    from ortllm.runtime.registry import ModelRegistry
-    from ortllm.runtime.scheduler import Stream
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 3, 5, 10, 30, 60, 120)
 
@@ -30,7 +24,7 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 3, 5, 10, 30, 60, 120)
 class Metrics:
     """One app's metrics in their own registry (several apps can live in one process)."""
 
-    def __init__(self, models: ModelRegistry) -> None:
+    def __init__(self, loaded: Callable[[], Mapping[str, Any]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.health_checks = Counter("health_check_requests", "Health check requests", registry=r)
@@ -54,11 +48,11 @@ class Metrics:
         # callers by API key name or JWT subject; by a stable hash when auth is on but /metrics is open
         self.requests = Counter("http_requests", "HTTP requests by dialect, caller and status",
                                 ["dialect", "identity", "status"], registry=r)  # fmt: skip
-        r.register(_SchedulerCollector(models))
+        r.register(_SchedulerCollector(loaded))
 
-    def observe(self, model: str, final: TokenEvent) -> None:
-        """Record one finished generation."""
-        if final.finish_reason == ERROR:
+    def observe(self, model: str, final: Any, *, failed: bool) -> None:
+        """Record one finished generation from its final TokenEvent (`failed`: it ended in an error)."""
+        if failed:
             self.errors.labels(model).inc()
             return
         if final.usage:
@@ -76,41 +70,16 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class MeteredStream:
-    """A Stream that reports its final event to the metrics; otherwise the same interface."""
-
-    def __init__(self, stream: Stream, metrics: Metrics, model: str) -> None:
-        self._stream = stream
-        self._metrics = metrics
-        self._model = model
-        self.prompt_tokens = stream.prompt_tokens
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        for event in self._stream:
-            if event.done:
-                self._metrics.observe(self._model, event)
-            yield event
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def __enter__(self) -> MeteredStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stream.cancel()
-
-
 class _SchedulerCollector:
     """Queue depth and running batch size of each loaded model, read at scrape time."""
 
-    def __init__(self, models: ModelRegistry) -> None:
-        self.models = models
+    def __init__(self, loaded: Callable[[], Mapping[str, Any]]) -> None:
+        self.loaded = loaded  # the registry's loaded(): name -> scheduler
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("queue_depth", "Requests waiting for a slot", labels=["model"])
         batch = GaugeMetricFamily("batch_size", "Requests generating now", labels=["model"])
-        for name, scheduler in self.models.loaded().items():
+        for name, scheduler in self.loaded().items():
             depth.add_metric([name], scheduler.queue_depth)
             batch.add_metric([name], scheduler.active_count)
         yield depth
@@ -118,11 +87,17 @@ class _SchedulerCollector:
 
 
 bp = Blueprint("metrics", __name__)
+EXTENSION = "ortllm_metrics"  # where `install` puts the app's Metrics
+
+
+def install(app: Flask, metrics: Metrics) -> None:
+    """Serve `metrics` at /metrics."""
+    app.extensions[EXTENSION] = metrics
+    app.register_blueprint(bp)
 
 
 @api_route(bp, "/metrics", tag="health", summary="Prometheus metrics (text exposition format)")
 def metrics() -> Response:
-    from .service import services
-
-    body, content_type = services().metrics.render()
+    metrics: Metrics = current_app.extensions[EXTENSION]
+    body, content_type = metrics.render()
     return Response(body, content_type=content_type)

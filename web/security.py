@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, has_request_context, request
 from flask_cors import CORS
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -22,7 +22,8 @@ from limits.strategies import FixedWindowRateLimiter
 
 from ortllm.settings import ConfigError, Settings
 
-from .errors import error_response
+from .errors import dialect_of, error_response
+from .metrics import Metrics
 
 log = logging.getLogger("ortllm.web")
 
@@ -96,7 +97,8 @@ class Authenticator:
     """Checks `Authorization: Bearer …` (or `?token=` on the WebSocket upgrade) before every request and
     answers 429 to a client address that keeps sending wrong credentials."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics  # requests are counted there by dialect, caller and status
         self.keys = load_keys(settings)
         self.jwt_secret = settings.auth.jwt_secret
         self.audience = settings.auth.jwt_audience
@@ -183,14 +185,13 @@ class Authenticator:
     def count_request(self, response: Response) -> Response:
         """Count the request under its dialect, caller and status. Callers are named (never the client
         address); on a /metrics that anyone may read while auth is on, by a stable hash of the name."""
-        from .errors import dialect_of
-        from .service import services
-
+        if self.metrics is None:
+            return response
         identity = getattr(g, "identity", None)
         who = "anonymous"
         if identity and identity.kind != "anonymous":
             who = identity.name if self.protect_metrics else self.pseudonym(identity)
-        services().metrics.requests.labels(dialect_of(request.path), who, str(response.status_code)).inc()
+        self.metrics.requests.labels(dialect_of(request.path), who, str(response.status_code)).inc()
         return response
 
     def pseudonym(self, identity: Identity) -> str:
@@ -207,8 +208,6 @@ def unauthorized(message: str) -> Response:
 def cache_scope() -> str | None:
     """The prefix-cache scope of this request: its API key or JWT subject, None when auth is off (one
     local user: everything may share). Outside a request (tests, the CLI) None as well."""
-    from flask import has_request_context
-
     identity = getattr(g, "identity", None) if has_request_context() else None
     return identity.key if identity and identity.kind != "anonymous" else None
 
@@ -218,9 +217,10 @@ def rate_key() -> str:
     return identity.key if identity else get_remote_address() or "unknown"
 
 
-def install(app: Flask, settings: Settings) -> Authenticator:
-    """Wire auth, rate limiting and CORS into the app (in that order: limits are per identity)."""
-    auth = Authenticator(settings)
+def install(app: Flask, settings: Settings, metrics: Metrics) -> Authenticator:
+    """Wire auth, rate limiting and CORS into the app (in that order: limits are per identity); requests
+    are counted in `metrics`."""
+    auth = Authenticator(settings, metrics)
     app.before_request(auth.before_request)
     app.after_request(auth.count_request)
     per_minute = rate_per_minute(settings)

@@ -1,7 +1,8 @@
 """What every dialect shares: the loaded models, the session store, options, chat turns, model facts.
 
 Blueprints translate their wire format into calls here and the results back; no generation
-logic lives in a route.
+logic lives in a route. This is the one web module that imports `ortllm.runtime` (import-linter checks
+it): what the dialects need from the runtime they take from here.
 """
 
 from __future__ import annotations
@@ -16,17 +17,36 @@ from flask import current_app, has_request_context, request
 
 from ortllm.conversation import ChatTurn, abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import SessionStoreUnavailable
+from ortllm.errors import InvalidOptions, ModelLoadError
 from ortllm.runtime.embedder import not_generative
-from ortllm.runtime.options import GenerationOptions, validate_options
+from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_candidates, variant_ep
+from ortllm.runtime.options import MAX_STOP_STRINGS, GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.scheduler import Scheduler, Stream
-from ortllm.runtime.types import CANCELLED, ERROR, GenerationRequest, TokenEvent, client_gone_probe
+from ortllm.runtime.types import (
+    CANCELLED,
+    ERROR,
+    GenerationRequest,
+    RequestLimits,
+    TokenEvent,
+    client_gone_probe,
+)
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel
 
-from .metrics import MeteredStream, Metrics
+from .metrics import Metrics
 from .security import cache_scope
+
+# the runtime's vocabulary the dialects use, re-exported so that they import this module only
+__all__ = ["CANCELLED", "EP_PREFERENCE", "ERROR", "MAX_STOP_STRINGS", "ModelRegistry", "TokenEvent",
+           "available_eps", "variant_ep", "ChatSession", "MeteredStream", "Services", "make_registry",
+           "services", "client_gone"]  # fmt: skip
+
+
+def make_registry(settings: Settings) -> ModelRegistry:
+    """The app's model registry with the server's queue bound and request limits."""
+    return ModelRegistry(max_queue=settings.server.max_queue, limits=RequestLimits.of(settings.server))
 
 
 class Services:
@@ -36,7 +56,7 @@ class Services:
         self.settings = settings
         self.registry = registry
         self.session_store = sessions  # every owner's sessions: reach them through `sessions()`
-        self.metrics = Metrics(registry)
+        self.metrics = Metrics(registry.loaded)
         self.started = time.time()
         self._connections = 0
         self._lock = threading.Lock()
@@ -80,6 +100,15 @@ class Services:
     def scheduler(self, model: str) -> Scheduler:
         """The model's scheduler, loaded on first use (404 when it is not installed)."""
         return self.registry.get(model)
+
+    def load_on(self, model: str, ep: str) -> None:
+        """Load `model` on the execution provider `ep`; 400 when this machine or model has none for it."""
+        installed = self.registry.installed(model)
+        try:
+            variant_candidates(installed, force_ep=ep)  # the loader's own checks: a variant for ep, ep installed
+        except ModelLoadError as exc:
+            raise InvalidOptions(str(exc)) from exc  # the request named the device: a client error (400)
+        self.registry.load(installed.name, ep=ep)
 
     def options(self, scheduler: Scheduler, raw: dict[str, Any] | None) -> GenerationOptions:
         if getattr(scheduler, "kind", "chat") == "embedding":  # before any session is created for the turn
@@ -163,6 +192,31 @@ class Services:
         }
 
 
+class MeteredStream:
+    """A Stream that reports its final event to the metrics; otherwise the same interface."""
+
+    def __init__(self, stream: Stream, metrics: Metrics, model: str) -> None:
+        self._stream = stream
+        self._metrics = metrics
+        self._model = model
+        self.prompt_tokens = stream.prompt_tokens
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        for event in self._stream:
+            if event.done:
+                self._metrics.observe(self._model, event, failed=event.finish_reason == ERROR)
+            yield event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.cancel()
+
+
 class ChatSession:
     """A chat turn's event stream that stores the reply in the session when the turn completes. A turn the
     client withdraws (cancel, disconnect) is undone; one the server could not finish (shutdown, unload, a
@@ -226,4 +280,6 @@ def client_gone() -> Callable[[], bool] | None:
 
 
 def services() -> Services:
-    return current_app.extensions["ortllm"]
+    """This app's Services (inside a request)."""
+    services: Services = current_app.extensions["ortllm"]
+    return services

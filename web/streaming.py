@@ -1,4 +1,5 @@
-"""The one SSE writer: JSON events or raw text (multi-line text split into several `data:` lines)."""
+"""Stream → wire helpers every dialect shares: the one SSE writer (JSON events or raw text, multi-line text
+split into several `data:` lines), running a stream to its end, usage and the final events' outcome."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Response
+
+from ortllm.errors import GenerationFailed, RequestCancelled
+
+from .services import CANCELLED, ERROR, TokenEvent
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
@@ -33,7 +38,7 @@ def format_event(data: Any) -> str:
 def sse_response(events: Iterable[Any], on_close: Callable[[], None] | None = None) -> Response:
     """Stream `events` as SSE; `on_close` runs when the stream ends or the client goes away."""
 
-    def body():
+    def body() -> Iterable[str]:
         try:
             for event in events:
                 yield format_event(event)
@@ -45,3 +50,48 @@ def sse_response(events: Iterable[Any], on_close: Callable[[], None] | None = No
                 on_close()
 
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+def collect(events: Iterable[TokenEvent]) -> tuple[str, TokenEvent]:
+    """Run a stream to its end: the text and the final event (raises on a failed generation)."""
+    parts, final = [], None
+    for event in events:
+        if event.text:
+            parts.append(event.text)
+        if event.done:
+            final = event
+    assert final is not None
+    if final.finish_reason == ERROR:
+        raise GenerationFailed(final.error or "generation failed")
+    return "".join(parts), final
+
+
+def complete(final: TokenEvent) -> TokenEvent:
+    """`final`, or a 503 when the server cut the answer short (shutdown, unload): a part is not an answer."""
+    if final.finish_reason == CANCELLED:
+        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
+    return final
+
+
+def usage_of(event: TokenEvent, *, cached: bool = False) -> dict[str, Any]:
+    """The final event's token counts; `cached` adds OpenAI's prompt_tokens_details.cached_tokens."""
+    u = event.usage
+    assert u is not None
+    usage: dict[str, Any] = {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+    }
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": u.cached_prompt_tokens}
+    return usage
+
+
+def failed(event: TokenEvent) -> bool:
+    """Whether a final event ends a failed generation (its `error` says why)."""
+    return event.finish_reason == ERROR
+
+
+def cancelled(event: TokenEvent) -> bool:
+    """Whether a final event ends an answer that was cut short (client, shutdown, unload or timeout)."""
+    return event.finish_reason == CANCELLED

@@ -16,15 +16,14 @@ sequence's offset, and rotates positions from it. So one onnxruntime session ove
   chat re-reads only the new turn; `cached_prompt_tokens` reports it).
 - `sample()`: temperature, top-k, top-p, repetition penalty, min_tokens and per-request seeds in numpy.
 
-Requests with constrained output (guidance) are not handled here; the scheduler runs them on og.Engine.
+Requests with constrained output (guidance) are not handled here; the scheduler gives them to the next
+backend (og.Engine, else og.Generator).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,8 @@ import numpy as np
 
 from ortllm.errors import first_line
 
-from .options import GenerationOptions
+from ..job import Job
+from ..options import GenerationOptions
 
 log = logging.getLogger("ortllm.native")
 
@@ -331,7 +331,7 @@ class _Slot:
     """A KV slot: the tokens whose keys and values it holds, and the request using it (if any)."""
 
     tokens: list[int] = field(default_factory=list)
-    job: Any = None
+    job: Job | None = None
     pending: list[int] = field(default_factory=list)  # tokens still to feed (prompt, then the last sample)
     generated: int = 0
     history: set[int] = field(default_factory=set)
@@ -346,17 +346,15 @@ class _Slot:
 
 
 class NativeBatcher:
-    """Continuous batching over a NativeDecoder. Driven by the scheduler's worker thread only.
+    """Continuous batching over a NativeDecoder: a scheduler Backend, driven by its worker thread only.
 
     Slots 0..decoding-1 hold sequences that decode together; the rest are prefilling or free (a free
     slot keeps its tokens for prefix reuse). Sequences move by swapping slots' valid KV positions."""
 
-    def __init__(self, decoder: NativeDecoder, eos_ids: list[int],
-                 on_token: Callable[[Any, int], bool]) -> None:  # fmt: skip
+    def __init__(self, decoder: NativeDecoder, eos_ids: list[int]) -> None:
         self.decoder = decoder
         self.eos_ids = list(eos_ids)
         self._eos = set(eos_ids)
-        self.on_token = on_token  # (job, token) -> False when the job has stopped (stop string)
         self.slots = [_Slot() for _ in range(decoder.slots)]
         self.decoding = 0
         self.reuse_prefixes = True  # False: every prompt is computed in full (tests comparing answers)
@@ -376,6 +374,10 @@ class NativeBatcher:
         return self.busy or self.decoder.capacity > self.decoder.initial_capacity
 
     @property
+    def wake_at(self) -> float | None:
+        return None
+
+    @property
     def wants_warm_up(self) -> bool:
         """Idle, with cold KV slots among the first WARM_SLOTS (see KVArena.warm_up)."""
         return not self.busy and not bool(self.decoder.arena.warm[:WARM_SLOTS].all())
@@ -384,15 +386,15 @@ class NativeBatcher:
         """One small piece of warming (a few ms): the worker stays responsive."""
         self.decoder.arena.warm_up(WARM_SLOTS)
 
-    def jobs(self) -> list[Any]:
+    def jobs(self) -> list[Job]:
         return [s.job for s in self.slots if s.job is not None]
 
-    def takes(self, job: Any) -> bool:
+    def takes(self, job: Job) -> bool:
         """Everything but constrained output and sequences longer than the largest arena this machine
         allows (those go to og.Engine)."""
         return not job.request.guidance and len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
 
-    def admit(self, job: Any) -> bool:
+    def admit(self, job: Job) -> bool:
         """Start `job` in the free slot sharing the longest prefix with its prompt; False when full."""
         free = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is None]
         if not free:
@@ -559,7 +561,7 @@ class NativeBatcher:
             self._release(i, "stop")
             return
         try:
-            going = self.on_token(job, token)
+            going = job.take(token)
         except Exception as exc:  # one request's failure must not stop the others
             log.exception("request failed")
             self._release(i, "error", f"generation failed: {first_line(exc)}")
@@ -620,7 +622,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
 
-
-def batcher_choice() -> str:
-    """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
-    return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"

@@ -1,59 +1,42 @@
-"""The native dialect (the MyLLM seeds): `/`, `/health`, `/api/models`, `/api/chat`, `/api/generate`,
-`/api/embeddings`. Errors are `{"detail": ...}`."""
+"""The native dialect: `/`, `/health`, `/api/models`, `/api/chat`, `/api/generate`, `/api/embeddings`.
+Errors are `{"detail": ...}`."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel
 
 from ortllm import __version__
 from ortllm.catalog import load_catalog
-from ortllm.errors import GenerationFailed
-from ortllm.runtime.types import ERROR, TokenEvent
 
+from ... import ui
+from ...routes import api_route
+from ...services import TokenEvent, client_gone, services
+from ...streaming import collect, failed, sse_response, usage_of
 from . import protocol as p
-from . import ui
-from .routes import api_route
-from .service import services
-from .sse import sse_response
 
 bp = Blueprint("native", __name__)
-TAG = "native (MyLLM)"
+TAG = "native"
 
 
-def usage_of(event: TokenEvent) -> dict[str, int]:
-    u = event.usage
-    assert u is not None
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-    }
+def send(model: BaseModel, status: int = 200, *, exclude_none: bool = False) -> Response:
+    """A JSON response from the route's response model: what /openapi.json documents is what is sent."""
+    response = jsonify(model.model_dump(mode="json", exclude_none=exclude_none))
+    response.status_code = status
+    return response
 
 
 def options_of(body: Any) -> dict[str, Any] | None:
     return body.options.model_dump(exclude_none=True) if body.options else None
 
 
-def collect(events) -> tuple[str, TokenEvent]:
-    """Run a stream to its end: the text and the final event (raises on a failed generation)."""
-    parts, final = [], None
-    for event in events:
-        if event.text:
-            parts.append(event.text)
-        if event.done:
-            final = event
-    assert final is not None
-    if final.finish_reason == ERROR:
-        raise GenerationFailed(final.error or "generation failed")
-    return "".join(parts), final
-
-
 @bp.get("/")
 def root() -> Response:
-    """Browsers get the web UI; API clients the server information (the MyLLM and TGI seeds' union)."""
+    """Browsers get the web UI; API clients the server information."""
     if ui.wants_html():
         return ui.index()
     svc = services()
@@ -83,26 +66,24 @@ def health() -> Response:
     svc = services()
     svc.metrics.health_checks.inc()
     problem = svc.sessions_problem()
-    response = jsonify(
-        {
-            "status": "unhealthy" if problem else "healthy",
-            **({"detail": problem} if problem else {}),
-            "model_loaded": bool(svc.registry.loaded()),
-            "models_loaded": sorted(svc.registry.loaded()),
-            "memory_usage": svc.memory_usage(),
-            "active_connections": svc.active_connections,
-            "uptime": round(time.time() - svc.started, 1),
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+    loaded = svc.registry.loaded()
+    health = p.Health(
+        status="unhealthy" if problem else "healthy",
+        detail=problem,
+        model_loaded=bool(loaded),
+        models_loaded=sorted(loaded),
+        memory_usage=svc.memory_usage(),
+        active_connections=svc.active_connections,
+        uptime=round(time.time() - svc.started, 1),
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    response.status_code = 503 if problem else 200
-    return response
+    return send(health, 503 if problem else 200, exclude_none=True)  # `detail` only when unhealthy
 
 
 @api_route(bp, "/api/models", tag=TAG, summary="List installed models", response=p.ModelList)
 def list_models() -> Response:
     svc = services()
-    return jsonify({"models": [svc.model_object(m) for m in svc.installed()]})
+    return send(p.ModelList(models=[p.ModelObject(**svc.model_object(m)) for m in svc.installed()]))
 
 
 @api_route(
@@ -110,14 +91,14 @@ def list_models() -> Response:
 )
 def get_model(model_name: str) -> Response:
     svc = services()
-    return jsonify(svc.model_object(svc.registry.installed(model_name)))
+    return send(p.ModelObject(**svc.model_object(svc.registry.installed(model_name))))
 
 
 @api_route(bp, "/api/models/<path:model_name>/load", ("POST",), tag=TAG, summary="Load a model into memory",
            response=p.StatusMessage)  # fmt: skip
 def load_model(model_name: str) -> Response:
     scheduler = services().registry.load(model_name)
-    return jsonify({"status": "success", "message": f"Model '{scheduler.model.name}' loaded"})
+    return send(p.StatusMessage(status="success", message=f"Model '{scheduler.model.name}' loaded"))
 
 
 @api_route(bp, "/api/models/<path:model_name>/unload", ("POST",), tag=TAG, summary="Unload a model",
@@ -126,12 +107,8 @@ def unload_model(model_name: str) -> Response:
     registry = services().registry
     name = registry.installed(model_name).name
     was_loaded = registry.unload(name)
-    return jsonify(
-        {
-            "status": "success",
-            "message": f"Model '{name}' " + ("unloaded" if was_loaded else "was not loaded"),
-        }
-    )
+    message = f"Model '{name}' " + ("unloaded" if was_loaded else "was not loaded")
+    return send(p.StatusMessage(status="success", message=message))
 
 
 @api_route(bp, "/api/chat", ("POST",), tag=TAG, summary="Chat with history and sessions (SSE by default)",
@@ -141,10 +118,11 @@ def chat(body: p.ChatRequest) -> Response:
     _, session = services().chat(body.model, messages, options_of(body), session_id=body.session_id)
     if not body.stream:
         text, final = collect(session)
-        return jsonify({"message": {"role": "assistant", "content": text}, "session_id": session.session_id,
-                        "usage": usage_of(final), "finish_reason": final.finish_reason})  # fmt: skip
+        reply = p.Message(role="assistant", content=text)
+        return send(p.ChatResponse(message=reply, session_id=session.session_id,
+                                   usage=p.Usage(**usage_of(final)), finish_reason=final.finish_reason))
 
-    def events():
+    def events() -> Iterator[dict[str, Any]]:
         parts: list[str] = []
         for event in session:
             if event.text:
@@ -157,7 +135,8 @@ def chat(body: p.ChatRequest) -> Response:
 
 
 def final_event(event: TokenEvent, text: str, **extra: Any) -> dict[str, Any]:
-    if event.finish_reason == ERROR:
+    """The stream's last event: the whole text and usage, or the error that ended it."""
+    if failed(event):
         return {"done": True, "error": event.error, **extra}
     return {"done": True, **extra, "full_text": text, "usage": usage_of(event),
             "token_count": event.usage.completion_tokens if event.usage else 0,
@@ -172,9 +151,10 @@ def generate(body: p.GenerateRequest) -> Response:
     if not body.stream:
         with stream:
             text, final = collect(stream)
-        return jsonify({"text": text, "usage": usage_of(final), "finish_reason": final.finish_reason})
+        return send(p.GenerateResponse(text=text, usage=p.Usage(**usage_of(final)),
+                                       finish_reason=final.finish_reason))
 
-    def events():
+    def events() -> Iterator[dict[str, Any]]:
         parts: list[str] = []
         with stream:
             for event in stream:
@@ -190,14 +170,10 @@ def generate(body: p.GenerateRequest) -> Response:
 @api_route(bp, "/api/embeddings", ("POST",), tag=TAG, summary="Embedding vector(s) for text",
            body=p.EmbeddingsRequest, response=p.EmbeddingResponse)  # fmt: skip
 def embeddings(body: p.EmbeddingsRequest) -> Response:
-    from flask import request
-
-    from ortllm.runtime.types import client_gone_probe
-
     scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     # the limits (server.max_embedding_*) are checked by the runtime, the same for every dialect
-    vectors = scheduler.embed_texts(texts, client_gone=client_gone_probe(request.environ)).vectors
+    vectors = scheduler.embed_texts(texts, client_gone=client_gone()).vectors
     if isinstance(body.input, str):
-        return jsonify({"embedding": vectors[0], "model": scheduler.model.name})
-    return jsonify({"embeddings": vectors, "model": scheduler.model.name})
+        return send(p.EmbeddingResponse(embedding=vectors[0], model=scheduler.model.name), exclude_none=True)
+    return send(p.EmbeddingResponse(embeddings=vectors, model=scheduler.model.name), exclude_none=True)
