@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ortllm import benchmark as b
 from ortllm.catalog import load_catalog
+from ortllm.runtime.loaded import BATCHERS
 
 from .options import option_group
 
@@ -72,18 +73,28 @@ def bench() -> None:
 @click.option("--reps", default=3, show_default=True, help="Repetitions (after one warm-up).")
 @click.option("--threads", type=int, help="Intra-op threads (default: physical cores).")
 @click.option(
-    "--api", type=click.Choice(["auto", "native", "engine", "generator"]), default="auto", show_default=True
+    "--batcher", type=click.Choice(BATCHERS), default="auto", show_default=True, help="Who batches requests."
+)
+@click.option(
+    "--api", "api_alias", type=click.Choice(BATCHERS), hidden=True, help="The old name of --batcher."
 )
 @with_compare
-def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads: int | None, api: str,
-           compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
+def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads: int | None, batcher: str,
+           api_alias: str | None, compare: str | None, llama_dir: str | None, gguf: str | None,
+           out: str | None) -> None:  # fmt: skip
     """Prompt processing (ppN) and generation (tgN) tokens/s, TTFT, peak RSS, batched throughput."""
+    from ortllm.runtime.embedder import not_generative
     from ortllm.runtime.registry import ModelRegistry
+    from ortllm.runtime.scheduler import Scheduler
 
     console = Console()
-    registry = ModelRegistry(backend=None if api == "auto" else api, threads=threads)
+    batcher = api_alias or batcher  # --api: the old name of --batcher, kept for one release
+    registry = ModelRegistry(batcher=None if batcher == "auto" else batcher, threads=threads)
     name = model or load_catalog().default
     scheduler = registry.get(name)
+    if not isinstance(scheduler, Scheduler):  # an embedding model: no tokens to time
+        registry.close()
+        raise not_generative(scheduler.model.name)
     installed = scheduler.model.installed
     with console.status("measuring memory bandwidth"):
         bandwidth = b.memory_bandwidth_gbs()
@@ -103,7 +114,7 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
                                  threads=ours["threads"] or psutil.cpu_count(logical=False) or 1, reps=reps)  # fmt: skip
         result["llama_cpp"] = peer
     table = Table("metric", "ortllm", *(["llama.cpp", "ratio"] if peer else []),
-                  title=f"{installed.name} ({scheduler.model.variant.id}, {ours['api']}, {ours['threads']} threads)")  # fmt: skip
+                  title=f"{installed.name} ({scheduler.model.variant.id}, {ours['batcher']}, {ours['threads']} threads)")  # fmt: skip
     for key in (f"pp{pp}_tok_s", f"tg{tg}_tok_s"):
         row = [key, f"{ours[key]['mean']:.1f} ± {ours[key]['sd']:.1f}"]
         if peer:

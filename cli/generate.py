@@ -16,6 +16,8 @@ from rich.text import Text
 from ortllm.catalog import load_catalog
 from ortllm.conversation import abandon_turn, commit_turn, plan_turn, start_turn
 from ortllm.errors import ModelNotFound
+from ortllm.runtime.embedder import not_generative
+from ortllm.runtime.loaded import BATCHERS
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.scheduler import Scheduler
@@ -33,8 +35,9 @@ generation_options = option_group(
     click.option("--seed", type=int, help="Random seed for reproducible sampling."),
     click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
     click.option("--ep", type=click.Choice(["cpu", "cuda", "dml", "webgpu"]), help="Force an execution provider."),
-    click.option("--api", type=click.Choice(["auto", "native", "engine", "generator"]), default="auto", show_default=True,
+    click.option("--batcher", type=click.Choice(BATCHERS), default="auto", show_default=True,
                  help="Who batches: ortllm's own (native, CPU), og.Engine (0.18+) or the older og.Generator."),
+    click.option("--api", "api_alias", type=click.Choice(BATCHERS), hidden=True, help="The old name of --batcher."),
 )  # fmt: skip
 
 
@@ -44,9 +47,10 @@ def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:
     return validate_options(raw, defaults)
 
 
-def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
+def _scheduler(name: str, ep: str | None, batcher: str, api_alias: str | None = None) -> Scheduler:
     """Load a model for the terminal, pulling it first when it is a catalog model not yet installed."""
-    registry = ModelRegistry(backend=None if api == "auto" else api)
+    batcher = api_alias or batcher  # --api: the old name of --batcher, kept for one release
+    registry = ModelRegistry(batcher=None if batcher == "auto" else batcher)
     try:
         registry.installed(name)
     except ModelNotFound:
@@ -58,7 +62,11 @@ def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
 
         click.echo(f"{name} is not installed yet; pulling it first", err=True)
         _run_convert(ConvertRequest(load_catalog().get(name).name))
-    return registry.get(name, ep=ep)
+    runner = registry.get(name, ep=ep)
+    if not isinstance(runner, Scheduler):  # an embedding model: nothing to chat with
+        registry.close()
+        raise not_generative(runner.model.name)
+    return runner
 
 
 @click.command()
@@ -70,8 +78,8 @@ def _scheduler(name: str, ep: str | None, api: str) -> Scheduler:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON result object instead of streaming text."
 )
-def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: bool, ep: str | None, api: str,
-        **kw: Any) -> None:  # fmt: skip
+def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: bool, ep: str | None,
+        batcher: str, api_alias: str | None, **kw: Any) -> None:  # fmt: skip
     """Answer one PROMPT with MODEL, streamed to stdout.
 
     Without PROMPT (or with '-') the prompt is read from stdin, so it pipes:
@@ -83,7 +91,7 @@ def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: 
     """
     if prompt is None or prompt == "-":
         prompt = sys.stdin.read()
-    scheduler = _scheduler(model, ep, api)
+    scheduler = _scheduler(model, ep, batcher, api_alias)
     options = _options(kw, scheduler.model.parameters)
     if raw:
         request = GenerationRequest(options, prompt=prompt)
@@ -132,7 +140,7 @@ class TerminalChat:
     def loop(self) -> None:
         info = self.scheduler.model.info
         self.console.print(
-            f"[bold]{info.name}[/] ({info.variant} on {info.ep}, {info.api}) — session {self.session.id[:8]}. "
+            f"[bold]{info.name}[/] ({info.variant} on {info.ep}, {info.batcher}) — session {self.session.id[:8]}. "
             "Type /help for commands."
         )
         while True:
@@ -244,14 +252,16 @@ class TerminalChat:
 @click.argument("model", required=False)
 @generation_options
 @click.option("--system", help="System prompt for the conversation.")
-def chat(model: str | None, system: str | None, ep: str | None, api: str, **kw: Any) -> None:
+def chat(
+    model: str | None, system: str | None, ep: str | None, batcher: str, api_alias: str | None, **kw: Any
+) -> None:
     """Chat with MODEL in the terminal (default: the catalog's default model).
 
     Answers stream live as markdown, with TTFT and tokens/s. Conversations are saved as
     sessions ($ORTLLM_HOME/sessions.db). Type /help inside the chat for commands.
     """
     console = Console(highlight=False)  # model text is prose: no automatic number/path colouring
-    scheduler = _scheduler(model or load_catalog().default, ep, api)
+    scheduler = _scheduler(model or load_catalog().default, ep, batcher, api_alias)
     options = _options(kw, scheduler.model.parameters)
     try:
         TerminalChat(scheduler, SessionStore(), options, system, console).loop()

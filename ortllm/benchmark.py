@@ -133,7 +133,7 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
     return {
         f"pp{pp}_tok_s": pp_stat.summary(), f"tg{tg}_tok_s": tg_stat.summary(), "ttft_s": ttft_stat.summary(),
         "batch_aggregate_tok_s": batch_results, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "threads": model.threads, "api": scheduler.api,
+        "threads": model.threads, "batcher": scheduler.batcher,
     }  # fmt: skip
 
 

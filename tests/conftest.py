@@ -125,7 +125,7 @@ def scheduler(request, pulled: Path):
     if request.param == "native" and os.environ.get("ORTLLM_BATCHER", "auto") not in ("auto", "native"):
         pytest.skip(f"ORTLLM_BATCHER={os.environ['ORTLLM_BATCHER']}")
     model = LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher=request.param)
-    sched = Scheduler(model, backend=request.param)
+    sched = Scheduler(model, batcher=request.param)
     yield sched
     sched.close()
 

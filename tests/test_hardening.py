@@ -359,17 +359,17 @@ def test_a_crashed_worker_is_replaced_on_the_next_request(pulled):
 
 
 def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatch):
-    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.runtime.job import Job
     from ortllm.web.app import create_app
 
-    real = Scheduler._on_token
+    real = Job.take
 
-    def flaky(self, job, token):
-        if job.request.prompt == "boom":
+    def flaky(self, token, eos_ids=()):
+        if self.request.prompt == "boom":
             raise RuntimeError("injected fault")
-        return real(self, job, token)
+        return real(self, token, eos_ids)
 
-    monkeypatch.setattr(Scheduler, "_on_token", flaky)
+    monkeypatch.setattr(Job, "take", flaky)
     app = create_app()
     client = app.test_client()
     try:

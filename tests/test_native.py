@@ -10,13 +10,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ortllm.runtime import native
-from ortllm.runtime.native import KVArena, inspect_decoder, sample
+from ortllm.runtime.backends import native
+from ortllm.runtime.backends.native import KVArena, inspect_decoder, sample
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.types import ERROR, LENGTH, GenerationRequest
 from tests.conftest import DEFAULT_MODEL, QUESTION
 
 EOS = [2]
+
+
+def batcher_of(scheduler) -> native.NativeBatcher:
+    """The scheduler's native batcher (the first of its backends)."""
+    first = scheduler.backends[0]
+    assert isinstance(first, native.NativeBatcher)
+    return first
 
 
 def opts(**kw):
@@ -132,7 +139,7 @@ def test_the_default_model_is_eligible(loaded_model):
     from ortllm.runtime.loaded import LoadedModel
 
     model = LoadedModel(loaded_model)
-    assert model.native is not None and model.info.api == "native"
+    assert model.native is not None and model.info.batcher == "native"
     assert model._og_model is None  # og.Model is not loaded until a request needs og.Engine
 
 
@@ -145,7 +152,7 @@ def sched(pulled):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    scheduler = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), backend="native")
+    scheduler = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), batcher="native")
     yield scheduler
     scheduler.close()
 
@@ -162,25 +169,25 @@ def test_the_auto_backend_of_a_cpu_model_is_the_native_batcher(sched):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    auto = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), backend="auto")  # its own KV arena
+    auto = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL)), batcher="auto")  # its own KV arena
     try:
-        assert auto.api == "native" and auto.native is not None
+        assert auto.batcher == "native" and isinstance(auto.backends[0], native.NativeBatcher)
         assert auto.generate(GenerationRequest(opts(max_tokens=3), prompt="Hi")).usage.completion_tokens
     finally:
         auto.close()
-    registry = ModelRegistry(backend="auto")
+    registry = ModelRegistry(batcher="auto")
     try:
-        assert registry.load(DEFAULT_MODEL).native is not None
+        assert isinstance(registry.load(DEFAULT_MODEL).backends[0], native.NativeBatcher)
     finally:
         registry.close()
 
 
 def test_an_idle_batcher_warms_its_first_slots(sched):
     deadline = time.monotonic() + 30
-    while not sched.native.decoder.arena.warm[: native.WARM_SLOTS].all() and time.monotonic() < deadline:
+    while not batcher_of(sched).decoder.arena.warm[: native.WARM_SLOTS].all() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert sched.native.decoder.arena.warm[: native.WARM_SLOTS].all()
-    assert not sched.native.wants_warm_up  # then the worker sleeps until work arrives
+    assert batcher_of(sched).decoder.arena.warm[: native.WARM_SLOTS].all()
+    assert not batcher_of(sched).wants_warm_up  # then the worker sleeps until work arrives
 
 
 def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
@@ -193,7 +200,7 @@ def test_the_same_prompt_again_reuses_everything_and_answers_identically(sched):
 def test_callers_of_different_cache_scopes_never_share_a_prefix(sched):
     """A prompt computed for one API key is not reused for another (cache timing would tell the second
     what the first sent); the same key, or no key at all, reuses it."""
-    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # fresh slots: the worst case
+    batcher_of(sched).slots = [native._Slot() for _ in batcher_of(sched).slots]  # fresh slots: the worst case
     messages = [{"role": "user", "content": "Which planet has the most moons? One word."}]
 
     def run(scope):
@@ -225,7 +232,7 @@ def test_a_prompt_fed_in_small_chunks_gives_the_same_answer(sched, monkeypatch):
         {"role": "user", "content": "Summarise in one sentence: " + "The river floods every spring. " * 20}
     ]
     whole = ask(sched, long, max_tokens=12)
-    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # forget the cached prefix
+    batcher_of(sched).slots = [native._Slot() for _ in batcher_of(sched).slots]  # forget the cached prefix
     monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 7)
     chunked = ask(sched, long, max_tokens=12)
     assert chunked.usage.cached_prompt_tokens == 0
@@ -236,7 +243,7 @@ def test_concurrent_requests_compute_a_shared_prompt_once(sched, monkeypatch):
     """Two requests with the same prompt at once: the second copies the first's keys and values (and
     its first token's logits) instead of computing them again; a third sharing only the beginning
     copies that beginning, even while the others are still generating."""
-    sched.native.slots = [native._Slot() for _ in sched.native.slots]  # no cache from earlier tests
+    batcher_of(sched).slots = [native._Slot() for _ in batcher_of(sched).slots]  # no cache from earlier tests
     monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 16)  # the first prompt takes several steps
     monkeypatch.setattr(native, "PREFILL_CHUNK", 16)
     text = "Summarise in one sentence: " + "The river floods every spring and the town rebuilds. " * 8
@@ -259,7 +266,7 @@ def test_more_requests_than_slots_all_finish(pulled):
     model = LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native")
     model.native = native.NativeDecoder(model.path, json.loads((model.path / "genai_config.json").read_text()),
                                         threads=model.threads, max_batch=3)  # fmt: skip
-    scheduler = Scheduler(model, backend="native")
+    scheduler = Scheduler(model, batcher="native")
     try:
         questions = [f"What is {a} plus {b}? Answer with the number." for a, b in
                      [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4), (5, 5), (8, 1)]]  # fmt: skip
@@ -271,8 +278,8 @@ def test_more_requests_than_slots_all_finish(pulled):
                                      messages=[{"role": "user", "content": questions[i]}])  # fmt: skip
 
         alone = [scheduler.generate(request(i)).token_ids for i in range(len(questions))]
-        scheduler.native.slots = [native._Slot() for _ in scheduler.native.slots]
-        scheduler.native.reuse_prefixes = False  # every row computes its whole prompt, as alone
+        batcher_of(scheduler).slots = [native._Slot() for _ in batcher_of(scheduler).slots]
+        batcher_of(scheduler).reuse_prefixes = False  # every row computes its whole prompt, as alone
 
         def worker(i: int) -> None:
             results[i] = scheduler.generate(request(i))
@@ -285,14 +292,14 @@ def test_more_requests_than_slots_all_finish(pulled):
         assert sorted(results) == list(range(len(questions)))
         for i, r in results.items():
             assert r.finish_reason == LENGTH and r.usage.completion_tokens == lengths[i]
-        assert scheduler.native.busy is False and scheduler.native.decoding == 0
+        assert batcher_of(scheduler).busy is False and batcher_of(scheduler).decoding == 0
         assert [results[i].token_ids for i in range(len(questions))] == alone  # rows kept their own caches
     finally:
         scheduler.close()
 
 
 def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(sched, monkeypatch):
-    real = sched.native.decoder.step
+    real = batcher_of(sched).decoder.step
     calls = {"n": 0}
 
     def flaky(ids, lengths, first=0):
@@ -301,7 +308,7 @@ def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(sched, monke
             raise RuntimeError("injected failure\nwith a C++ trace")
         return real(ids, lengths, first)
 
-    monkeypatch.setattr(sched.native.decoder, "step", flaky)
+    monkeypatch.setattr(batcher_of(sched).decoder, "step", flaky)
     stream = sched.submit(GenerationRequest(opts(max_tokens=20, min_tokens=20), messages=QUESTION))
     final = [ev for ev in stream if ev.done][0]
     assert final.finish_reason == ERROR and final.error == "generation failed: injected failure"
@@ -329,16 +336,16 @@ def test_the_arena_grows_for_a_long_answer_and_shrinks_when_idle(sched, monkeypa
     from ortllm.store import ModelStore
 
     monkeypatch.setattr(native, "INITIAL_CAPACITY", 64)
-    small = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), backend="native")
+    small = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), batcher="native")
     try:
-        assert small.native.decoder.capacity == 64
+        assert batcher_of(small).decoder.capacity == 64
         request = GenerationRequest(opts(max_tokens=100, min_tokens=100), messages=QUESTION)
         grown = small.generate(request)
         deadline = time.monotonic() + 10
-        while small.native.decoder.capacity != 64 and time.monotonic() < deadline:
+        while batcher_of(small).decoder.capacity != 64 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert small.native.decoder.capacity == 64  # back to the initial size once idle
-        assert all(len(s.tokens) <= 64 for s in small.native.slots)
+        assert batcher_of(small).decoder.capacity == 64  # back to the initial size once idle
+        assert all(len(s.tokens) <= 64 for s in batcher_of(small).slots)
         assert grown.token_ids == sched.generate(request).token_ids  # growing kept every cached position
     finally:
         small.close()
@@ -348,7 +355,7 @@ def test_the_decoder_computes_logits_for_the_last_position_only(sched):
     """Prompt chunks skip the LM head for all but their last position; the numbers stay the same."""
     import onnxruntime as ort
 
-    decoder = sched.native.decoder
+    decoder = batcher_of(sched).decoder
     assert decoder.last_only
     original = ort.InferenceSession(str(sched.model.path / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.asarray([[1, 504, 3575, 282, 4649, 314]], dtype=np.int64)
@@ -359,6 +366,6 @@ def test_the_decoder_computes_logits_for_the_last_position_only(sched):
                 (1, decoder.kv_heads, 0, decoder.head_size), np.float32
             )
     expected = original.run(["logits"], feeds)[0][0, -1]
-    sched.native.slots = [native._Slot() for _ in sched.native.slots]
+    batcher_of(sched).slots = [native._Slot() for _ in batcher_of(sched).slots]
     got = sched.call(lambda: decoder.step(ids, np.asarray([0]), 0)[0].copy())
     assert np.abs(got - expected).max() < 1e-3

@@ -173,7 +173,7 @@ def generator_scheduler(pulled):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    sched = Scheduler(LoadedModel(ModelStore().get(M), batcher="generator"), backend="generator",
+    sched = Scheduler(LoadedModel(ModelStore().get(M), batcher="generator"), batcher="generator",
                       limits=RequestLimits(max_embedding_inputs=4096, max_embedding_tokens=100))  # fmt: skip
     yield sched
     sched.close()

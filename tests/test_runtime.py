@@ -108,13 +108,23 @@ def test_cancellation_frees_the_worker(scheduler):
     assert scheduler.active_count == 0
 
 
+def test_a_scheduler_is_a_runner_that_generates_and_embeds(scheduler):
+    """Callers ask a loaded model what it can do by capability (an embedding model only Embeds)."""
+    from ortllm.runtime.runner import Embeds, Generates, Runner
+
+    assert (
+        isinstance(scheduler, Runner) and isinstance(scheduler, Generates) and isinstance(scheduler, Embeds)
+    )
+    assert scheduler.name == scheduler.model.name and scheduler.batcher in ("native", "engine", "generator")
+
+
 def test_queue_full_raises_busy(pulled):
     from ortllm.runtime.loaded import LoadedModel
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
     sched = Scheduler(LoadedModel(ModelStore().get("smollm2-135m"), batcher="generator"), max_queue=1,
-                      backend="generator")  # fmt: skip
+                      batcher="generator")  # fmt: skip
     try:
         long = GenerationRequest(
             greedy(max_tokens=500), messages=[{"role": "user", "content": "Tell a long story."}]
@@ -182,7 +192,7 @@ def test_min_tokens_masks_end_of_sequence(scheduler):
 
 def test_late_arrival_does_not_wait_for_a_running_batch(scheduler):
     """A request arriving while a long one streams finishes first (it starts in another Engine batch)."""
-    if scheduler.api == "generator":
+    if scheduler.batcher == "generator":
         pytest.skip("the Generator path (pre-0.18 API) runs one request at a time")
     long_request = GenerationRequest(validate_options({"temperature": 0, "max_tokens": 400, "min_tokens": 400}),
                                      messages=[{"role": "user", "content": "Tell a long story."}])  # fmt: skip

@@ -103,7 +103,7 @@ def test_sigterm_with_an_idle_websocket_exits_promptly(pulled):
 def test_a_socket_registered_during_shutdown_ends_at_once(monkeypatch):
     """The CI race: SIGTERM's close_all ran while a handler was between the handshake and registering
     its socket, so that socket kept the worker alive for gunicorn's whole graceful timeout."""
-    from web import ws as wsmod
+    from ortllm.web.dialects.chat_ws import ws as wsmod
 
     class IdleSocket:  # a client that never sends anything
         def receive(self, timeout=None):

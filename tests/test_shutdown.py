@@ -268,8 +268,10 @@ def test_the_exit_watchdog_names_what_it_cuts(monkeypatch, caplog):
 def test_requests_after_shutdown_began_get_503_and_load_nothing(pulled, monkeypatch):
     """Once shutdown began, a request (e.g. on a kept-alive connection) gets 503 naming the shutdown in its
     dialect's body, and does not load a model afresh (which would answer in full, uncancelled)."""
-    from ortllm.web import server, sse, ws
+    from ortllm.web import server
+    from ortllm.web import streaming as sse
     from ortllm.web.app import create_app
+    from ortllm.web.dialects.chat_ws import ws
 
     stopping = threading.Event()  # the process-wide flags, fresh for this in-process app
     monkeypatch.setattr(sse, "STOPPING", stopping)

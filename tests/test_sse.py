@@ -1,6 +1,6 @@
 """The SSE writer follows the spec: every line break starts a new data: field."""
 
-from ortllm.web.sse import format_event
+from ortllm.web.streaming import format_event
 
 
 def test_json_event():

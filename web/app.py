@@ -1,4 +1,4 @@
-"""The Flask app factory: shared services, one blueprint per API dialect, one error mapper."""
+"""The Flask app factory: shared services, one blueprint per API dialect (web/dialects/), one error mapper."""
 
 from __future__ import annotations
 
@@ -9,13 +9,22 @@ from typing import Any
 
 from flask import Flask
 
-from ortllm.runtime.registry import ModelRegistry
-from ortllm.runtime.types import RequestLimits
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
 
-from . import docs, errors, metrics, native, openai_api, rust, security, sessions_api, spec_v1, tgi, ui, ws
-from .service import Services
+from . import docs, errors, metrics, security, ui
+from .dialects import api_v1, chat_ws, native, openai, orchestrator, sessions
+from .services import ModelRegistry, Services, make_registry
+
+# every API dialect's blueprint: a new dialect is one package under web/dialects/ and one line here
+DIALECTS = (
+    native.bp,
+    openai.bp,
+    chat_ws.bp,
+    orchestrator.bp,
+    api_v1.bp,
+    sessions.bp,
+)
 
 log = logging.getLogger("ortllm.web")
 
@@ -54,8 +63,12 @@ class _ClosingBody:
             self.on_close()
 
 
-def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None,
-               sessions: SessionStore | None = None) -> Flask:  # fmt: skip
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: ModelRegistry | None = None,
+    sessions: SessionStore | None = None,
+) -> Flask:
     """Build the app; models in `settings.server.models` are loaded before it returns."""
     settings = settings or load_settings()
     app = Flask("ortllm")
@@ -67,26 +80,15 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
     }
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
-    registry = registry or ModelRegistry(
-        max_queue=settings.server.max_queue, limits=RequestLimits.of(settings.server)
-    )
+    registry = registry or make_registry(settings)
     services = Services(settings, registry, sessions or SessionStore())
     app.extensions["ortllm"] = services
     errors.register(app)
-    security.install(app, settings)
-    for blueprint in (
-        native.bp,
-        openai_api.bp,
-        rust.bp,
-        ws.bp,
-        tgi.bp,
-        spec_v1.bp,
-        sessions_api.bp,
-        metrics.bp,
-        docs.bp,
-        docs.swagger,
-        ui.bp,
-    ):
+    security.install(app, settings, services.metrics)
+    for blueprint in DIALECTS:
+        app.register_blueprint(blueprint)
+    metrics.install(app, services.metrics)
+    for blueprint in (docs.bp, docs.swagger, ui.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = ConnectionCounter(app.wsgi_app, services)  # type: ignore[method-assign]
     for name in settings.server.models:

@@ -9,7 +9,7 @@ from ortllm import __version__
 
 from .routes import DocPolicy, openapi_spec
 from .security import OPEN_PREFIXES, auth_enabled, rate_per_minute
-from .service import services
+from .services import MAX_STOP_STRINGS, services
 
 bp = Blueprint("openapi", __name__)
 swagger = get_swaggerui_blueprint("/docs", "/openapi.json", config={"app_name": "ortllm API"})
@@ -20,7 +20,10 @@ def openapi() -> Response:
     settings = services().settings
     auth = auth_enabled(settings)
     policy = DocPolicy(
-        limits={k: v for k, v in settings.server.model_dump().items() if isinstance(v, int)},
+        limits={
+            **{k: v for k, v in settings.server.model_dump().items() if isinstance(v, int)},
+            "max_stop_strings": MAX_STOP_STRINGS,  # the runtime's bound, not a setting
+        },
         auth=auth,
         rate_limited=rate_per_minute(settings) > 0,
         open_prefixes=OPEN_PREFIXES,

@@ -14,24 +14,39 @@ from ortllm.errors import Busy, OrtllmError
 log = logging.getLogger("ortllm.web")
 
 # routes of the chat service dialect answer {"error": "..."}
-RUST_PREFIXES = ("/completions", "/chat/", "/sessions", "/readiness")
+CHAT_SERVICE_PREFIXES = ("/completions", "/chat/", "/sessions", "/readiness")
 
 
 def dialect_of(path: str) -> str:
+    """The error-body family of a path (also the `dialect` label of /metrics, kept as dashboards know it)."""
     if path.startswith("/api/v1/"):
         return "spec"
     if path.startswith("/v1/"):
         return "openai"
-    if path.startswith(RUST_PREFIXES):
+    if path.startswith(CHAT_SERVICE_PREFIXES):
         return "rust"
-    return "detail"  # /api/*, the TGI routes (/models, /generate) and everything else
+    return "detail"  # /api/*, the orchestrator routes (/models, /generate) and everything else
 
 
-OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
-SPEC_CODES = {400: "INVALID_REQUEST", 401: "AUTHENTICATION_FAILED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-              413: "PAYLOAD_TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL_ERROR", 503: "SERVICE_UNAVAILABLE",
-              504: "TIMEOUT"}  # fmt: skip
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+SPEC_CODES = {
+    400: "INVALID_REQUEST",
+    401: "AUTHENTICATION_FAILED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    429: "RATE_LIMITED",
+    500: "INTERNAL_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+    504: "TIMEOUT",
+}
 # what to do about an OrtllmError whose answer names a route or a header, by its code (the core's errors
 # know no HTTP: where their own `hint` is empty, this one is sent)
 HINTS = {
@@ -48,27 +63,47 @@ def hint_of(exc: OrtllmError) -> str:
 
 
 # what to do about an error, by status: the `details` of the /api/v1 dialect (OrtllmErrors bring their own)
-SPEC_DETAILS = {400: HINTS["INVALID_REQUEST"],
-                401: "Send Authorization: Bearer <key> (on the WebSocket: ?token=<key>)",
-                404: "The routes are listed at /docs", 405: "The routes and their methods are listed at /docs",
-                413: "Send a smaller body (the limit is server.max_body_bytes)",
-                429: "Wait until the time in X-RateLimit-Reset (Retry-After says how long)",
-                500: "The server log has the cause", 503: "Retry shortly"}  # fmt: skip
+SPEC_DETAILS = {
+    400: HINTS["INVALID_REQUEST"],
+    401: "Send Authorization: Bearer <key> (on the WebSocket: ?token=<key>)",
+    404: "The routes are listed at /docs",
+    405: "The routes and their methods are listed at /docs",
+    413: "Send a smaller body (the limit is server.max_body_bytes)",
+    429: "Wait until the time in X-RateLimit-Reset (Retry-After says how long)",
+    500: "The server log has the cause",
+    503: "Retry shortly",
+}
 
 
-def error_response(status: int, message: str, code: str | None = None, *, details: str | None = None,
-                   param: str | None = None, path: str | None = None) -> Response:  # fmt: skip
+def error_response(
+    status: int,
+    message: str,
+    code: str | None = None,
+    *,
+    details: str | None = None,
+    param: str | None = None,
+    path: str | None = None,
+) -> Response:
     """The error body of the dialect that owns `path` (default: the current request's)."""
     dialect = dialect_of(path if path is not None else request.path)
     body: dict[str, Any]
     if dialect == "openai":
-        body = {"error": {"message": message, "type": OPENAI_TYPES.get(status, "server_error"),
-                          "param": param, "code": (code or "").lower() or None}}  # fmt: skip
+        body = {
+            "error": {
+                "message": message,
+                "type": OPENAI_TYPES.get(status, "server_error"),
+                "param": param,
+                "code": (code or "").lower() or None,
+            }
+        }
     elif dialect == "spec":
         body = {
-            "error": {"code": code or SPEC_CODES.get(status, "ERROR"), "message": message,
-                      "details": SPEC_DETAILS.get(status, "") if details is None else details}
-        }  # fmt: skip
+            "error": {
+                "code": code or SPEC_CODES.get(status, "ERROR"),
+                "message": message,
+                "details": SPEC_DETAILS.get(status, "") if details is None else details,
+            }
+        }
     elif dialect == "rust":
         body = {"error": message}
     else:
@@ -105,8 +140,12 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
-        messages = {404: f"Not found: {request.path}", 405: f"Method {request.method} not allowed on {request.path}",
-                    413: "Request body too large", 429: f"Rate limit exceeded: {exc.description}"}  # fmt: skip
+        messages = {
+            404: f"Not found: {request.path}",
+            405: f"Method {request.method} not allowed on {request.path}",
+            413: "Request body too large",
+            429: f"Rate limit exceeded: {exc.description}",
+        }
         response = error_response(status, messages.get(status, exc.description or exc.name))
         for name, value in exc.get_headers():  # werkzeug's own headers: Allow on 405, Retry-After on 429
             if name.lower() not in ("content-type", "content-length"):

@@ -32,22 +32,46 @@ class Metrics:
         self.chat_completions = Counter(
             "chat_completions_requests", "Chat completion requests", ["model"], registry=r
         )
-        self.duration = Histogram("completions_duration_seconds", "Request latency: submit to last token", ["model"],
-                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.duration = Histogram(
+            "completions_duration_seconds",
+            "Request latency: submit to last token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("completions_tokens", "Tokens generated", ["model"], registry=r)
         self.errors = Counter("completions_errors", "Failed generations", ["model"], registry=r)
-        self.inference = Histogram("model_inference_seconds", "Model inference time", ["model"],
-                                   buckets=(1, 3, 5, 10, 30, 60), registry=r)  # fmt: skip
-        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token", ["model"],
-                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)  # fmt: skip
-        self.tps = Histogram("decode_tokens_per_second", "Decode speed of each request", ["model"],
-                             buckets=(5, 10, 25, 50, 75, 100, 150, 200, 300), registry=r)  # fmt: skip
+        self.inference = Histogram(
+            "model_inference_seconds",
+            "Model inference time",
+            ["model"],
+            buckets=(1, 3, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.tps = Histogram(
+            "decode_tokens_per_second",
+            "Decode speed of each request",
+            ["model"],
+            buckets=(5, 10, 25, 50, 75, 100, 150, 200, 300),
+            registry=r,
+        )
         self.active_connections = Gauge(
             "active_connections", "HTTP requests and streams in flight", registry=r
         )
         # callers by API key name or JWT subject; by a stable hash when auth is on but /metrics is open
-        self.requests = Counter("http_requests", "HTTP requests by dialect, caller and status",
-                                ["dialect", "identity", "status"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "http_requests",
+            "HTTP requests by dialect, caller and status",
+            ["dialect", "identity", "status"],
+            registry=r,
+        )
         r.register(_SchedulerCollector(loaded))
 
     def observe(self, model: str, final: Any, *, failed: bool) -> None:

@@ -16,6 +16,9 @@ from pydantic import BaseModel
 
 from ortllm.errors import InvalidOptions, MalformedJSON
 
+from . import wire as p
+from .errors import dialect_of
+
 
 @dataclass(frozen=True)
 class RouteDoc:
@@ -110,13 +113,13 @@ def decode_json(text: str) -> Any:
         raise MalformedJSON(f"JSON nested too deeply (limit {MAX_DEPTH})") from None
     # \ud800-\udfff escapes decode to lone surrogates, which no encoder (UTF-8, sqlite, tokenizer) accepts
     if _SURROGATE_ESCAPE.search(text) and not _encodable(data):
-        where = _string_path(data, _lone_surrogate)
+        where = _string_path(data, _lone_surrogate) or "(the body)"
         raise MalformedJSON(
             f"Lone surrogate (\\ud800-\\udfff without its pair) in `{where}`: not valid Unicode"
         )
     # the tokenizer stops reading at U+0000: whatever follows would be dropped without a word
-    if "\\u0000" in text and (where := _string_path(data, _nul)):
-        raise MalformedJSON(f"NUL character (\\u0000) in `{where}`: the tokenizer cannot read past it")
+    if "\\u0000" in text and (nul_at := _string_path(data, _nul)):
+        raise MalformedJSON(f"NUL character (\\u0000) in `{nul_at}`: the tokenizer cannot read past it")
     return data
 
 
@@ -139,9 +142,18 @@ def parse(model: type[BaseModel]) -> Any:
     return model.model_validate(data, strict=True)  # strict: "1" is not 1, as the JSON schema says
 
 
-def api_route(bp: Blueprint, rule: str, methods: tuple[str, ...] = ("GET",), *, tag: str, summary: str,
-              body: type[BaseModel] | None = None, response: type[BaseModel] | None = None,
-              streams: bool = False, optional_body: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
+def api_route(
+    bp: Blueprint,
+    rule: str,
+    methods: tuple[str, ...] = ("GET",),
+    *,
+    tag: str,
+    summary: str,
+    body: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    streams: bool = False,
+    optional_body: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a view on `bp`; when `body` is set the view receives the parsed model first."""
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -225,9 +237,6 @@ NO_NUL = (
 
 def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> dict[str, Any]:
     """OpenAPI 3.1 from the declared routes and their pydantic models, with the statuses each can answer."""
-    from . import protocol as p
-    from .errors import dialect_of
-
     policy = policy or DocPolicy()
     schemas: dict[str, Any] = {}
 
@@ -237,7 +246,7 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
         schemas[model.__name__] = schema
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
-    error_bodies = {
+    error_bodies: dict[str, type[BaseModel]] = {
         "openai": p.OpenAIError,
         "spec": p.SpecError,
         "rust": p.RustError,
@@ -252,8 +261,12 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
         for method in route.methods:
             success = _success_status(route.summary)
             ok: dict[str, Any] = {"description": "OK"}
-            op: dict[str, Any] = {"tags": [route.tag], "summary": route.summary, "parameters": params,
-                                  "responses": {str(success): ok}}  # fmt: skip
+            op: dict[str, Any] = {
+                "tags": [route.tag],
+                "summary": route.summary,
+                "parameters": params,
+                "responses": {str(success): ok},
+            }
             if route.body is not None:
                 op["requestBody"] = {
                     "required": not route.optional_body,
@@ -281,14 +294,11 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     _write_limits(schemas, policy)
     info = {"title": title, "version": version, "description": NO_NUL}
-    return {"openapi": "3.1.0", "info": info, "paths": paths,
-            "components": components}  # fmt: skip
+    return {"openapi": "3.1.0", "info": info, "paths": paths, "components": components}
 
 
 def _param_schema(name: str) -> dict[str, Any]:
     """A path parameter's schema: session ids have one pattern everywhere (ortllm.sessions.ID_PATTERN)."""
-    from . import protocol as p
-
     if name == "session_id":
         return {"type": "string", "pattern": p.SESSION_ID_PATTERN}
     return {"type": "string"}
@@ -296,8 +306,6 @@ def _param_schema(name: str) -> dict[str, Any]:
 
 def _write_limits(node: Any, policy: DocPolicy) -> None:
     """Replace each protocol.LIMIT_MARK [keyword, setting] by `keyword: <this server's setting>`, in place."""
-    from . import protocol as p
-
     if isinstance(node, dict):
         mark = node.pop(p.LIMIT_MARK, None)
         if mark and mark[1] in policy.limits:

@@ -131,8 +131,13 @@ class Authenticator:
                 return Identity(name, "key")
         if self.jwt_secret and token.count(".") == 2:
             try:
-                claims = jwt.decode(token, self.jwt_secret, algorithms=["HS256"], audience=self.audience,
-                                    options={"require": ["exp"], "verify_aud": self.audience is not None})  # fmt: skip
+                claims = jwt.decode(
+                    token,
+                    self.jwt_secret,
+                    algorithms=["HS256"],
+                    audience=self.audience,
+                    options={"require": ["exp"], "verify_aud": self.audience is not None},
+                )
             except jwt.PyJWTError:
                 return None
             return Identity(str(claims.get("sub") or "jwt"), "jwt")
@@ -176,9 +181,12 @@ class Authenticator:
             )
             return refused
         retry_after = max(1, math.ceil(reset_at - time.time()))
-        response = error_response(429, f"Too many failed authentications from this address "
-                                  f"({self.failed_limit.amount} per minute): retry in {retry_after} s",
-                                  "RATE_LIMITED")  # fmt: skip
+        response = error_response(
+            429,
+            f"Too many failed authentications from this address "
+            f"({self.failed_limit.amount} per minute): retry in {retry_after} s",
+            "RATE_LIMITED",
+        )
         response.headers["Retry-After"] = str(retry_after)
         return response
 
@@ -234,7 +242,15 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> Authenticator:
     )
     limiter.request_filter(lambda: request.path.startswith(OPEN_PREFIXES) or request.path == "/metrics")
     app.extensions["ortllm_limiter"] = limiter
-    CORS(app, origins=settings.cors.origins,
-         expose_headers=["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After",
-                         "X-Session-Id"])  # fmt: skip
+    CORS(
+        app,
+        origins=settings.cors.origins,
+        expose_headers=[
+            "X-RateLimit-Limit",
+            "X-RateLimit-Remaining",
+            "X-RateLimit-Reset",
+            "Retry-After",
+            "X-Session-Id",
+        ],
+    )
     return auth

@@ -21,7 +21,7 @@ from werkzeug.wsgi import ClosingIterator
 from ortllm.settings import Settings
 
 from .errors import error_response
-from .sse import STOPPING
+from .streaming import SHUTDOWN_HOOKS, STOPPING
 
 log = logging.getLogger("ortllm.server")
 EXIT_DEADLINE_S = 2.5  # after a stop signal the worker is gone by then, whatever its handlers do
@@ -80,12 +80,11 @@ def prepare(app: Flask) -> InFlight:
 
 def shutdown(app: Any) -> None:
     """Cancel every stream, end open WebSockets and unload the models (streams end 'cancelled')."""
-    from .ws import close_all
-
     STOPPING.set()  # before anything is cancelled: the markers then say why
     if not _shutdown_once.acquire(blocking=False):
         return  # SIGTERM and SIGINT (Ctrl-C reaches master and worker) both ask: once is enough
-    close_all()
+    for hook in app.extensions.get(SHUTDOWN_HOOKS, []):
+        hook()  # e.g. end every open WebSocket: idle multi-turn sockets must not hold the exit
     registry = app.extensions["ortllm"].registry
     # all models at once: each unload cancels its answers first, then waits for its worker thread
     threads = [
@@ -110,8 +109,12 @@ def _watch_exit(app: Any, inflight: InFlight, deadline: float) -> None:
 def _exit_now(inflight: InFlight) -> None:
     stragglers = inflight.describe()
     if stragglers:
-        log.warning("exiting with %d request(s) that did not end after %.1f s: %s", len(stragglers),
-                    EXIT_DEADLINE_S, "; ".join(stragglers))  # fmt: skip
+        log.warning(
+            "exiting with %d request(s) that did not end after %.1f s: %s",
+            len(stragglers),
+            EXIT_DEADLINE_S,
+            "; ".join(stragglers),
+        )
     logging.shutdown()
     # neither a handler that cannot be cancelled nor a thread left behind (simple-websocket's reader waits
     # for the peer's close or its next ping) may hold the exit; the answers are written, the store committed
@@ -199,8 +202,12 @@ def _on_worker_start(worker: Any) -> None:
             if _deadline is None:
                 _deadline = deadline = time.monotonic() + EXIT_DEADLINE_S
                 threading.Thread(target=shutdown, args=(app,), name="ortllm-shutdown", daemon=True).start()
-                threading.Thread(target=_watch_exit, args=(app, app.extensions["ortllm.inflight"], deadline),
-                                 name="ortllm-exit-watchdog", daemon=True).start()  # fmt: skip
+                threading.Thread(
+                    target=_watch_exit,
+                    args=(app, app.extensions["ortllm.inflight"], deadline),
+                    name="ortllm-exit-watchdog",
+                    daemon=True,
+                ).start()
             if callable(previous):
                 previous(sig, frame)
 

@@ -16,16 +16,17 @@ import psutil
 from flask import current_app, has_request_context, request
 
 from ortllm.conversation import ChatTurn, abandon_turn, commit_turn, plan_turn, start_turn
-from ortllm.errors import SessionStoreUnavailable
-from ortllm.errors import InvalidOptions, ModelLoadError
+from ortllm.errors import InvalidOptions, ModelLoadError, SessionStoreUnavailable
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_candidates, variant_ep
 from ortllm.runtime.options import MAX_STOP_STRINGS, GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
-from ortllm.runtime.scheduler import Scheduler, Stream
+from ortllm.runtime.runner import Embeds, Generates, Runner
+from ortllm.runtime.scheduler import Stream
 from ortllm.runtime.types import (
     CANCELLED,
     ERROR,
+    Embeddings,
     GenerationRequest,
     RequestLimits,
     TokenEvent,
@@ -39,9 +40,22 @@ from .metrics import Metrics
 from .security import cache_scope
 
 # the runtime's vocabulary the dialects use, re-exported so that they import this module only
-__all__ = ["CANCELLED", "EP_PREFERENCE", "ERROR", "MAX_STOP_STRINGS", "ModelRegistry", "TokenEvent",
-           "available_eps", "variant_ep", "ChatSession", "MeteredStream", "Services", "make_registry",
-           "services", "client_gone"]  # fmt: skip
+__all__ = [
+    "CANCELLED",
+    "EP_PREFERENCE",
+    "ERROR",
+    "MAX_STOP_STRINGS",
+    "ModelRegistry",
+    "TokenEvent",
+    "available_eps",
+    "variant_ep",
+    "ChatSession",
+    "MeteredStream",
+    "Services",
+    "make_registry",
+    "services",
+    "client_gone",
+]
 
 
 def make_registry(settings: Settings) -> ModelRegistry:
@@ -97,31 +111,49 @@ class Services:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def scheduler(self, model: str) -> Scheduler:
-        """The model's scheduler, loaded on first use (404 when it is not installed)."""
+    def scheduler(self, model: str) -> Runner:
+        """The model's runner (a Scheduler, or an Embedder), loaded on first use (404 when not installed)."""
         return self.registry.get(model)
+
+    def embed(self, model: str, texts: list[str]) -> tuple[str, Embeddings]:
+        """The model's name and its vectors for `texts`; the limits (server.max_embedding_*) are checked
+        by the runtime, the same for every dialect."""
+        runner = self.scheduler(model)
+        if not isinstance(runner, Embeds):
+            raise InvalidOptions(f"Model '{runner.model.name}' cannot embed text")
+        return runner.model.name, runner.embed_texts(texts, client_gone=client_gone())
 
     def load_on(self, model: str, ep: str) -> None:
         """Load `model` on the execution provider `ep`; 400 when this machine or model has none for it."""
         installed = self.registry.installed(model)
         try:
-            variant_candidates(installed, force_ep=ep)  # the loader's own checks: a variant for ep, ep installed
+            # the loader's own checks: a variant for ep, ep installed
+            variant_candidates(installed, force_ep=ep)
         except ModelLoadError as exc:
             raise InvalidOptions(str(exc)) from exc  # the request named the device: a client error (400)
         self.registry.load(installed.name, ep=ep)
 
-    def options(self, scheduler: Scheduler, raw: dict[str, Any] | None) -> GenerationOptions:
-        if getattr(scheduler, "kind", "chat") == "embedding":  # before any session is created for the turn
+    def options(self, scheduler: Runner, raw: dict[str, Any] | None) -> GenerationOptions:
+        if not isinstance(scheduler, Generates):  # an embedding model; before any session is created
             raise not_generative(scheduler.model.name)
-        return validate_options(raw, scheduler.model.parameters,
-                                max_tokens_limit=self.settings.server.max_tokens_limit)  # fmt: skip
+        return validate_options(
+            raw, scheduler.model.parameters, max_tokens_limit=self.settings.server.max_tokens_limit
+        )
 
-    def complete(self, model: str, prompt: str, raw_options: dict[str, Any] | None, *, template: bool,
-                 system: str | None = None) -> tuple[Scheduler, MeteredStream]:  # fmt: skip
+    def complete(
+        self,
+        model: str,
+        prompt: str,
+        raw_options: dict[str, Any] | None,
+        *,
+        template: bool,
+        system: str | None = None,
+    ) -> tuple[Runner, MeteredStream]:
         """Start a stateless generation: the chat template applied (`template`) or the prompt as is."""
         scheduler = self.scheduler(model)
         self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
+        assert isinstance(scheduler, Generates)  # options() refused any other
         if template:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
@@ -135,26 +167,46 @@ class Services:
             )
         return scheduler, self.metered(scheduler, scheduler.submit(request))
 
-    def metered(self, scheduler: Scheduler, stream: Stream) -> MeteredStream:
+    def metered(self, scheduler: Runner, stream: Stream) -> MeteredStream:
         """A stream whose outcome is counted in /metrics."""
         return MeteredStream(stream, self.metrics, scheduler.model.name)
 
-    def chat(self, model: str, messages: list[dict[str, str]], raw_options: dict[str, Any] | None, *,
-             session_id: str | None = None, system_prompt: str | None = None, store: bool = True,
-             guidance: tuple[str, str] | None = None) -> tuple[Scheduler, ChatSession]:  # fmt: skip
+    def chat(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        raw_options: dict[str, Any] | None,
+        *,
+        session_id: str | None = None,
+        system_prompt: str | None = None,
+        store: bool = True,
+        guidance: tuple[str, str] | None = None,
+    ) -> tuple[Runner, ChatSession]:
         """Start a chat turn; with `store`, history comes from and goes to the session store."""
         scheduler = self.scheduler(model)
         self.metrics.chat_completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
+        assert isinstance(scheduler, Generates)  # options() refused any other
         sessions = self.sessions() if store else None
         if sessions is not None:
-            turn = plan_turn(sessions, model=scheduler.model.name, messages=messages,
-                             session_id=session_id, system_prompt=system_prompt)  # fmt: skip
+            turn = plan_turn(
+                sessions,
+                model=scheduler.model.name,
+                messages=messages,
+                session_id=session_id,
+                system_prompt=system_prompt,
+            )
         else:
             turn = ChatTurn("", messages)
         gone = client_gone()
-        request = GenerationRequest(options, messages=turn.messages, session_id=turn.session_id or None,
-                                    guidance=guidance, cache_scope=cache_scope(), client_gone=gone)  # fmt: skip
+        request = GenerationRequest(
+            options,
+            messages=turn.messages,
+            session_id=turn.session_id or None,
+            guidance=guidance,
+            cache_scope=cache_scope(),
+            client_gone=gone,
+        )
         stream = self.metered(scheduler, scheduler.submit(request))
         if sessions is not None:
             try:  # only an accepted turn is stored: a refused one (busy, too long) leaves no empty session
@@ -187,7 +239,8 @@ class Services:
             "variant": variant.id,
             "variants": sorted(variants),
             "ep": loaded.model.ep if loaded else variant.ep,
-            "ep_reason": loaded.model.reason if loaded else None,
+            # why this EP: LoadedModel and EmbeddingModel both say, ModelFacts does not promise it
+            "ep_reason": getattr(loaded.model, "reason", None) if loaded else None,
             "hf_name": model.get("hf_name") or model.get("source", ""),
         }
 
@@ -222,8 +275,13 @@ class ChatSession:
     client withdraws (cancel, disconnect) is undone; one the server could not finish (shutdown, unload, a
     runtime error) keeps the question, marked unanswered, for a retry."""
 
-    def __init__(self, sessions: SessionStore | None, turn: ChatTurn, stream: MeteredStream,
-                 client_gone: Callable[[], bool] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sessions: SessionStore | None,
+        turn: ChatTurn,
+        stream: MeteredStream,
+        client_gone: Callable[[], bool] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.turn = turn
         self.stream = stream

@@ -18,6 +18,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 
 
 STOPPING = threading.Event()  # set when the server starts shutting down: cancellations then say so
+# the app.extensions key of what server.shutdown runs besides unloading, e.g. ending open WebSockets
+SHUTDOWN_HOOKS = "ortllm_shutdown_hooks"
 
 
 def cancel_reason() -> str:

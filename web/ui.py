@@ -1,4 +1,4 @@
-"""The browser chat (SPEC §7): `web/static` served under `/ui/`; `GET /` hands browsers its index.html.
+"""The browser chat: `web/static` served under `/ui/`; `GET /` hands browsers its index.html.
 
 Everything the page needs ships inside the package (vendored libraries included), so it works
 offline and nothing is fetched from a CDN. The files are open (no API key): the page asks for the

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from typing_extensions import Required, TypedDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ortllm.sessions import ID_PATTERN
 
@@ -47,6 +46,11 @@ SESSION_ID_PATTERN = f"^{ID_PATTERN.pattern}$"
 SessionId = Annotated[str, Field(pattern=SESSION_ID_PATTERN)]
 
 
+def sent_when_set(description: str) -> Any:
+    """A response field that is left out (not null) while it is None."""
+    return Field(None, description=description, exclude_if=lambda value: value is None)
+
+
 class Wire(BaseModel):
     """Requests ignore unknown fields (clients send extras), but types are checked strictly (no "1" for 1)."""
 
@@ -56,7 +60,6 @@ class Wire(BaseModel):
 class Message(Wire):
     role: Role
     content: str
-
 
 
 # ---- error bodies, one per dialect (web/errors.py:error_response) --------------------------------
@@ -91,7 +94,7 @@ class DetailError(Wire):
     detail: str
 
 
-# ---- native (myllm seeds) ----------------------------------------------------------------------
+# ---- what the native and OpenAI dialects share --------------------------------------------------
 
 
 # the runtime needs something to answer: a user or assistant message, or a non-empty system prompt
@@ -108,7 +111,6 @@ EmbeddingInput = (
         Field(min_length=1, json_schema_extra={LIMIT_MARK: ["maxItems", "max_embedding_inputs"]}),
     ]
 )
-
 
 
 class Usage(Wire):

@@ -6,9 +6,8 @@ length). Here the tokenizer (the `tokenizers` package) and an InferenceSession t
 vectors the way sentence-transformers does: tokens truncated to the model's max_seq_length,
 mean pooling under the attention mask, L2 normalisation.
 
-`Embedder` stands where the registry keeps a `Scheduler`: it has `.embed(texts)`, `.model`
-(name, variant, ep, encode, ...), `.close()` and the queue counters; generation requests to it
-fail with a 400 naming the model as an embedding model.
+`Embedder` is the registry's Runner for such a model: it Embeds and does not Generate (callers check
+with `isinstance(runner, Generates)` and answer `not_generative(name)`, a 400).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ import numpy as np
 from ortllm.errors import InvalidOptions, ModelLoadError, RequestCancelled, first_line
 from ortllm.store import InstalledModel, Variant
 
+from .loaded import ModelInfo, default_threads
 from .types import Embeddings, RequestLimits, embedding_tokens
 
 log = logging.getLogger("ortllm.runtime")
@@ -42,6 +42,7 @@ def is_embedding_model(installed: InstalledModel) -> bool:
 
 
 def not_generative(name: str) -> InvalidOptions:
+    """The error for a generation request to an embedding model."""
     return InvalidOptions(
         f"Model '{name}' is an embedding model: it cannot generate text (use /api/embeddings or /v1/embeddings)"
     )
@@ -50,17 +51,11 @@ def not_generative(name: str) -> InvalidOptions:
 class EmbeddingModel:
     """The loaded encoder: session, tokenizer and pooling settings (the `model` of an Embedder)."""
 
-    api = "onnxruntime"
-    eos_token_ids: list[int] = []
-    has_hidden_states = False
-
     def __init__(
         self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
-
-        from .loaded import default_threads
 
         self.installed = installed
         self.name = installed.name
@@ -105,15 +100,18 @@ class EmbeddingModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = str(self.config.get("output", "last_hidden_state"))
         self.pad_id = int(self.config.get("pad_token_id", 0))
-        log.info("loaded embedding model %s (%s, %s pooling, max %d tokens)", self.name, self.variant.id,
-                 self.pooling, self.max_length)  # fmt: skip
+        log.info(
+            "loaded embedding model %s (%s, %s pooling, max %d tokens)",
+            self.name,
+            self.variant.id,
+            self.pooling,
+            self.max_length,
+        )
 
     @property
-    def info(self):
-        from .loaded import ModelInfo
-
+    def info(self) -> ModelInfo:
         return ModelInfo(
-            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, self.api
+            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, "onnxruntime"
         )
 
     @property
@@ -126,12 +124,6 @@ class EmbeddingModel:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids))
-
-    def check_fits(self, prompt_len: int) -> None:
-        """Texts longer than max_length are truncated, as sentence-transformers does."""
-
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        raise not_generative(self.name)
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
         return self.embed_encodings(self.tokenizer.encode_batch(texts))
@@ -172,19 +164,27 @@ def pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
 
 
 class Embedder:
-    """What the registry holds for an embedding model: `.embed(texts)`; no generation."""
+    """The Runner of an embedding model: it Embeds (texts longer than the model's max_length are
+    truncated, as sentence-transformers does); it does not Generate."""
 
-    kind = "embedding"
-    api = "onnxruntime"
-    crashed: str | None = None  # no worker thread to crash (see Scheduler.crashed)
-
-    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None,
-                 limits: RequestLimits | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        installed: InstalledModel,
+        *,
+        force_ep: str | None = None,
+        threads: int | None = None,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.model = EmbeddingModel(installed, force_ep=force_ep, threads=threads)
+        self.crashed: str | None = None  # no worker thread to crash (see Scheduler.crashed)
         self.limits = limits or RequestLimits()
         self._active = 0
         self._lock = threading.Lock()
         self._closed = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.model.name
 
     @property
     def queue_depth(self) -> int:
@@ -222,18 +222,6 @@ class Embedder:
         finally:
             with self._lock:
                 self._active -= 1
-
-    def submit(self, request: Any) -> Any:
-        raise not_generative(self.model.name)
-
-    def generate(self, request: Any) -> Any:
-        raise not_generative(self.model.name)
-
-    def prompt_ids(self, request: Any) -> list[int]:
-        raise not_generative(self.model.name)
-
-    def wake(self) -> None:
-        pass
 
     def close(self, timeout: float = 10.0) -> None:
         self._closed.set()  # requests in progress stop before their next batch

@@ -100,6 +100,16 @@ def choose_variant(model: InstalledModel, force_ep: str | None = None) -> tuple[
     return variant_candidates(model, force_ep)[0]
 
 
+def engine_supported() -> bool:
+    """The 0.18 Engine API (requests with turns); 0.14's older Engine (add_request/step) does not count."""
+    return hasattr(og, "Engine") and hasattr(og.Engine, "create_request") and hasattr(og, "TurnOptions")
+
+
+def batcher_choice() -> str:
+    """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
+    return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
+
+
 def default_threads() -> int:
     """Intra-op threads for CPU decoding: `$ORTLLM_THREADS`, else the physical core count."""
     env = os.environ.get("ORTLLM_THREADS")
@@ -118,14 +128,20 @@ class ModelInfo:
     reason: str
     context_length: int
     threads: int | None
-    api: str
+    batcher: str  # who batches its requests: native, engine, generator (onnxruntime for embedding models)
 
 
 class LoadedModel:
     """An og.Model with its tokenizer, chat template and limits. Use it from one thread at a time."""
 
-    def __init__(self, installed: InstalledModel, *, force_ep: str | None = None, threads: int | None = None,
-                 batcher: str = "auto") -> None:  # fmt: skip
+    def __init__(
+        self,
+        installed: InstalledModel,
+        *,
+        force_ep: str | None = None,
+        threads: int | None = None,
+        batcher: str = "auto",
+    ) -> None:
         if batcher not in BATCHERS:
             raise ModelLoadError(f"Unknown batcher '{batcher}' (choose from {', '.join(BATCHERS)})")
         self.installed = installed
@@ -188,7 +204,7 @@ class LoadedModel:
     def _native_decoder(self) -> Any:
         if self.batcher in ("engine", "generator"):
             return None
-        from .native import NativeDecoder, inspect_decoder
+        from .backends.native import NativeDecoder, inspect_decoder
 
         genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
         proto, why = inspect_decoder(self.path, genai_cfg, self.ep)
@@ -225,11 +241,9 @@ class LoadedModel:
 
     @property
     def info(self) -> ModelInfo:
-        from .scheduler import engine_supported
-
-        api = "native" if self.native is not None else "engine" if engine_supported() else "generator"
+        batcher = "native" if self.native is not None else "engine" if engine_supported() else "generator"
         return ModelInfo(
-            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, api
+            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, batcher
         )
 
     @property

@@ -1,4 +1,4 @@
-"""Loaded models by name: load on first use or on request, one Scheduler each, unload on request."""
+"""Loaded models by name: load on first use or on request, one Runner each, unload on request."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ortllm.errors import ModelNotFound
 from ortllm.store import InstalledModel, ModelStore
 
 from .embedder import Embedder, is_embedding_model
-from .loaded import LoadedModel
-from .native import batcher_choice
+from .loaded import LoadedModel, batcher_choice
+from .runner import Runner
 from .scheduler import DEFAULT_MAX_QUEUE, Scheduler
 from .types import RequestLimits
 
@@ -20,18 +20,26 @@ log = logging.getLogger("ortllm.registry")
 
 
 class ModelRegistry:
-    """Thread-safe map of model name → Scheduler (an Embedder for embedding models) over a ModelStore."""
+    """Thread-safe map of model name → Runner (a Scheduler; an Embedder for embedding models) over a
+    ModelStore."""
 
-    def __init__(self, store: ModelStore | None = None, *, max_queue: int = DEFAULT_MAX_QUEUE,
-                 backend: str | None = None, threads: int | None = None,
-                 limits: RequestLimits | None = None) -> None:  # fmt: skip
-        """`limits`: the most work one request may ask of a model (RequestLimits.of(settings.server))."""
+    def __init__(
+        self,
+        store: ModelStore | None = None,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        batcher: str | None = None,
+        threads: int | None = None,
+        limits: RequestLimits | None = None,
+    ) -> None:
+        """`batcher`: who batches generation (native | engine | generator | auto; default $ORTLLM_BATCHER);
+        `limits`: the most work one request may ask of a model (RequestLimits.of(settings.server))."""
         self.store = store or ModelStore()
         self.max_queue = max_queue
         self.limits = limits or RequestLimits()
-        self.backend = backend or batcher_choice()  # native | engine | generator | auto
+        self.batcher = batcher or batcher_choice()
         self.threads = threads
-        self._loaded: dict[str, Scheduler | Embedder] = {}
+        self._loaded: dict[str, Runner] = {}
         self._last_used: dict[str, float] = {}
         self._lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -44,8 +52,8 @@ class ModelRegistry:
             raise ModelNotFound(f"Model '{name}' not found. Available models: {available}")
         return model
 
-    def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Scheduler | Embedder:
-        """The model's scheduler, loading it first when `autoload` (else ModelNotFound if not loaded)."""
+    def get(self, name: str, *, autoload: bool = True, ep: str | None = None) -> Runner:
+        """The model's runner, loading it first when `autoload` (else ModelNotFound if not loaded)."""
         try:
             canonical = self.installed(name).name
         except ModelNotFound:
@@ -66,7 +74,7 @@ class ModelRegistry:
         self._last_used[canonical] = time.monotonic()
         return scheduler
 
-    def load(self, name: str, *, ep: str | None = None) -> Scheduler | Embedder:
+    def load(self, name: str, *, ep: str | None = None) -> Runner:
         installed = self.installed(name)
         with self._lock:
             load_lock = self._load_locks.setdefault(installed.name, threading.Lock())
@@ -76,13 +84,13 @@ class ModelRegistry:
                 return current
             if current is not None:
                 self.unload(installed.name)
-            scheduler: Scheduler | Embedder
-            if is_embedding_model(installed):  # plain onnxruntime; generation requests get a 400
+            scheduler: Runner
+            if is_embedding_model(installed):  # plain onnxruntime: it Embeds, it does not Generate
                 scheduler = Embedder(installed, force_ep=ep, threads=self.threads, limits=self.limits)
             else:
-                model = LoadedModel(installed, force_ep=ep, threads=self.threads, batcher=self.backend)
+                model = LoadedModel(installed, force_ep=ep, threads=self.threads, batcher=self.batcher)
                 scheduler = Scheduler(
-                    model, max_queue=self.max_queue, backend=self.backend, limits=self.limits
+                    model, max_queue=self.max_queue, batcher=self.batcher, limits=self.limits
                 )
             with self._lock:
                 self._loaded[installed.name] = scheduler
@@ -103,7 +111,7 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
-    def loaded(self) -> dict[str, Scheduler | Embedder]:
+    def loaded(self) -> dict[str, Runner]:
         with self._lock:
             return dict(self._loaded)
 
@@ -111,9 +119,10 @@ class ModelRegistry:
         """Unload models unused for `idle_s` seconds with nothing queued or running."""
         now = time.monotonic()
         victims = [
-            name for name, s in self.loaded().items()
+            name
+            for name, s in self.loaded().items()
             if now - self._last_used.get(name, now) >= idle_s and not s.active_count and not s.queue_depth
-        ]  # fmt: skip
+        ]
         for name in victims:
             log.info("unloading idle model %s", name)
             self.unload(name)

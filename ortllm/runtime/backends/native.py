@@ -147,8 +147,15 @@ class KVArena:
 class NativeDecoder:
     """One onnxruntime session over the builder's decoder, stepping rows of different lengths."""
 
-    def __init__(self, path: Path, genai_cfg: dict[str, Any], *, threads: int | None,
-                 max_batch: int = MAX_BATCH, proto: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        genai_cfg: dict[str, Any],
+        *,
+        threads: int | None,
+        max_batch: int = MAX_BATCH,
+        proto: Any = None,
+    ) -> None:
         """`proto`: the decoder as inspect_decoder() read it (read here when not given)."""
         import onnxruntime as ort
         import psutil
@@ -187,8 +194,9 @@ class NativeDecoder:
         # the longest sequence (prompt + answer) the arena may grow to; longer ones go to og.Engine
         self.max_capacity = max(1, min(context, int(budget // (per_token * self.slots))))
         self.initial_capacity = min(INITIAL_CAPACITY, self.max_capacity)  # and where it shrinks back to
-        self.arena = KVArena(self.layers, self.kv_heads, self.head_size, self.initial_capacity, self.slots,
-                             self.dtype)  # fmt: skip
+        self.arena = KVArena(
+            self.layers, self.kv_heads, self.head_size, self.initial_capacity, self.slots, self.dtype
+        )
         self._bindings: dict[tuple[int, int], Any] = {}
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
@@ -276,9 +284,14 @@ def _last_position_only(model: Any) -> bytes | None:
         head = heads[0]
         for name, value in (("ortllm_last_start", -1), ("ortllm_last_end", 2**62), ("ortllm_last_axis", 1)):
             graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
-        graph.node.append(helper.make_node("Slice", [head.input[0], "ortllm_last_start", "ortllm_last_end",
-                                                     "ortllm_last_axis"], ["ortllm_last_hidden"],
-                                           name="ortllm_last_position"))  # fmt: skip
+        graph.node.append(
+            helper.make_node(
+                "Slice",
+                [head.input[0], "ortllm_last_start", "ortllm_last_end", "ortllm_last_axis"],
+                ["ortllm_last_hidden"],
+                name="ortllm_last_position",
+            )
+        )
         head.input[0] = "ortllm_last_hidden"
         graph.node.remove(head)
         graph.node.append(head)  # after the Slice: nodes stay in topological order
@@ -294,8 +307,14 @@ def _last_position_only(model: Any) -> bytes | None:
 # ---- sampling ----------------------------------------------------------------------------------
 
 
-def sample(logits: np.ndarray, options: GenerationOptions, history: np.ndarray, generated: int,
-           eos_ids: list[int], rng: np.random.Generator) -> int:  # fmt: skip
+def sample(
+    logits: np.ndarray,
+    options: GenerationOptions,
+    history: np.ndarray,
+    generated: int,
+    eos_ids: list[int],
+    rng: np.random.Generator,
+) -> int:
     """The next token from one row of logits (modified in place)."""
     penalty = options.repetition_penalty
     if penalty != 1.0 and history.size:
@@ -402,8 +421,10 @@ class NativeBatcher:
         prompt = job.prompt_ids
         self.decoder.reserve(len(prompt) + 1, [len(s.tokens) for s in self.slots])
         scope = job.request.cache_scope
-        shared = {i: _common_prefix(self.slots[i].tokens, prompt) if self._may_share(self.slots[i], scope) else 0
-                  for i in free}  # fmt: skip
+        shared = {
+            i: _common_prefix(self.slots[i].tokens, prompt) if self._may_share(self.slots[i], scope) else 0
+            for i in free
+        }
         now = time.monotonic()
 
         warm = self.decoder.arena.warm
@@ -459,9 +480,11 @@ class NativeBatcher:
         if not self.busy:
             self._shrink()
             return
-        prefilling = [i for i in range(self.decoding, len(self.slots)) if self.slots[i].job is not None]
+        prefilling = {
+            i: job for i in range(self.decoding, len(self.slots)) if (job := self.slots[i].job) is not None
+        }
         if prefilling:
-            first = min(prefilling, key=lambda i: self.slots[i].job.submitted)
+            first = min(prefilling, key=lambda i: prefilling[i].submitted)
             self._prefill(first, PREFILL_CHUNK if self.decoding else PREFILL_CHUNK_IDLE)
         if self.decoding:
             self._decode()
@@ -495,6 +518,7 @@ class NativeBatcher:
         self.decoder.arena.copy_prefix(source, i, n, start=len(slot.tokens))  # what slot i lacks
         slot.tokens, slot.pending = prompt[:n], prompt[n:]
         slot.prompt_logits, slot.prompt_len = (origin.prompt_logits, n) if same else (None, 0)
+        assert slot.job is not None  # only a busy slot is fed
         slot.job.cached_prompt_tokens = n
 
     def _may_share(self, slot: _Slot, scope: str | None) -> bool:
@@ -550,7 +574,7 @@ class NativeBatcher:
         """Sample row i's next token and hand it over; end the sequence when it is done."""
         slot = self.slots[i]
         job = slot.job
-        assert slot.rng is not None
+        assert job is not None and slot.rng is not None  # only a busy slot is sampled
         try:
             token = sample(logits, job.options, slot.history_array, slot.generated, self.eos_ids, slot.rng)
         except Exception as exc:
@@ -621,4 +645,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     y = np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
-

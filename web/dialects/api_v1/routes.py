@@ -11,21 +11,29 @@ from flask import Blueprint, Response, jsonify
 
 from ortllm.catalog import load_catalog
 from ortllm.errors import GenerationFailed, InvalidOptions, OrtllmError, RequestCancelled
-from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_ep
-from ortllm.runtime.types import CANCELLED, ERROR
 from ortllm.store import InstalledModel
 
+from ...routes import api_route
+from ...services import EP_PREFERENCE, MeteredStream, available_eps, services, variant_ep
+from ...streaming import cancel_reason, cancelled, collect, complete, failed, sse_response, usage_of
 from . import protocol as p
-from .metrics import MeteredStream
-from .native import collect, usage_of
-from .routes import api_route
-from .service import services
-from .sse import cancel_reason, sse_response
 
-bp = Blueprint("spec_v1", __name__, url_prefix="/api/v1")
-TAG = "API design spec (/api/v1)"
-PRECISIONS = {"q4_0": "int4", "q4_1": "int4", "q4_k": "int4", "q4_k_m": "int4", "int4": "int4", "q8_0": "int8",
-              "int8": "int8", "fp16": "fp16", "f16": "fp16", "bf16": "bf16", "fp32": "fp32", "f32": "fp32"}  # fmt: skip
+bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
+TAG = "/api/v1"
+PRECISIONS = {
+    "q4_0": "int4",
+    "q4_1": "int4",
+    "q4_k": "int4",
+    "q4_k_m": "int4",
+    "int4": "int4",
+    "q8_0": "int8",
+    "int8": "int8",
+    "fp16": "fp16",
+    "f16": "fp16",
+    "bf16": "bf16",
+    "fp32": "fp32",
+    "f32": "fp32",
+}
 
 
 class ModelNotLoaded(OrtllmError):
@@ -53,41 +61,68 @@ def model_or_default(name: str | None) -> str:
 
 
 def start(body: p.SpecGenerateRequest) -> MeteredStream:
-    options = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-               "top_k": body.top_k, "stop": body.stop}  # fmt: skip
+    options = {
+        "max_tokens": body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "stop": body.stop,
+    }
     _, stream = services().complete(model_or_default(body.model), body.prompt, options, template=True)
     return stream
 
 
-def result(stream: MeteredStream, started: float) -> dict[str, Any]:
+def result(stream: MeteredStream, started: float) -> p.SpecGenerateResponse:
     with stream:
         text, final = collect(stream)
-    if final.finish_reason == CANCELLED:
-        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
-    return {"text": text, "usage": usage_of(final), "latency": round(time.monotonic() - started, 3)}
+    complete(final)  # cut short: a part is not an answer
+    return p.SpecGenerateResponse(
+        text=text, usage=p.Usage(**usage_of(final)), latency=round(time.monotonic() - started, 3)
+    )
 
 
 def human_size(size_mb: float) -> str:
     return f"{size_mb / 1000:.1f}GB" if size_mb >= 1000 else f"{size_mb:.0f}MB"
 
 
-def spec_model(model: InstalledModel) -> dict[str, Any]:
+def spec_model(model: InstalledModel) -> p.SpecModel:
     m = services().model_object(model)
-    return {"name": m["name"], "format": "onnx", "size": human_size(m["size_mb"]), "loaded": m["loaded"],
-            "memory_usage": human_size(m["size_mb"] if m["loaded"] else 0), "quantization": m["quantization"]}  # fmt: skip
+    return p.SpecModel(
+        name=m["name"],
+        format="onnx",
+        size=human_size(m["size_mb"]),
+        loaded=m["loaded"],
+        memory_usage=human_size(m["size_mb"] if m["loaded"] else 0),
+        quantization=m["quantization"],
+    )
 
 
-@api_route(bp, "/generate", ("POST",), tag=TAG, summary="Generate text (chat template applied)",
-           body=p.SpecGenerateRequest, response=p.SpecGenerateResponse, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/generate",
+    ("POST",),
+    tag=TAG,
+    summary="Generate text (chat template applied)",
+    body=p.SpecGenerateRequest,
+    response=p.SpecGenerateResponse,
+    streams=True,
+)
 def generate(body: p.SpecGenerateRequest) -> Response:
     if body.stream:
         return token_stream(start(body))
     started = time.monotonic()
-    return jsonify(result(start(body), started))
+    return jsonify(result(start(body), started).model_dump(mode="json"))
 
 
-@api_route(bp, "/generate/stream", ("POST",), tag=TAG, summary="SSE of {token, finished}; the last has finished: true",
-           body=p.SpecGenerateRequest, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/generate/stream",
+    ("POST",),
+    tag=TAG,
+    summary="SSE of {token, finished}; the last has finished: true",
+    body=p.SpecGenerateRequest,
+    streams=True,
+)
 def generate_stream(body: p.SpecGenerateRequest) -> Response:
     return token_stream(start(body))
 
@@ -109,14 +144,20 @@ def token_stream(stream: MeteredStream) -> Response:
                         "finished": True,
                         "finish_reason": event.finish_reason,
                     }
-                    if event.finish_reason == ERROR:
-                        last["error"] = {"code": "GENERATION_FAILED", "message": event.error,
-                                         "details": GenerationFailed.hint}  # fmt: skip
+                    if failed(event):
+                        last["error"] = {
+                            "code": "GENERATION_FAILED",
+                            "message": event.error,
+                            "details": GenerationFailed.hint,
+                        }
                     else:
                         last["usage"] = usage_of(event)
-                    if event.finish_reason == CANCELLED:  # cut short: `finished` alone would look complete
-                        last["error"] = {"code": RequestCancelled.code, "details": RequestCancelled.hint,
-                                         "message": f"The answer was cancelled: {cancel_reason()}"}  # fmt: skip
+                    if cancelled(event):  # cut short: `finished` alone would look complete
+                        last["error"] = {
+                            "code": RequestCancelled.code,
+                            "details": RequestCancelled.hint,
+                            "message": f"The answer was cancelled: {cancel_reason()}",
+                        }
                     yield last
 
     return sse_response(events())
@@ -126,11 +167,20 @@ def token_stream(stream: MeteredStream) -> Response:
     bp, "/models", tag=TAG, summary="Installed models: format, size, loaded, memory", response=p.SpecModelList
 )
 def list_models() -> Response:
-    return jsonify({"models": [spec_model(m) for m in services().installed()]})
+    models = p.SpecModelList(models=[spec_model(m) for m in services().installed()])
+    return jsonify(models.model_dump(mode="json"))
 
 
-@api_route(bp, "/models/<path:model_name>/load", ("POST",), tag=TAG, summary="Load a model (quantization, prefer_gpu)",
-           body=p.SpecLoadRequest, response=p.SpecModel, optional_body=True)  # fmt: skip
+@api_route(
+    bp,
+    "/models/<path:model_name>/load",
+    ("POST",),
+    tag=TAG,
+    summary="Load a model (quantization, prefer_gpu)",
+    body=p.SpecLoadRequest,
+    response=p.SpecLoaded,
+    optional_body=True,
+)
 def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
     svc = services()
     model = svc.registry.installed(model_name)
@@ -149,11 +199,18 @@ def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
     gpus = [ep for ep in eps if ep != "cpu"]
     ep = gpus[0] if body.prefer_gpu and gpus else ("cpu" if "cpu" in eps else eps[0])
     svc.registry.load(model.name, ep=ep)
-    return jsonify({**spec_model(model), "device": ep})
+    return jsonify(p.SpecLoaded(**spec_model(model).model_dump(), device=ep).model_dump(mode="json"))
 
 
-@api_route(bp, "/batch/generate", ("POST",), tag=TAG, summary="Several generations run together, results in order",
-           body=p.SpecBatchRequest, response=p.SpecBatchResponse)  # fmt: skip
+@api_route(
+    bp,
+    "/batch/generate",
+    ("POST",),
+    tag=TAG,
+    summary="Several generations run together, results in order",
+    body=p.SpecBatchRequest,
+    response=p.SpecBatchResponse,
+)
 def batch_generate(body: p.SpecBatchRequest) -> Response:
     started = time.monotonic()
     streams: list[MeteredStream] = []
@@ -164,7 +221,8 @@ def batch_generate(body: p.SpecBatchRequest) -> Response:
             except OrtllmError as exc:
                 exc.args = (f"requests[{i}]: {exc}",)
                 raise
-        return jsonify({"results": [result(s, started) for s in streams]})
+        batch = p.SpecBatchResponse(results=[result(s, started) for s in streams])
+        return jsonify(batch.model_dump(mode="json"))
     finally:
         for s in streams:
             s.cancel()

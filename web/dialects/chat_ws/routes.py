@@ -1,4 +1,4 @@
-"""The Rust service dialect: `/readiness`, `/completions`, `/chat/completions` (kebab-case body), sessions
+"""The chat service dialect: `/readiness`, `/completions`, `/chat/completions` (kebab-case body), sessions
 and history. Streams are SSE of raw token text; errors are `{"error": "..."}`. `WS /chat/ws` is in ws.py."""
 
 from __future__ import annotations
@@ -8,19 +8,17 @@ from collections.abc import Iterable, Iterator
 
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import InvalidOptions, ModelLoadError
-from ortllm.runtime.loaded import variant_candidates
-from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
+from ortllm.errors import InvalidOptions
 
+from ...errors import error_response
+from ...routes import api_route
+from ...services import ChatSession, TokenEvent, services
+from ...streaming import cancelled, collect, failed, sse_response
 from . import protocol as p
-from .errors import error_response
-from .native import collect
-from .routes import api_route
-from .service import ChatSession, services
-from .sse import sse_response
+from .ws import ws_route
 
-bp = Blueprint("rust", __name__)
-TAG = "Rust service"
+bp = Blueprint("chat_ws", __name__)
+TAG = "chat service"
 DEVICES = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "directml": "dml", "webgpu": "webgpu"}
 
 
@@ -35,22 +33,27 @@ def use_device(model: str, device: str) -> None:
         )
     if ep is None:
         raise InvalidOptions(f"Unknown device '{device}': use cpu, cuda, dml or webgpu")
-    registry = services().registry
-    installed = registry.installed(model)
-    try:
-        variant_candidates(installed, force_ep=ep)  # the loader's own checks: a variant for ep, ep installed
-    except ModelLoadError as exc:
-        raise InvalidOptions(str(exc)) from exc  # the request named the device: a client error (400)
-    registry.load(installed.name, ep=ep)
+    services().load_on(model, ep)
 
 
 def start_chat(body: p.RustChatRequest) -> ChatSession:
     """Start one chat turn of the kebab-case body; the session's stored history comes first."""
     use_device(body.model_name, body.device)
-    options = {"max_tokens": body.max_token, "temperature": body.temperature, "top_p": body.top_p,
-               "top_k": body.top_k, "repeat_penalty": body.repeat_penalty, "stop": body.stop}  # fmt: skip
-    _, session = services().chat(body.model_name, [{"role": "user", "content": body.prompt}], options,
-                                 session_id=body.session_id, system_prompt=body.system_prompt)  # fmt: skip
+    options = {
+        "max_tokens": body.max_token,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repeat_penalty": body.repeat_penalty,
+        "stop": body.stop,
+    }
+    _, session = services().chat(
+        body.model_name,
+        [{"role": "user", "content": body.prompt}],
+        options,
+        session_id=body.session_id,
+        system_prompt=body.system_prompt,
+    )
     return session
 
 
@@ -60,9 +63,9 @@ def raw_tokens(events: Iterable[TokenEvent]) -> Iterator[str]:
     for event in events:
         if event.text:
             yield event.text
-        if event.done and event.finish_reason == ERROR:
+        if event.done and failed(event):
             yield f"__ERROR__:{event.error}"
-        elif event.done and event.finish_reason == CANCELLED:
+        elif event.done and cancelled(event):
             yield "__ERROR__:cancelled"
 
 
@@ -77,19 +80,35 @@ def readiness() -> Response:
     problem = svc.sessions_problem()
     if problem:
         return error_response(503, f"Not ready: {problem}")
-    return jsonify({"status": "ready", "models_available": len(loaded),
-                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})  # fmt: skip
+    ready = p.Readiness(
+        status="ready",
+        models_available=len(loaded),
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    return jsonify(ready.model_dump(mode="json"))
 
 
-@api_route(bp, "/completions", ("POST",), tag=TAG, summary="Text completion, no chat template (stream: SSE)",
-           body=p.RustCompletionRequest, response=p.RustCompletionResponse, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/completions",
+    ("POST",),
+    tag=TAG,
+    summary="Text completion, no chat template (stream: SSE)",
+    body=p.RustCompletionRequest,
+    response=p.RustCompletionResponse,
+    streams=True,
+)
 def completions(body: p.RustCompletionRequest) -> Response:
-    options = {"max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-               "stop": body.stop}  # fmt: skip
+    options = {
+        "max_tokens": body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop,
+    }
     _, stream = services().complete(body.model, body.prompt, options, template=False)
     if body.stream:
 
-        def events():
+        def events() -> Iterator[str]:
             with stream:
                 yield from raw_tokens(stream)
 
@@ -97,11 +116,19 @@ def completions(body: p.RustCompletionRequest) -> Response:
     with stream:
         text, final = collect(stream)
     assert final.usage is not None
-    return jsonify({"text": text, "model": body.model, "tokens": final.usage.completion_tokens})
+    reply = p.RustCompletionResponse(text=text, model=body.model, tokens=final.usage.completion_tokens)
+    return jsonify(reply.model_dump(mode="json"))
 
 
-@api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat with session history: SSE of raw tokens",
-           body=p.RustChatRequest, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/chat/completions",
+    ("POST",),
+    tag=TAG,
+    summary="Chat with session history: SSE of raw tokens",
+    body=p.RustChatRequest,
+    streams=True,
+)
 def chat_completions(body: p.RustChatRequest) -> Response:
     session = start_chat(body)
     response = sse_response(raw_tokens(session), on_close=session.cancel)
@@ -109,16 +136,21 @@ def chat_completions(body: p.RustChatRequest) -> Response:
     return response
 
 
-@api_route(bp, "/sessions", tag=TAG, summary="Session ids, most recent first")
+@api_route(bp, "/sessions", tag=TAG, summary="Session ids, most recent first", response=p.SessionIds)
 def list_sessions() -> Response:
-    return jsonify([s.id for s in services().sessions().list()])
+    return jsonify(p.SessionIds([s.id for s in services().sessions().list()]).model_dump(mode="json"))
 
 
 @api_route(
-    bp, "/chat/history/<path:session_id>", tag=TAG, summary="A session's messages, system prompt first"
+    bp,
+    "/chat/history/<path:session_id>",
+    tag=TAG,
+    summary="A session's messages, system prompt first",
+    response=p.History,
 )
 def history(session_id: str) -> Response:
-    return jsonify(services().sessions().history(session_id))
+    messages = p.History.model_validate(services().sessions().history(session_id))
+    return jsonify(messages.model_dump(mode="json"))
 
 
 @api_route(bp, "/chat/history/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")
@@ -127,8 +159,18 @@ def delete_history(session_id: str) -> Response:
     return Response(status=204)
 
 
-@api_route(bp, "/chat/history/<path:session_id>/rollback", ("POST",), tag=TAG,
-           summary="Remove the last `amount` messages", body=p.Rollback)  # fmt: skip
+@api_route(
+    bp,
+    "/chat/history/<path:session_id>/rollback",
+    ("POST",),
+    tag=TAG,
+    summary="Remove the last `amount` messages",
+    body=p.Rollback,
+    response=p.RollbackDone,
+)
 def rollback(body: p.Rollback, session_id: str) -> Response:
     services().sessions().rollback(session_id, body.amount)
-    return jsonify({"status": "ok"})
+    return jsonify(p.RollbackDone().model_dump(mode="json"))
+
+
+ws_route(bp, start_chat)  # WS /chat/ws: the same chat turn, one text frame per token

@@ -1,4 +1,4 @@
-"""`WS /chat/ws` (Rust service): a kebab-case JSON chat request in, one text frame per token out,
+"""`WS /chat/ws` (chat service dialect): a kebab-case JSON chat request in, one text frame per token out,
 `__ERROR__:message` on errors; the socket closes when the answer is complete.
 
 Multi-turn opt-in (`/chat/ws?mode=multi`, or `"multi-turn": true` in the first message): each answer is
@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -25,17 +26,15 @@ from pydantic import ValidationError
 from simple_websocket import ConnectionClosed, Server
 
 from ortllm.errors import InvalidOptions, OrtllmError
-from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
 
+from ...errors import validation_message
+from ...routes import decode_json
+from ...services import ChatSession, TokenEvent
+from ...streaming import SHUTDOWN_HOOKS, cancelled, failed, usage_of
 from . import protocol as p
-from .errors import validation_message
-from .native import usage_of
-from .routes import decode_json
-from .rust import start_chat
-from .service import ChatSession
 
 log = logging.getLogger("ortllm.web")
-bp = Blueprint("rust_ws", __name__)
+StartChat = Callable[[p.RustChatRequest], ChatSession]  # routes.start_chat: one turn of the kebab-case body
 POLL_S = 1.0  # how often the reader checks that the handler is still running
 MAX_PENDING = 8  # chat requests one socket may queue behind the answer in progress
 TOO_MANY = "__ERROR__:too many pending messages"
@@ -188,23 +187,37 @@ class Connection:
             self.current = None
             session.cancel()  # a no-op when finished; frees the slot when a send failed
         assert final is not None
-        if final.finish_reason == ERROR:
+        if failed(final):
             self.send(f"__ERROR__:{final.error}")
-        elif final.finish_reason == CANCELLED and not (multi and self.client_cancelled):
+        elif cancelled(final) and not (multi and self.client_cancelled):
             self.send("__ERROR__:cancelled")  # cut short by the server: the text is not the whole answer
         if multi:
             timings = final.timings.as_dict() if final.timings else {}
-            self.send("__END__:" + json.dumps({"session-id": session.session_id, "finish_reason": final.finish_reason,
-                                               "usage": usage_of(final), "timings": timings}))  # fmt: skip
+            self.send(
+                "__END__:"
+                + json.dumps(
+                    {
+                        "session-id": session.session_id,
+                        "finish_reason": final.finish_reason,
+                        "usage": usage_of(final),
+                        "timings": timings,
+                    }
+                )
+            )
 
 
-@bp.route("/chat/ws", websocket=True)
-def chat_ws() -> Response:
+def ws_route(bp: Blueprint, start_chat: StartChat) -> None:
+    """Add `WS /chat/ws` to `bp`, answering each request with `start_chat`; open sockets end on shutdown."""
+    bp.add_url_rule("/chat/ws", "chat_ws", lambda: chat_ws(start_chat), websocket=True)
+    bp.record_once(lambda state: state.app.extensions.setdefault(SHUTDOWN_HOOKS, []).append(close_all))
+
+
+def chat_ws(start_chat: StartChat) -> Response:
     """The upgrade (as flask-sock does it, with LingeringServer): run the socket, then hand the connection
     back to the WSGI server without a response of its own."""
     ws = LingeringServer(request.environ, **current_app.config.get("SOCK_SERVER_OPTIONS", {}))
     try:
-        serve_socket(ws)
+        serve_socket(ws, start_chat)
     except ConnectionClosed:
         pass
     try:
@@ -223,7 +236,7 @@ def chat_ws() -> Response:
     return WebSocketResponse()
 
 
-def serve_socket(ws: Server) -> None:
+def serve_socket(ws: Server, start_chat: StartChat) -> None:
     """Read chat requests and answer them until the socket closes (after one answer unless multi-turn)."""
     conn = Connection(ws)
     multi, first, last_session = request.args.get("mode") == "multi", True, None

@@ -15,7 +15,7 @@ from ortllm.catalog import load_catalog
 
 from ... import ui
 from ...routes import api_route
-from ...services import TokenEvent, client_gone, services
+from ...services import TokenEvent, services
 from ...streaming import collect, failed, sse_response, usage_of
 from . import protocol as p
 
@@ -23,9 +23,9 @@ bp = Blueprint("native", __name__)
 TAG = "native"
 
 
-def send(model: BaseModel, status: int = 200, *, exclude_none: bool = False) -> Response:
+def send(model: BaseModel, status: int = 200) -> Response:
     """A JSON response from the route's response model: what /openapi.json documents is what is sent."""
-    response = jsonify(model.model_dump(mode="json", exclude_none=exclude_none))
+    response = jsonify(model.model_dump(mode="json"))
     response.status_code = status
     return response
 
@@ -77,7 +77,7 @@ def health() -> Response:
         uptime=round(time.time() - svc.started, 1),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    return send(health, 503 if problem else 200, exclude_none=True)  # `detail` only when unhealthy
+    return send(health, 503 if problem else 200)
 
 
 @api_route(bp, "/api/models", tag=TAG, summary="List installed models", response=p.ModelList)
@@ -94,15 +94,27 @@ def get_model(model_name: str) -> Response:
     return send(p.ModelObject(**svc.model_object(svc.registry.installed(model_name))))
 
 
-@api_route(bp, "/api/models/<path:model_name>/load", ("POST",), tag=TAG, summary="Load a model into memory",
-           response=p.StatusMessage)  # fmt: skip
+@api_route(
+    bp,
+    "/api/models/<path:model_name>/load",
+    ("POST",),
+    tag=TAG,
+    summary="Load a model into memory",
+    response=p.StatusMessage,
+)
 def load_model(model_name: str) -> Response:
     scheduler = services().registry.load(model_name)
     return send(p.StatusMessage(status="success", message=f"Model '{scheduler.model.name}' loaded"))
 
 
-@api_route(bp, "/api/models/<path:model_name>/unload", ("POST",), tag=TAG, summary="Unload a model",
-           response=p.StatusMessage)  # fmt: skip
+@api_route(
+    bp,
+    "/api/models/<path:model_name>/unload",
+    ("POST",),
+    tag=TAG,
+    summary="Unload a model",
+    response=p.StatusMessage,
+)
 def unload_model(model_name: str) -> Response:
     registry = services().registry
     name = registry.installed(model_name).name
@@ -111,16 +123,30 @@ def unload_model(model_name: str) -> Response:
     return send(p.StatusMessage(status="success", message=message))
 
 
-@api_route(bp, "/api/chat", ("POST",), tag=TAG, summary="Chat with history and sessions (SSE by default)",
-           body=p.ChatRequest, response=p.ChatResponse, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/api/chat",
+    ("POST",),
+    tag=TAG,
+    summary="Chat with history and sessions (SSE by default)",
+    body=p.ChatRequest,
+    response=p.ChatResponse,
+    streams=True,
+)
 def chat(body: p.ChatRequest) -> Response:
     messages = [m.model_dump() for m in body.messages]
     _, session = services().chat(body.model, messages, options_of(body), session_id=body.session_id)
     if not body.stream:
         text, final = collect(session)
         reply = p.Message(role="assistant", content=text)
-        return send(p.ChatResponse(message=reply, session_id=session.session_id,
-                                   usage=p.Usage(**usage_of(final)), finish_reason=final.finish_reason))
+        return send(
+            p.ChatResponse(
+                message=reply,
+                session_id=session.session_id,
+                usage=p.Usage(**usage_of(final)),
+                finish_reason=final.finish_reason,
+            )
+        )
 
     def events() -> Iterator[dict[str, Any]]:
         parts: list[str] = []
@@ -138,21 +164,36 @@ def final_event(event: TokenEvent, text: str, **extra: Any) -> dict[str, Any]:
     """The stream's last event: the whole text and usage, or the error that ended it."""
     if failed(event):
         return {"done": True, "error": event.error, **extra}
-    return {"done": True, **extra, "full_text": text, "usage": usage_of(event),
-            "token_count": event.usage.completion_tokens if event.usage else 0,
-            "finish_reason": event.finish_reason}  # fmt: skip
+    return {
+        "done": True,
+        **extra,
+        "full_text": text,
+        "usage": usage_of(event),
+        "token_count": event.usage.completion_tokens if event.usage else 0,
+        "finish_reason": event.finish_reason,
+    }
 
 
-@api_route(bp, "/api/generate", ("POST",), tag=TAG, summary="Stateless generation (SSE by default)",
-           body=p.GenerateRequest, response=p.GenerateResponse, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/api/generate",
+    ("POST",),
+    tag=TAG,
+    summary="Stateless generation (SSE by default)",
+    body=p.GenerateRequest,
+    response=p.GenerateResponse,
+    streams=True,
+)
 def generate(body: p.GenerateRequest) -> Response:
-    _, stream = services().complete(body.model, body.prompt, options_of(body), template=not body.raw,
-                                    system=body.system)  # fmt: skip
+    _, stream = services().complete(
+        body.model, body.prompt, options_of(body), template=not body.raw, system=body.system
+    )
     if not body.stream:
         with stream:
             text, final = collect(stream)
-        return send(p.GenerateResponse(text=text, usage=p.Usage(**usage_of(final)),
-                                       finish_reason=final.finish_reason))
+        return send(
+            p.GenerateResponse(text=text, usage=p.Usage(**usage_of(final)), finish_reason=final.finish_reason)
+        )
 
     def events() -> Iterator[dict[str, Any]]:
         parts: list[str] = []
@@ -167,13 +208,18 @@ def generate(body: p.GenerateRequest) -> Response:
     return sse_response(events())
 
 
-@api_route(bp, "/api/embeddings", ("POST",), tag=TAG, summary="Embedding vector(s) for text",
-           body=p.EmbeddingsRequest, response=p.EmbeddingResponse)  # fmt: skip
+@api_route(
+    bp,
+    "/api/embeddings",
+    ("POST",),
+    tag=TAG,
+    summary="Embedding vector(s) for text",
+    body=p.EmbeddingsRequest,
+    response=p.EmbeddingResponse,
+)
 def embeddings(body: p.EmbeddingsRequest) -> Response:
-    scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    # the limits (server.max_embedding_*) are checked by the runtime, the same for every dialect
-    vectors = scheduler.embed_texts(texts, client_gone=client_gone()).vectors
+    name, result = services().embed(body.model, texts)
     if isinstance(body.input, str):
-        return send(p.EmbeddingResponse(embedding=vectors[0], model=scheduler.model.name), exclude_none=True)
-    return send(p.EmbeddingResponse(embeddings=vectors, model=scheduler.model.name), exclude_none=True)
+        return send(p.EmbeddingResponse(embedding=result.vectors[0], model=name))
+    return send(p.EmbeddingResponse(embeddings=result.vectors, model=name))

@@ -12,20 +12,20 @@ import base64
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, jsonify
 from llguidance import LLMatcher
 
-from ortllm.errors import InvalidOptions, ModelNotFound, RequestCancelled
-from ortllm.runtime.types import CANCELLED, ERROR, TokenEvent
+from ortllm.errors import InvalidOptions, ModelNotFound
 
+from ...routes import api_route
+from ...services import TokenEvent, services
+from ...streaming import cancel_reason, cancelled, collect, complete, failed, sse_response
+from ...streaming import usage_of as usage
 from . import protocol as p
-from .native import collect
-from .routes import api_route
-from .service import services
-from .sse import cancel_reason, sse_response
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 TAG = "OpenAI-compatible"
@@ -33,9 +33,16 @@ TAG = "OpenAI-compatible"
 
 def sampling(body: p.OpenAISampling, max_tokens: int | None) -> dict[str, Any]:
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "max_tokens": max_tokens,
-            "stop": stop, "seed": body.seed, "repeat_penalty": body.repeat_penalty,
-            "min_tokens": max_tokens if body.ignore_eos else None}  # fmt: skip
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "seed": body.seed,
+        "repeat_penalty": body.repeat_penalty,
+        "min_tokens": max_tokens if body.ignore_eos else None,
+    }
 
 
 def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
@@ -44,8 +51,7 @@ def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
         return None
     if fmt.type == "json_object":
         return ("json_schema", json.dumps({"type": "object"}))
-    spec = fmt.json_schema or {}
-    schema = spec.get("schema")
+    schema = fmt.json_schema["schema"] if fmt.json_schema else None
     if not isinstance(schema, dict):
         raise InvalidOptions("response_format.json_schema.schema must be a JSON Schema object")
     text = json.dumps(schema)
@@ -59,36 +65,43 @@ def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
 
 
 def usage_of(event: TokenEvent) -> dict[str, Any]:
-    u = event.usage
-    assert u is not None
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}  # fmt: skip
+    """OpenAI's usage object: the token counts with the prompt tokens served from the prefix cache."""
+    return usage(event, cached=True)
 
 
 def finish_reason(event: TokenEvent) -> str:
     """OpenAI's finish_reason of a complete answer (a cut-short one never gets one: see `ended_early`)."""
-    if event.finish_reason == CANCELLED:
-        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
-    return "length" if event.finish_reason == "length" else "stop"
+    return "length" if complete(event).finish_reason == "length" else "stop"
 
 
 def ended_early(event: TokenEvent) -> dict[str, Any] | None:
     """The error chunk that ends a failed or cancelled stream, else None; no `[DONE]` follows it (as
     llama-server does), and the openai SDK raises APIError on it, so a cut-short answer never looks whole."""
-    if event.finish_reason == ERROR:
+    if failed(event):
         message, code = event.error or "generation failed", None
-    elif event.finish_reason == CANCELLED:
+    elif cancelled(event):
         message, code = f"The answer was cancelled: {cancel_reason()}", "cancelled"
     else:
         return None
     return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
 
-@api_route(bp, "/chat/completions", ("POST",), tag=TAG, summary="Chat completion (OpenAI)",
-           body=p.ChatCompletionRequest, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/chat/completions",
+    ("POST",),
+    tag=TAG,
+    summary="Chat completion (OpenAI)",
+    body=p.ChatCompletionRequest,
+    response=p.ChatCompletion,
+    streams=True,
+)
 def chat_completions(body: p.ChatCompletionRequest) -> Response:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages if m.role != "tool"]  # fmt: skip
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in body.messages
+        if m.role != "tool"
+    ]
     max_tokens = body.max_completion_tokens or body.max_tokens
     scheduler, chat = services().chat(
         body.model,
@@ -100,22 +113,28 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     if not body.stream:
         text, final = collect(chat)
-        return jsonify({
-            "id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason(final)}],
-            "usage": usage_of(final), "system_fingerprint": None,
-        })  # fmt: skip
+        choice = p.ChatChoice(
+            index=0, message=p.AssistantMessage(content=text), finish_reason=finish_reason(final)
+        )
+        reply = p.ChatCompletion(
+            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(final))
+        )
+        return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
+        out = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+        }
         if include_usage:
             out["usage"] = None
         return out
 
-    def events():
+    def events() -> Iterator[dict[str, Any] | str]:
         yield chunk({"role": "assistant", "content": ""})
         for event in chat:
             if event.text:
@@ -126,15 +145,29 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
                     return
                 yield chunk({}, finish_reason(event))
                 if include_usage:
-                    yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": usage_of(event)}  # fmt: skip
+                    yield {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": usage_of(event),
+                    }
         yield "[DONE]"
 
     return sse_response(events())
 
 
-@api_route(bp, "/completions", ("POST",), tag=TAG, summary="Text completion (OpenAI legacy)",
-           body=p.CompletionRequest, streams=True)  # fmt: skip
+@api_route(
+    bp,
+    "/completions",
+    ("POST",),
+    tag=TAG,
+    summary="Text completion (OpenAI legacy)",
+    body=p.CompletionRequest,
+    response=p.Completion,
+    streams=True,
+)
 def completions(body: p.CompletionRequest) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -148,19 +181,23 @@ def completions(body: p.CompletionRequest) -> Response:
     if not body.stream:
         with stream:
             text, final = collect(stream)
-        return jsonify({
-            "id": cid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": prefix + text, "logprobs": None,
-                         "finish_reason": finish_reason(final)}],
-            "usage": usage_of(final),
-        })  # fmt: skip
+        choice = p.CompletionChoice(index=0, text=prefix + text, finish_reason=finish_reason(final))
+        reply = p.Completion(
+            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(final))
+        )
+        return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     def chunk(text: str, reason: str | None = None) -> dict[str, Any]:
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}  # fmt: skip
+        return {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        }
 
-    def events():
+    def events() -> Iterator[dict[str, Any] | str]:
         with stream:
             if prefix:
                 yield chunk(prefix)
@@ -180,21 +217,21 @@ def completions(body: p.CompletionRequest) -> Response:
 
 
 @api_route(
-    bp, "/embeddings", ("POST",), tag=TAG, summary="Embeddings (OpenAI)", body=p.OpenAIEmbeddingsRequest
+    bp,
+    "/embeddings",
+    ("POST",),
+    tag=TAG,
+    summary="Embeddings (OpenAI)",
+    body=p.OpenAIEmbeddingsRequest,
+    response=p.EmbeddingList,
 )
 def embeddings(body: p.OpenAIEmbeddingsRequest) -> Response:
-    from flask import request
-
-    from ortllm.runtime.types import client_gone_probe
-
-    scheduler = services().scheduler(body.model)
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise InvalidOptions("input must not be empty")
-    # the limits (server.max_embedding_*) are checked by the runtime, the same for every dialect
-    result = scheduler.embed_texts(texts, client_gone=client_gone_probe(request.environ))
+    name, result = services().embed(body.model, texts)
     tokens = result.tokens
-    data = []
+    data: list[p.EmbeddingObject] = []
     for i, vector in enumerate(result.vectors):
         if body.dimensions:  # truncate and renormalise, as OpenAI's shortened embeddings do
             v = np.asarray(vector[: body.dimensions], dtype=np.float32)
@@ -202,29 +239,25 @@ def embeddings(body: p.OpenAIEmbeddingsRequest) -> Response:
         value: Any = vector
         if body.encoding_format == "base64":
             value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-        data.append({"object": "embedding", "index": i, "embedding": value})
-    return jsonify({"object": "list", "data": data, "model": scheduler.model.name,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
+        data.append(p.EmbeddingObject(index=i, embedding=value))
+    usage = p.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)
+    return jsonify(p.EmbeddingList(data=data, model=name, usage=usage).model_dump(mode="json"))
 
 
-def model_card(name: str, created: float) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(created), "owned_by": "ortllm"}
+def model_card(name: str, created: float) -> p.ModelCard:
+    return p.ModelCard(id=name, created=int(created), owned_by="ortllm")
 
 
-@api_route(bp, "/models", tag=TAG, summary="List models (OpenAI)")
+@api_route(bp, "/models", tag=TAG, summary="List models (OpenAI)", response=p.ModelCardList)
 def list_models() -> Response:
-    return jsonify(
-        {
-            "object": "list",
-            "data": [model_card(m.name, m.path.stat().st_mtime) for m in services().installed()],
-        }
-    )
+    cards = [model_card(m.name, m.path.stat().st_mtime) for m in services().installed()]
+    return jsonify(p.ModelCardList(data=cards).model_dump(mode="json"))
 
 
-@api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model (OpenAI)")
+@api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model (OpenAI)", response=p.ModelCard)
 def get_model(model_id: str) -> Response:
     try:
         model = services().registry.installed(model_id)
     except ModelNotFound as exc:
         raise ModelNotFound(f"The model '{model_id}' does not exist") from exc
-    return jsonify(model_card(model.name, model.path.stat().st_mtime))
+    return jsonify(model_card(model.name, model.path.stat().st_mtime).model_dump(mode="json"))

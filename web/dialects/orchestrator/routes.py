@@ -1,4 +1,4 @@
-"""The TGI orchestrator dialect: `/models` (shared with the Rust seed's model routes), start/stop, `/generate`.
+"""The orchestrator dialect: `/models`, start/stop, `/generate`.
 
 A "container" is a loaded model in this process: start loads it, stop unloads it, and `port` is this
 server's own. Errors are `{"detail": ...}`."""
@@ -6,29 +6,32 @@ server's own. Errors are `{"detail": ...}`."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from ortllm.errors import GenerationTimeout, ModelNotFound, RequestCancelled
-from ortllm.runtime.types import CANCELLED
+from ortllm.errors import GenerationTimeout, ModelNotFound
 
+from ...routes import api_route
+from ...services import services
+from ...streaming import cancelled, collect, complete
 from . import protocol as p
-from .native import collect
-from .routes import api_route
-from .service import services
-from .sse import cancel_reason
 
-bp = Blueprint("tgi", __name__)
-TAG = "TGI orchestrator"
+bp = Blueprint("orchestrator", __name__)
+TAG = "orchestrator"
 
 
-def model_card(name: str) -> dict[str, Any]:
-    """The TGI model object, with the Rust seed's `context_length` and `quantization`."""
+def model_card(name: str) -> p.TGIModel:
+    """The orchestrator's model object, with `context_length` and `quantization`."""
     svc = services()
     m = svc.model_object(svc.registry.installed(name))
-    return {"id": m["name"], "name": m["name"], "hf_name": m["hf_name"], "running": m["loaded"],
-            "context_length": m["context_size"], "quantization": m["quantization"]}  # fmt: skip
+    return p.TGIModel(
+        id=m["name"],
+        name=m["name"],
+        hf_name=m["hf_name"],
+        running=m["loaded"],
+        context_length=m["context_size"],
+        quantization=m["quantization"],
+    )
 
 
 def container_name(name: str) -> str:
@@ -39,39 +42,60 @@ def container_name(name: str) -> str:
     bp, "/models", tag=TAG, summary="Installed models and whether each is running", response=p.TGIModelList
 )
 def list_models() -> Response:
-    return jsonify({"models": [model_card(m.name) for m in services().installed()]})
+    models = p.TGIModelList(models=[model_card(m.name) for m in services().installed()])
+    return jsonify(models.model_dump(mode="json"))
+
+
+@api_route(bp, "/models/<path:model_id>", tag=TAG, summary="One model's details", response=p.TGIModel)
+def get_model(model_id: str) -> Response:
+    return jsonify(model_card(model_id).model_dump(mode="json"))
 
 
 @api_route(
-    bp, "/models/<path:model_id>", tag=TAG, summary="One model (Rust seed's details)", response=p.TGIModel
+    bp,
+    "/models/<path:model_id>/start",
+    ("POST",),
+    tag=TAG,
+    summary="Load a model (start its 'container')",
+    response=p.TGIStarted,
 )
-def get_model(model_id: str) -> Response:
-    return jsonify(model_card(model_id))
-
-
-@api_route(bp, "/models/<path:model_id>/start", ("POST",), tag=TAG, summary="Load a model (start its 'container')",
-           response=p.TGIStarted)  # fmt: skip
 def start(model_id: str) -> Response:
     svc = services()
     name = svc.registry.installed(model_id).name
     state = "already running" if svc.registry.is_loaded(name) else "started"
     svc.registry.load(name)
-    return jsonify({"message": f"Container for {model_id} {state}", "port": svc.settings.server.port,
-                    "container_name": container_name(name)})  # fmt: skip
+    started = p.TGIStarted(
+        message=f"Container for {model_id} {state}",
+        port=svc.settings.server.port,
+        container_name=container_name(name),
+    )
+    return jsonify(started.model_dump(mode="json"))
 
 
 @api_route(
-    bp, "/models/<path:model_id>/stop", ("POST",), tag=TAG, summary="Unload a model (404 when not running)"
+    bp,
+    "/models/<path:model_id>/stop",
+    ("POST",),
+    tag=TAG,
+    summary="Unload a model (404 when not running)",
+    response=p.TGIStopped,
 )
 def stop(model_id: str) -> Response:
     registry = services().registry
     if not registry.unload(registry.installed(model_id).name):
         raise ModelNotFound(f"Container for {model_id} is not running")
-    return jsonify({"message": f"Container for {model_id} stopped"})
+    return jsonify(p.TGIStopped(message=f"Container for {model_id} stopped").model_dump(mode="json"))
 
 
-@api_route(bp, "/generate", ("POST",), tag=TAG, summary="Generate text (loads the model; 504 after the timeout)",
-           body=p.TGIGenerateRequest, response=p.TGIGenerateResponse)  # fmt: skip
+@api_route(
+    bp,
+    "/generate",
+    ("POST",),
+    tag=TAG,
+    summary="Generate text (loads the model; 504 after the timeout)",
+    body=p.TGIGenerateRequest,
+    response=p.TGIGenerateResponse,
+)
 def generate(body: p.TGIGenerateRequest) -> Response:
     svc = services()
     options = {"max_tokens": body.max_new_tokens, "temperature": body.temperature, "top_p": body.top_p}
@@ -90,8 +114,8 @@ def generate(body: p.TGIGenerateRequest) -> Response:
             text, final = collect(stream)
     finally:
         timer.cancel()
-    if expired.is_set() and final.finish_reason == CANCELLED:
+    if expired.is_set() and cancelled(final):
         raise GenerationTimeout(f"Generation did not finish within {timeout:g} seconds")
-    if final.finish_reason == CANCELLED:  # shutdown or unload: partial text must not look like an answer
-        raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
-    return jsonify({"generated_text": text, "model_id": body.model_id})
+    complete(final)  # shutdown or unload: partial text must not look like an answer
+    reply = p.TGIGenerateResponse(generated_text=text, model_id=body.model_id)
+    return jsonify(reply.model_dump(mode="json"))

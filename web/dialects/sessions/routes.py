@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from ...routes import api_route
+from ...services import services
 from . import protocol as p
-from .routes import api_route
-from .service import services
 
 bp = Blueprint("sessions_api", __name__, url_prefix="/api/sessions")
 TAG = "sessions (web UI)"
@@ -16,11 +16,20 @@ TAG = "sessions (web UI)"
 
 @api_route(bp, "", tag=TAG, summary="All sessions, most recently updated first", response=p.SessionList)
 def list_sessions() -> Response:
-    return jsonify({"sessions": [s.as_dict() for s in services().sessions().list()]})
+    sessions = p.SessionList(sessions=[p.SessionObject(**s.as_dict()) for s in services().sessions().list()])
+    return jsonify(sessions.model_dump(mode="json"))
 
 
-@api_route(bp, "", ("POST",), tag=TAG, summary="Create a session (201); `messages` seed its history",
-           body=p.SessionCreate, response=p.SessionObject, optional_body=True)  # fmt: skip
+@api_route(
+    bp,
+    "",
+    ("POST",),
+    tag=TAG,
+    summary="Create a session (201); `messages` seed its history",
+    body=p.SessionCreate,
+    response=p.SessionObject,
+    optional_body=True,
+)
 def create_session(body: p.SessionCreate) -> tuple[Response, int]:
     store = services().sessions()
     messages = [m.model_dump() for m in body.messages]
@@ -30,20 +39,30 @@ def create_session(body: p.SessionCreate) -> tuple[Response, int]:
     conversation = [m for m in messages if m["role"] != "system"]
     if conversation:
         store.append(session.id, conversation)
-    return jsonify(store.get(session.id).as_dict()), 201
+    return jsonify(p.SessionObject(**store.get(session.id).as_dict()).model_dump(mode="json")), 201
 
 
-@api_route(bp, "/<path:session_id>", tag=TAG, summary="A session with its messages")
+@api_route(
+    bp, "/<path:session_id>", tag=TAG, summary="A session with its messages", response=p.SessionWithMessages
+)
 def get_session(session_id: str) -> Response:
     store = services().sessions()
-    return jsonify({**store.get(session_id).as_dict(), "messages": store.messages(session_id)})
+    session = p.SessionWithMessages(**store.get(session_id).as_dict(), messages=store.messages(session_id))
+    return jsonify(session.model_dump(mode="json"))
 
 
-@api_route(bp, "/<path:session_id>", ("PATCH",), tag=TAG, summary="Change the title or the system prompt",
-           body=p.SessionPatch, response=p.SessionObject)  # fmt: skip
+@api_route(
+    bp,
+    "/<path:session_id>",
+    ("PATCH",),
+    tag=TAG,
+    summary="Change the title or the system prompt",
+    body=p.SessionPatch,
+    response=p.SessionObject,
+)
 def update_session(body: p.SessionPatch, session_id: str) -> Response:
     session = services().sessions().update(session_id, title=body.title, system_prompt=body.system_prompt)
-    return jsonify(session.as_dict())
+    return jsonify(p.SessionObject(**session.as_dict()).model_dump(mode="json"))
 
 
 @api_route(bp, "/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")

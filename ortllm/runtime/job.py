@@ -1,0 +1,155 @@
+"""One request inside a scheduler (Job, EmbedJob), its token handling, and the Stream its caller reads."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+import numpy as np
+
+from ortllm.errors import GenerationFailed, OrtllmError
+
+from .options import GenerationOptions
+from .stop import StopMatcher
+from .types import ERROR, STOP, GenerationRequest, Result, Timings, TokenEvent, Usage
+
+POLL_S = 0.25  # how often a waiting caller checks whether its client has gone
+
+
+class Job:
+    """One generation request: its prompt, progress and the queue its events go to. What a backend
+    needs besides (an Engine request, a KV slot) it keeps itself."""
+
+    def __init__(
+        self, request: GenerationRequest, prompt_ids: list[int], max_new: int, new_decoder: Callable[[], Any]
+    ) -> None:
+        """`new_decoder`: makes the tokenizer's incremental decoder (called on the worker thread)."""
+        self.request = request
+        self.options: GenerationOptions = request.options
+        self.prompt_ids = prompt_ids
+        self.max_new = max_new
+        self.events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.submitted = time.monotonic()
+        self.started: float | None = None
+        self.first_token_at: float | None = None
+        self.matcher = StopMatcher(self.options.stop)
+        self.token_ids: list[int] = []
+        self.cached_prompt_tokens = 0
+        self._new_decoder = new_decoder
+        self._decoder: Any = None
+        self.done = False
+
+    def take(self, token: int, eos_ids: Collection[int] = ()) -> bool:
+        """A generated token: streamed (stop strings held back) unless it ends the sequence; False when
+        the job should stop here (end-of-sequence, or a stop string matched)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in eos_ids:
+            return False
+        if self._decoder is None:
+            self._decoder = self._new_decoder()
+        self.token_ids.append(token)
+        text = self.matcher.feed(self._decoder.decode(token))
+        if text:
+            self.events.put(TokenEvent(text=text, token_id=token))
+        return not self.matcher.stopped
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """The final event (usage, timings); later calls do nothing."""
+        if self.done:
+            return
+        self.done = True
+        tail = self.matcher.flush()
+        if tail:
+            self.events.put(TokenEvent(text=tail))
+        end = time.monotonic()
+        decode_s = end - (self.first_token_at or end)
+        generated = len(self.token_ids)
+        timings = Timings(
+            queued_s=(self.started or end) - self.submitted,
+            ttft_s=(self.first_token_at or end) - self.submitted,
+            total_s=end - self.submitted,
+            decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 and generated > 1 else 0.0,
+        )
+        usage = Usage(len(self.prompt_ids), generated, self.cached_prompt_tokens)
+        self.events.put(TokenEvent(finish_reason=reason, usage=usage, timings=timings, error=error))
+
+
+class Stream:
+    """The events of one request. Iterate it; `cancel()` it from any thread; use it as a context
+    manager so an abandoned stream (client gone) is cancelled."""
+
+    def __init__(self, job: Job, drop: Callable[[Job], None]) -> None:
+        """`drop`: the scheduler's way to take a cancelled job out of its queue."""
+        self._job = job
+        self._drop = drop
+        self.final: TokenEvent | None = None
+        self.prompt_tokens = len(job.prompt_ids)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        gone = self._job.request.client_gone
+        while self.final is None:
+            try:  # a timeout keeps the consumer interruptible (Ctrl-C in the terminal chat)
+                event = self._job.events.get(timeout=POLL_S if gone else 0.5)
+            except queue.Empty:
+                if gone is not None and gone():  # nobody will read the answer: free the queue place / slot
+                    self.cancel()
+                continue
+            if event.done:
+                self.final = event
+            yield event
+
+    def cancel(self) -> None:
+        """Stop the request: one still queued is dropped at once (it never runs), a running one at the
+        next decode step."""
+        if self.final is None:
+            self._job.cancelled.set()
+            self._drop(self._job)
+
+    def result(self) -> Result:
+        """Wait for the whole generation; raise if it failed."""
+        parts = [ev.text for ev in self if ev.text]
+        final = self.final
+        assert final is not None
+        if final.finish_reason == ERROR:
+            raise GenerationFailed(final.error or "generation failed")
+        return Result(
+            "".join(parts),
+            final.finish_reason or STOP,
+            final.usage or Usage(),
+            final.timings or Timings(),
+            list(self._job.token_ids),
+        )
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class EmbedJob:
+    """One embeddings request inside the scheduler: its texts' tokens, progress (the worker computes a
+    few chunks per turn) and the future its vectors go to."""
+
+    def __init__(self, token_lists: list[list[int]]) -> None:
+        self.token_lists = token_lists
+        self.vectors: list[list[float]] = []
+        self.future: Future[list[list[float]]] = Future()
+        self.cancelled = threading.Event()
+        self.generator: Any = None  # the og.Generator of the text in progress
+        self.offset = 0  # tokens of that text already fed
+        self.total: np.ndarray | None = None  # the sum of their hidden states
+        self.started = False
+
+    def fail(self, exc: OrtllmError) -> None:
+        self.generator = None
+        try:
+            self.future.set_exception(exc)
+        except InvalidStateError:  # already answered
+            pass

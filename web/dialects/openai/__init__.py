@@ -1,0 +1,5 @@
+"""The OpenAI-compatible dialect under `/v1`."""
+
+from .routes import bp
+
+__all__ = ["bp"]
