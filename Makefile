@@ -76,10 +76,10 @@ test-optimum: install $(VENVOPT)/.installed  ## optimum backend tests in .venv-o
 # import-linter reads a package's own folder: the contracts (pyproject.toml) are checked on a copy laid
 # out as installed, with web/, cli/ and converters/ inside ortllm/ (setup.cfg's package_dir)
 LINT_TREE := .cache/lint
-lint: install  ## ruff (lint + format) everywhere, mypy on the core library and the web layer, import contracts
+lint: install  ## ruff (lint + format) everywhere, mypy on the library, web, cli and converters, import contracts
 	$(BIN)/ruff check ortllm converters cli web tests benchmarks
 	$(BIN)/ruff format --check ortllm converters cli web tests benchmarks
-	$(BIN)/mypy ortllm web
+	$(BIN)/mypy ortllm web cli converters
 	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE) && cp -r ortllm $(LINT_TREE)/ortllm && \
 		cp -r web $(LINT_TREE)/ortllm/web && cp -r cli $(LINT_TREE)/ortllm/cli && cp -r converters $(LINT_TREE)/ortllm/converters
 	cd $(LINT_TREE) && $(abspath $(BIN))/lint-imports --no-cache $(CURDIR)/pyproject.toml

@@ -190,9 +190,14 @@ def run_config(name: str, hf_dir: Path, work: Path, ids: np.ndarray, ref: float,
     out = work / name
     try:
         built = genai.build(
-            hf_dir, out, precision=config.precision, ep="cpu", cache_dir=work / "cache",
-            extra=config.extra, log_path=work / f"{name}.log",
-        )  # fmt: skip
+            hf_dir,
+            out,
+            precision=config.precision,
+            ep="cpu",
+            cache_dir=work / "cache",
+            extra=config.extra,
+            log_path=work / f"{name}.log",
+        )
         result.build_s = float(built["build_seconds"])
         result.size_mb = round(folder_mb(out), 1)
         result.ppl = onnx_ppl(out, ids, threads)
@@ -237,9 +242,14 @@ def render(results: list[Result], ref: float, gguf_mb: float | None) -> None:
     for r in results:
         goal = "" if budget is None or r.error else ("yes" if meets_goal(r, budget) else "no")
         table.add_row(
-            r.name, _fmt(r.ppl, 3), _fmt(r.ratio, 4), _fmt(r.size_mb, 1), _fmt(r.build_s, 1),
-            _fmt(r.decode_tok_s, 1), goal,
-        )  # fmt: skip
+            r.name,
+            _fmt(r.ppl, 3),
+            _fmt(r.ratio, 4),
+            _fmt(r.size_mb, 1),
+            _fmt(r.build_s, 1),
+            _fmt(r.decode_tok_s, 1),
+            goal,
+        )
     console = Console()
     console.print(table)
     for r in results:

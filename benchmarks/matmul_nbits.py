@@ -34,13 +34,32 @@ def _model(
             numpy_helper.from_array(gen.integers(0, 255, (n, blocks, blob), dtype=np.uint8), f"{name}.q")
         )
         inits.append(numpy_helper.from_array(gen.random(n * blocks, dtype=np.float32) / 100, f"{name}.s"))
-        nodes.append(helper.make_node("MatMulNBits", [source, f"{name}.q", f"{name}.s"], [name], domain="com.microsoft",
-                                      K=k, N=n, bits=bits, block_size=block, accuracy_level=4))  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [source, f"{name}.q", f"{name}.s"],
+                [name],
+                domain="com.microsoft",
+                K=k,
+                N=n,
+                bits=bits,
+                block_size=block,
+                accuracy_level=4,
+            )
+        )
         outputs.append(name)
-    graph = helper.make_graph(nodes, "matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, input_k])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)  # fmt: skip
-    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
-                                                                   helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, input_k])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        ir_version=10,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
     return model.SerializeToString(), outputs
 
 
@@ -70,27 +89,42 @@ def decoder(threads: int, block: int, all_int4: bool, reps: int) -> None:
     spec, x = [], "x"
     for layer in range(30):
         wide = 4 if all_int4 or layer >= 14 else 8
-        spec += [(f"qkv{layer}", x, 576, 960, wide), (f"o{layer}", x, 576, 576, 4),
-                 (f"gate{layer}", f"o{layer}", 576, 1536, 4), (f"up{layer}", f"o{layer}", 576, 1536, 4),
-                 (f"down{layer}", f"up{layer}", 1536, 576, wide)]  # fmt: skip
+        spec += [
+            (f"qkv{layer}", x, 576, 960, wide),
+            (f"o{layer}", x, 576, 576, 4),
+            (f"gate{layer}", f"o{layer}", 576, 1536, 4),
+            (f"up{layer}", f"o{layer}", 576, 1536, 4),
+            (f"down{layer}", f"up{layer}", 1536, 576, wide),
+        ]
         x = f"down{layer}"
     spec.append(("lm_head", x, 576, 49152, 4))
     model, outputs = _model(spec, block, 576)
     weights = sum(n * k * (bits / 8 + 4 / block) for _, _, k, n, bits in spec) / 1e6
     seconds = _time(model, outputs, 576, threads, reps)
-    print(f"decoder step, {len(spec)} MatMulNBits ({weights:.0f} MB, block {block}, "
-          f"{'all int4' if all_int4 else 'mixed int4/int8'}, {threads} threads): {seconds * 1e3:.2f} ms, "
-          f"{weights / seconds / 1e3:.1f} GB/s")  # fmt: skip
+    print(
+        f"decoder step, {len(spec)} MatMulNBits ({weights:.0f} MB, block {block}, "
+        f"{'all int4' if all_int4 else 'mixed int4/int8'}, {threads} threads): {seconds * 1e3:.2f} ms, "
+        f"{weights / seconds / 1e3:.1f} GB/s"
+    )
 
 
 def shapes(threads: int, block: int, reps: int) -> None:
-    for k, n, count, bits in ((576, 576, 400, 4), (576, 960, 200, 4), (576, 960, 200, 8), (576, 1536, 200, 4),
-                              (576, 3072, 100, 4), (1536, 576, 200, 4), (576, 49152, 4, 4)):  # fmt: skip
+    for k, n, count, bits in (
+        (576, 576, 400, 4),
+        (576, 960, 200, 4),
+        (576, 960, 200, 8),
+        (576, 1536, 200, 4),
+        (576, 3072, 100, 4),
+        (1536, 576, 200, 4),
+        (576, 49152, 4, 4),
+    ):
         model, outputs = _model([(f"m{i}", "x", k, n, bits) for i in range(count)], block, k)
         seconds = _time(model, outputs, k, threads, reps)
         megabytes = count * n * k * (bits / 8 + 4 / block) / 1e6
-        print(f"{k:>5}×{n:<6} int{bits}: {seconds / count * 1e6:7.1f} µs per node, "
-              f"{megabytes / seconds / 1e3:5.1f} GB/s")  # fmt: skip
+        print(
+            f"{k:>5}×{n:<6} int{bits}: {seconds / count * 1e6:7.1f} µs per node, "
+            f"{megabytes / seconds / 1e3:5.1f} GB/s"
+        )
 
 
 def main() -> None:

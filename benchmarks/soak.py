@@ -1,6 +1,6 @@
 """Soak test in three phases, each bounded in time and count (the whole run takes a few minutes):
 
-1. soak: N concurrent streaming clients (native SSE, OpenAI SSE, Rust SSE, WebSocket) for S seconds:
+1. soak: N concurrent streaming clients (native SSE, OpenAI SSE, chat-completions SSE, WebSocket) for S seconds:
    requests, errors, TTFT p50/p99, aggregate tokens/s, the server's RSS before and after;
 2. abandon: A streams whose client disconnects right after the first token, then a fresh request:
    its latency beside that of the same request before (abandoned streams must not hold slots);
@@ -31,9 +31,22 @@ import requests
 
 from ortllm.benchmark import ServerProcess
 
-PROMPTS = ["Tell me about the sea.", "What is the capital of France?", "Write a haiku about autumn.",
-           "Explain what a compiler does.", "List three colours.", "Describe a cat in one sentence."]  # fmt: skip
-DIALECTS = ("native-chat", "native-generate", "openai-chat", "rust-chat", "rust-completions", "ws-chat")
+PROMPTS = [
+    "Tell me about the sea.",
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain what a compiler does.",
+    "List three colours.",
+    "Describe a cat in one sentence.",
+]
+DIALECTS = (
+    "native-chat",
+    "native-generate",
+    "openai-chat",
+    "chat-completions-chat",
+    "chat-completions-completions",
+    "ws-chat",
+)
 
 
 @dataclass
@@ -90,16 +103,36 @@ def run_one(
                     ws.close()
         else:
             path, body = {
-                "native-chat": ("/api/chat", {"model": model, "messages": [{"role": "user", "content": prompt}],
-                                              "options": {"max_tokens": max_tokens}}),
-                "native-generate": ("/api/generate", {"model": model, "prompt": prompt,
-                                                      "options": {"max_tokens": max_tokens}}),
-                "openai-chat": ("/v1/chat/completions", {"model": model, "stream": True, "max_tokens": max_tokens,
-                                                         "messages": [{"role": "user", "content": prompt}]}),
-                "rust-chat": ("/chat/completions", {"model-name": model, "prompt": prompt, "max-token": max_tokens}),
-                "rust-completions": ("/completions", {"model": model, "prompt": prompt, "stream": True,
-                                                      "max_tokens": max_tokens}),
-            }[dialect]  # fmt: skip
+                "native-chat": (
+                    "/api/chat",
+                    {
+                        "model": model,
+                        "messages": [{"role": "user", "content": prompt}],
+                        "options": {"max_tokens": max_tokens},
+                    },
+                ),
+                "native-generate": (
+                    "/api/generate",
+                    {"model": model, "prompt": prompt, "options": {"max_tokens": max_tokens}},
+                ),
+                "openai-chat": (
+                    "/v1/chat/completions",
+                    {
+                        "model": model,
+                        "stream": True,
+                        "max_tokens": max_tokens,
+                        "messages": [{"role": "user", "content": prompt}],
+                    },
+                ),
+                "chat-completions-chat": (
+                    "/chat/completions",
+                    {"model-name": model, "prompt": prompt, "max-token": max_tokens},
+                ),
+                "chat-completions-completions": (
+                    "/completions",
+                    {"model": model, "prompt": prompt, "stream": True, "max_tokens": max_tokens},
+                ),
+            }[dialect]
             with requests.post(url + path, json=body, stream=True, timeout=300) as r:
                 if r.status_code != 200:
                     return Sample(dialect, False, error=f"HTTP {r.status_code}: {r.text[:200]}")
@@ -153,8 +186,9 @@ def server_rss(server: ServerProcess | None) -> int:
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
 
 
-def soak_report(url: str, model: str, clients: int, seconds: float, max_tokens: int,
-                server: ServerProcess | None) -> dict[str, Any]:  # fmt: skip
+def soak_report(
+    url: str, model: str, clients: int, seconds: float, max_tokens: int, server: ServerProcess | None
+) -> dict[str, Any]:
     """Phase 1: `clients` streaming clients across the dialects for `seconds`."""
     rss_before = server_rss(server)
     started = time.monotonic()
@@ -164,24 +198,31 @@ def soak_report(url: str, model: str, clients: int, seconds: float, max_tokens: 
     errors = [s for s in results.samples if not s.ok]
     ttfts = [s.ttft for s in ok if s.tokens]
     return {
-        "clients": clients, "seconds": round(wall, 1), "requests": len(results.samples), "errors": len(errors),
+        "clients": clients,
+        "seconds": round(wall, 1),
+        "requests": len(results.samples),
+        "errors": len(errors),
         "error_examples": sorted({e.error for e in errors})[:5],
         "empty_answers": sum(1 for s in ok if not s.tokens),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p99_s": round(percentile(ttfts, 99), 3),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3),
+        "ttft_p99_s": round(percentile(ttfts, 99), 3),
         "ttft_mean_s": round(statistics.fmean(ttfts), 3) if ttfts else 0,
         "aggregate_tokens_per_s": round(sum(s.tokens for s in ok) / wall, 1),
         "requests_per_s": round(len(ok) / wall, 2),
         "by_dialect": {d: sum(1 for s in ok if s.dialect == d) for d in DIALECTS},
         "rss_before_mb": round(rss_before / 1e6, 1),
         "rss_after_mb": round(server_rss(server) / 1e6, 1),
-    }  # fmt: skip
+    }
 
 
 def fresh_latency(url: str, model: str) -> float:
     """Seconds for one short non-streaming answer."""
     started = time.monotonic()
-    r = requests.post(url + "/api/generate", timeout=120,
-                      json={"model": model, "prompt": "Hi", "stream": False, "options": {"max_tokens": 8}})  # fmt: skip
+    r = requests.post(
+        url + "/api/generate",
+        timeout=120,
+        json={"model": model, "prompt": "Hi", "stream": False, "options": {"max_tokens": 8}},
+    )
     r.raise_for_status()
     return time.monotonic() - started
 
@@ -210,9 +251,14 @@ def abandon_report(url: str, model: str, count: int, concurrency: int = 16) -> d
     abandoned_s = time.monotonic() - started
     after = fresh_latency(url, model)
     errors = [s for s in samples if not s.ok]
-    return {"abandoned": len(samples), "errors": len(errors), "error_examples": sorted({e.error for e in errors})[:5],
-            "seconds": round(abandoned_s, 1), "fresh_request_before_s": round(before, 3),
-            "fresh_request_after_s": round(after, 3)}  # fmt: skip
+    return {
+        "abandoned": len(samples),
+        "errors": len(errors),
+        "error_examples": sorted({e.error for e in errors})[:5],
+        "seconds": round(abandoned_s, 1),
+        "fresh_request_before_s": round(before, 3),
+        "fresh_request_after_s": round(after, 3),
+    }
 
 
 class TokenClock(threading.Thread):
@@ -224,8 +270,11 @@ class TokenClock(threading.Thread):
         self.gaps: list[tuple[float, float]] = []  # (arrival, seconds since the previous token)
 
     def run(self) -> None:
-        body = {"model": self.model, "prompt": "Write the numbers from 1 to 500: 1, 2, 3, 4, 5,",
-                "options": {"max_tokens": 2000, "temperature": 0}}  # fmt: skip
+        body = {
+            "model": self.model,
+            "prompt": "Write the numbers from 1 to 500: 1, 2, 3, 4, 5,",
+            "options": {"max_tokens": 2000, "temperature": 0},
+        }
         while not self.stop.is_set():
             with requests.post(self.url + "/api/generate", json=body, stream=True, timeout=300) as r:
                 last = None
@@ -238,8 +287,9 @@ class TokenClock(threading.Thread):
                         break
 
 
-def flood_report(url: str, model: str, inputs: int, limit: int, streams: int = 4,
-                 idle_s: float = 8.0) -> dict[str, Any]:  # fmt: skip
+def flood_report(
+    url: str, model: str, inputs: int, limit: int, streams: int = 4, idle_s: float = 8.0
+) -> dict[str, Any]:
     """Phase 3: inter-token latency of `streams` streams idle, then during a request over the input limit
     (`limit` + 1 inputs: refused at once) and a big embeddings request (`inputs` short texts)."""
     stop = threading.Event()
@@ -251,8 +301,9 @@ def flood_report(url: str, model: str, inputs: int, limit: int, streams: int = 4
     time.sleep(idle_s)
     flood_from = time.monotonic()
     texts = [f"note {i}: the weather is mild today" for i in range(inputs)]
-    over_limit = requests.post(url + "/v1/embeddings", timeout=300,
-                               json={"model": model, "input": ["x"] * (limit + 1)})  # fmt: skip
+    over_limit = requests.post(
+        url + "/v1/embeddings", timeout=300, json={"model": model, "input": ["x"] * (limit + 1)}
+    )
     started = time.monotonic()
     big = requests.post(url + "/v1/embeddings", json={"model": model, "input": texts}, timeout=300)
     big_s = time.monotonic() - started
@@ -265,14 +316,24 @@ def flood_report(url: str, model: str, inputs: int, limit: int, streams: int = 4
     during = [d for t, d in gaps if flood_from <= t < flood_to]
 
     def stats(values: list[float]) -> dict[str, float]:
-        return {"tokens": len(values), "p50_ms": round(percentile(values, 50) * 1000, 1),
-                "p99_ms": round(percentile(values, 99) * 1000, 1), "max_ms": round(max(values, default=0) * 1000, 1)}  # fmt: skip
+        return {
+            "tokens": len(values),
+            "p50_ms": round(percentile(values, 50) * 1000, 1),
+            "p99_ms": round(percentile(values, 99) * 1000, 1),
+            "max_ms": round(max(values, default=0) * 1000, 1),
+        }
 
-    return {"embedding_inputs": inputs, "big_status": big.status_code, "big_seconds": round(big_s, 1),
-            "big_vectors": len(big.json().get("data", [])) if big.ok else 0,
-            "over_limit_status": over_limit.status_code, "over_limit_message": over_limit.text[:200],
-            "itl_idle": stats(idle), "itl_during_flood": stats(during),
-            "p50_ratio": round(percentile(during, 50) / percentile(idle, 50), 2) if idle and during else None}  # fmt: skip
+    return {
+        "embedding_inputs": inputs,
+        "big_status": big.status_code,
+        "big_seconds": round(big_s, 1),
+        "big_vectors": len(big.json().get("data", [])) if big.ok else 0,
+        "over_limit_status": over_limit.status_code,
+        "over_limit_message": over_limit.text[:200],
+        "itl_idle": stats(idle),
+        "itl_during_flood": stats(during),
+        "p50_ratio": round(percentile(during, 50) / percentile(idle, 50), 2) if idle and during else None,
+    }
 
 
 def main() -> None:

@@ -27,8 +27,12 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(logical=False),
-            "threads": psutil.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 1e9, 1)}  # fmt: skip
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(logical=False),
+        "threads": psutil.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+    }
 
 
 def _gguf_of(model: Any, explicit: str | None) -> Path:
@@ -51,11 +55,15 @@ def _ratio(ours: float, peer: float) -> str:
 
 
 with_compare = option_group(
-    click.option("--compare", type=click.Choice(["llama-cpp"]), help="Measure llama.cpp on the same GGUF too."),
-    click.option("--llama-cpp", "llama_dir", help="Folder with llama-bench and llama-server (or $ORTLLM_LLAMA_CPP)."),
+    click.option(
+        "--compare", type=click.Choice(["llama-cpp"]), help="Measure llama.cpp on the same GGUF too."
+    ),
+    click.option(
+        "--llama-cpp", "llama_dir", help="Folder with llama-bench and llama-server (or $ORTLLM_LLAMA_CPP)."
+    ),
     click.option("--gguf", help="GGUF for the peer (default: the one the model was converted from)."),
     click.option("--json", "out", help="Also write the results as JSON to this file."),
-)  # fmt: skip
+)
 
 
 @click.group()
@@ -79,9 +87,20 @@ def bench() -> None:
     "--api", "api_alias", type=click.Choice(BATCHERS), hidden=True, help="The old name of --batcher."
 )
 @with_compare
-def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads: int | None, batcher: str,
-           api_alias: str | None, compare: str | None, llama_dir: str | None, gguf: str | None,
-           out: str | None) -> None:  # fmt: skip
+def engine(
+    model: str | None,
+    pp: int,
+    tg: int,
+    batches: str,
+    reps: int,
+    threads: int | None,
+    batcher: str,
+    api_alias: str | None,
+    compare: str | None,
+    llama_dir: str | None,
+    gguf: str | None,
+    out: str | None,
+) -> None:
     """Prompt processing (ppN) and generation (tgN) tokens/s, TTFT, peak RSS, batched throughput."""
     from ortllm.runtime.embedder import not_generative
     from ortllm.runtime.registry import ModelRegistry
@@ -103,18 +122,34 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
         ours = b.engine_bench(scheduler, pp=pp, tg=tg, batches=_ints(batches), reps=reps)
     registry.close()
     ceiling = bandwidth * 1e9 / weights
-    result: dict[str, Any] = {"model": installed.name, "variant": scheduler.model.variant.id, "machine": _machine(),
-                              "ortllm": ours, "memory_bandwidth_gbs": round(bandwidth, 1),
-                              "weight_mb": round(weights / 1e6, 1), "decode_ceiling_tok_s": round(ceiling, 1)}  # fmt: skip
+    result: dict[str, Any] = {
+        "model": installed.name,
+        "variant": scheduler.model.variant.id,
+        "machine": _machine(),
+        "ortllm": ours,
+        "memory_bandwidth_gbs": round(bandwidth, 1),
+        "weight_mb": round(weights / 1e6, 1),
+        "decode_ceiling_tok_s": round(ceiling, 1),
+    }
     peer: dict[str, Any] = {}
     if compare:
         binaries = b.find_llama_cpp(llama_dir)
         with console.status("running llama-bench"):
-            peer = b.llama_bench(binaries, _gguf_of(installed, gguf), pp=pp, tg=tg,
-                                 threads=ours["threads"] or psutil.cpu_count(logical=False) or 1, reps=reps)  # fmt: skip
+            peer = b.llama_bench(
+                binaries,
+                _gguf_of(installed, gguf),
+                pp=pp,
+                tg=tg,
+                threads=ours["threads"] or psutil.cpu_count(logical=False) or 1,
+                reps=reps,
+            )
         result["llama_cpp"] = peer
-    table = Table("metric", "ortllm", *(["llama.cpp", "ratio"] if peer else []),
-                  title=f"{installed.name} ({scheduler.model.variant.id}, {ours['batcher']}, {ours['threads']} threads)")  # fmt: skip
+    table = Table(
+        "metric",
+        "ortllm",
+        *(["llama.cpp", "ratio"] if peer else []),
+        title=f"{installed.name} ({scheduler.model.variant.id}, {ours['batcher']}, {ours['threads']} threads)",
+    )
     for key in (f"pp{pp}_tok_s", f"tg{tg}_tok_s"):
         row = [key, f"{ours[key]['mean']:.1f} ± {ours[key]['sd']:.1f}"]
         if peer:
@@ -127,12 +162,17 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
         "TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *(["", ""] if peer else [])
     )
     for size, agg in ours["batch_aggregate_tok_s"].items():
-        table.add_row(f"{size} concurrent, aggregate tok/s", f"{agg['mean']:.1f} ± {agg['sd']:.1f}",
-                      *(["", ""] if peer else []))  # fmt: skip
+        table.add_row(
+            f"{size} concurrent, aggregate tok/s",
+            f"{agg['mean']:.1f} ± {agg['sd']:.1f}",
+            *(["", ""] if peer else []),
+        )
     table.add_row("peak RSS", f"{ours['peak_rss_mb']:.0f} MB", *(["", ""] if peer else []))
     console.print(table)
-    console.print(f"memory bandwidth {bandwidth:.1f} GB/s, {weights / 1e6:.0f} MB of weights per token → decode "
-                  f"ceiling {ceiling:.0f} tok/s; tg reached {ours[f'tg{tg}_tok_s']['mean'] / ceiling:.0%} of it")  # fmt: skip
+    console.print(
+        f"memory bandwidth {bandwidth:.1f} GB/s, {weights / 1e6:.0f} MB of weights per token → decode "
+        f"ceiling {ceiling:.0f} tok/s; tg reached {ours[f'tg{tg}_tok_s']['mean'] / ceiling:.0%} of it"
+    )
     _write(result, out)
 
 
@@ -150,8 +190,18 @@ def engine(model: str | None, pp: int, tg: int, batches: str, reps: int, threads
     help="shared: prompts are prefixes of one text (prefix caches help); distinct: each its own.",
 )
 @with_compare
-def serve(model: str | None, url: str | None, concurrency: str, per_client: int, api_key: str | None, prompts: str,
-          compare: str | None, llama_dir: str | None, gguf: str | None, out: str | None) -> None:  # fmt: skip
+def serve(
+    model: str | None,
+    url: str | None,
+    concurrency: str,
+    per_client: int,
+    api_key: str | None,
+    prompts: str,
+    compare: str | None,
+    llama_dir: str | None,
+    gguf: str | None,
+    out: str | None,
+) -> None:
     """TTFT, TPOT, ITL p50/p90/p99, output tok/s and request throughput under concurrent streams."""
     console = Console()
     name = model or load_catalog().default
@@ -162,8 +212,14 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
     cold = b.first_token_after(target, name, server.launched) if server else None
     try:
         with console.status(f"ortllm: {levels} concurrent streams against {target}"):
-            ours = b.serve_bench(target, name, concurrency=levels, requests_per_client=per_client,
-                                 api_key=api_key, distinct=distinct)  # fmt: skip
+            ours = b.serve_bench(
+                target,
+                name,
+                concurrency=levels,
+                requests_per_client=per_client,
+                api_key=api_key,
+                distinct=distinct,
+            )
     finally:
         if server:
             server.stop()
@@ -184,22 +240,39 @@ def serve(model: str | None, url: str | None, concurrency: str, per_client: int,
         llama = b.ServerProcess.llama(binaries, source, parallel=max(levels), threads=default_threads())
         try:
             with console.status(f"llama-server -np {max(levels)}: the same load"):
-                peer = b.serve_bench(llama.url, name, concurrency=levels, requests_per_client=per_client,
-                                     distinct=distinct)  # fmt: skip
+                peer = b.serve_bench(
+                    llama.url, name, concurrency=levels, requests_per_client=per_client, distinct=distinct
+                )
         finally:
             llama.stop()
         result["llama_server"] = peer
-    table = Table("clients", "output tok/s", "per-stream tok/s", "TTFT p50 / p99 / max", "ITL p50 / p99", "req/s",
-                  "errors", *(["vs llama-server (tok/s, max TTFT)"] if peer else []),
-                  title=f"serving {name} ({prompts} prompts)")  # fmt: skip
+    table = Table(
+        "clients",
+        "output tok/s",
+        "per-stream tok/s",
+        "TTFT p50 / p99 / max",
+        "ITL p50 / p99",
+        "req/s",
+        "errors",
+        *(["vs llama-server (tok/s, max TTFT)"] if peer else []),
+        title=f"serving {name} ({prompts} prompts)",
+    )
     for level, r in ours.items():
-        row = [level, f"{r['output_tok_s']:.1f}", f"{r['single_stream_tok_s']:.1f}",
-               f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} / {r['ttft_s']['max']:.2f} s",
-               f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} ms", f"{r['requests_per_s']:.2f}", str(r["errors"])]  # fmt: skip
+        row = [
+            level,
+            f"{r['output_tok_s']:.1f}",
+            f"{r['single_stream_tok_s']:.1f}",
+            f"{r['ttft_s']['p50']:.2f} / {r['ttft_s']['p99']:.2f} / {r['ttft_s']['max']:.2f} s",
+            f"{r['itl_ms']['p50']:.1f} / {r['itl_ms']['p99']:.1f} ms",
+            f"{r['requests_per_s']:.2f}",
+            str(r["errors"]),
+        ]
         if peer:
             p = peer[level]
-            row.append(f"{_ratio(r['output_tok_s'], p['output_tok_s'])} ({p['output_tok_s']:.1f}), "
-                       f"{p['ttft_s']['max']:.2f} s")  # fmt: skip
+            row.append(
+                f"{_ratio(r['output_tok_s'], p['output_tok_s'])} ({p['output_tok_s']:.1f}), "
+                f"{p['ttft_s']['max']:.2f} s"
+            )
         table.add_row(*row)
     console.print(table)
     if cold is not None:

@@ -14,7 +14,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from ortllm.catalog import load_catalog
-from ortllm.conversation import abandon_turn, commit_turn, plan_turn, start_turn
+from ortllm.conversation import ChatSession, plan_turn
 from ortllm.errors import ModelNotFound
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.loaded import BATCHERS
@@ -78,8 +78,17 @@ def _scheduler(name: str, ep: str | None, batcher: str, api_alias: str | None = 
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON result object instead of streaming text."
 )
-def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: bool, ep: str | None,
-        batcher: str, api_alias: str | None, **kw: Any) -> None:  # fmt: skip
+def run(
+    model: str,
+    prompt: str | None,
+    system: str | None,
+    raw: bool,
+    as_json: bool,
+    ep: str | None,
+    batcher: str,
+    api_alias: str | None,
+    **kw: Any,
+) -> None:
     """Answer one PROMPT with MODEL, streamed to stdout.
 
     Without PROMPT (or with '-') the prompt is read from stdin, so it pipes:
@@ -100,16 +109,16 @@ def run(model: str, prompt: str | None, system: str | None, raw: bool, as_json: 
             {"role": "user", "content": prompt}
         ]
         request = GenerationRequest(options, messages=messages)
-    with scheduler.submit(request) as stream:
-        if as_json:
-            result = stream.result()
-            click.echo(json.dumps({"model": scheduler.model.name, **result.as_dict()}))
-        else:
-            for event in stream:
-                if event.text:
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
+    stream = scheduler.submit(request)  # read to its end (or interrupted), it frees its slot itself
+    if as_json:
+        result = stream.result()
+        click.echo(json.dumps({"model": scheduler.model.name, **result.as_dict()}))
+    else:
+        for event in stream:
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
     scheduler.close()
 
 
@@ -126,8 +135,9 @@ Ctrl-C stops the current answer without leaving."""
 class TerminalChat:
     """The interactive loop of `ortllm chat`."""
 
-    def __init__(self, scheduler: Scheduler, sessions: SessionStore, options: Any, system: str | None,
-                 console: Console) -> None:  # fmt: skip
+    def __init__(
+        self, scheduler: Scheduler, sessions: SessionStore, options: Any, system: str | None, console: Console
+    ) -> None:
         self.scheduler = scheduler
         self.sessions = sessions
         self.options = options
@@ -170,8 +180,11 @@ class TerminalChat:
         if cmd == "/help":
             self.console.print(HELP)
         elif cmd == "/reset":
-            self.session = self.sessions.create(model=self.scheduler.model.name,
-                                                system_prompt=self.session.system_prompt, title="terminal chat")  # fmt: skip
+            self.session = self.sessions.create(
+                model=self.scheduler.model.name,
+                system_prompt=self.session.system_prompt,
+                title="terminal chat",
+            )
             self.console.print(f"[dim]new conversation (session {self.session.id[:8]})[/]")
         elif cmd == "/system":
             self.session = self.sessions.update(self.session.id, system_prompt=arg)
@@ -180,8 +193,12 @@ class TerminalChat:
             if not arg:
                 self.console.print("[red]usage: /save NAME[/]")
                 return True
-            saved = self.sessions.create(model=self.scheduler.model.name, system_prompt=self.session.system_prompt,
-                                         session_id=arg, title=arg)  # fmt: skip
+            saved = self.sessions.create(
+                model=self.scheduler.model.name,
+                system_prompt=self.session.system_prompt,
+                session_id=arg,
+                title=arg,
+            )
             self.sessions.replace(saved.id, self.sessions.messages(self.session.id))
             self.console.print(f"[dim]saved as session {arg}[/]")
         elif cmd == "/load":
@@ -198,35 +215,33 @@ class TerminalChat:
         return True
 
     def answer(self, text: str) -> None:
-        turn = plan_turn(self.sessions, model=self.scheduler.model.name,
-                         messages=[{"role": "user", "content": text}], session_id=self.session.id)  # fmt: skip
+        """One turn, ended by conversation.py's rule: a complete answer is stored; Ctrl-C withdraws the
+        question; a failed answer leaves it stored, unanswered."""
+        turn = plan_turn(
+            self.sessions,
+            model=self.scheduler.model.name,
+            messages=[{"role": "user", "content": text}],
+            session_id=self.session.id,
+        )
         stream = self.scheduler.submit(
             GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id)
         )
-        start_turn(self.sessions, turn)  # the question is kept even if the process dies mid-answer
-        parts: list[str] = []
+        chat = ChatSession.begin(self.sessions, turn, stream)  # the question is kept if the process dies
+        chunks = 0
         started = time.monotonic()
         with Live(console=self.console, refresh_per_second=12, transient=False) as live:
             try:
                 for event in stream:
-                    if event.text:
-                        parts.append(event.text)
+                    chunks += bool(event.text)
                     if event.done:
                         self.last = event
-                    live.update(
-                        self._view("".join(parts), len(parts), started, event if event.done else None)
-                    )
+                    live.update(self._view(stream.text, chunks, started, event if event.done else None))
             except KeyboardInterrupt:
-                stream.cancel()
-                for event in stream:  # drain to the final event so the slot is free
+                chat.cancel()  # the user stopped it: the turn is undone
+                for event in stream:  # read on to the final event (its timings for the status line)
                     if event.done:
                         self.last = event
-                live.update(self._view("".join(parts), len(parts), started, self.last, stopped=True))
-        reply = "".join(parts)
-        if reply:
-            commit_turn(self.sessions, turn, reply)
-        else:
-            abandon_turn(self.sessions, turn)
+                live.update(self._view(stream.text, chunks, started, self.last, stopped=True))
 
     def _view(
         self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False
@@ -234,8 +249,10 @@ class TerminalChat:
         elapsed = time.monotonic() - started
         if final and final.timings and final.usage:
             t = final.timings
-            status = (f"{final.usage.completion_tokens} tokens · TTFT {t.ttft_s * 1000:.0f} ms · "
-                      f"{t.decode_tokens_per_s:.1f} tok/s" + (" · stopped" if stopped else ""))  # fmt: skip
+            status = (
+                f"{final.usage.completion_tokens} tokens · TTFT {t.ttft_s * 1000:.0f} ms · "
+                f"{t.decode_tokens_per_s:.1f} tok/s" + (" · stopped" if stopped else "")
+            )
         else:
             status = f"{chunks} tokens · {elapsed:.1f} s"
         return Group(Markdown(text or "…"), Text(status, style="dim"))
@@ -243,9 +260,11 @@ class TerminalChat:
     def _stats(self) -> str:
         assert self.last is not None and self.last.usage and self.last.timings
         u, t = self.last.usage, self.last.timings
-        return (f"prompt {u.prompt_tokens} tokens, answer {u.completion_tokens} tokens ({self.last.finish_reason}); "
-                f"queued {t.queued_s * 1000:.0f} ms, TTFT {t.ttft_s * 1000:.0f} ms, "
-                f"decode {t.decode_tokens_per_s:.1f} tok/s, total {t.total_s:.2f} s")  # fmt: skip
+        return (
+            f"prompt {u.prompt_tokens} tokens, answer {u.completion_tokens} tokens ({self.last.finish_reason}); "
+            f"queued {t.queued_s * 1000:.0f} ms, TTFT {t.ttft_s * 1000:.0f} ms, "
+            f"decode {t.decode_tokens_per_s:.1f} tok/s, total {t.total_s:.2f} s"
+        )
 
 
 @click.command()

@@ -64,16 +64,33 @@ def _run_convert(request: ConvertRequest) -> None:
 
 
 build_options = option_group(
-    click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-                 help="Weight precision of the ONNX model (default int4; fp32 for embedding models)."),
-    click.option("--ep", type=click.Choice(EPS), default="cpu", show_default=True,
-                 help="Execution provider the model is built for."),
-    click.option("--block-size", type=int, default=None,
-                 help="int4/int8 quantisation block size (16, 32, 64, 128, 256; builder default 32)."),
-    click.option("--accuracy-level", type=int, default=None,
-                 help="int4/int8 MatMul accuracy level: 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default 4)."),
+    click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default=None,
+        help="Weight precision of the ONNX model (default int4; fp32 for embedding models).",
+    ),
+    click.option(
+        "--ep",
+        type=click.Choice(EPS),
+        default="cpu",
+        show_default=True,
+        help="Execution provider the model is built for.",
+    ),
+    click.option(
+        "--block-size",
+        type=int,
+        default=None,
+        help="int4/int8 quantisation block size (16, 32, 64, 128, 256; builder default 32).",
+    ),
+    click.option(
+        "--accuracy-level",
+        type=int,
+        default=None,
+        help="int4/int8 MatMul accuracy level: 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU default 4).",
+    ),
     click.option("--force", is_flag=True, help="Rebuild even if this variant is already installed."),
-)  # fmt: skip
+)
 
 
 @click.command()
@@ -97,12 +114,22 @@ def pull(
 @click.argument("source")
 @click.option("--name", help="Name in the store (default: the catalog name or the source's file name).")
 @build_options
-@click.option("--backend", type=click.Choice(["genai", "optimum"]), default=None,
-              help="Converter: genai (onnxruntime-genai builder) or optimum (its own environment).")  # fmt: skip
+@click.option(
+    "--backend",
+    type=click.Choice(["genai", "optimum"]),
+    default=None,
+    help="Converter: genai (onnxruntime-genai builder) or optimum (its own environment).",
+)
 def convert_cmd(
-    source: str, name: str | None, precision: str | None, ep: str, block_size: int | None,
-    accuracy_level: int | None, force: bool, backend: str | None,
-) -> None:  # fmt: skip
+    source: str,
+    name: str | None,
+    precision: str | None,
+    ep: str,
+    block_size: int | None,
+    accuracy_level: int | None,
+    force: bool,
+    backend: str | None,
+) -> None:
     """Convert SOURCE to an ONNX model in the store.
 
     \b
@@ -127,27 +154,48 @@ def list_cmd(available: bool, as_json: bool) -> None:
         catalog = load_catalog()
         installed = {m.name for m in ModelStore().list()}
         rows = [
-            {"name": e.name, "aliases": list(e.aliases), "family": e.family, "kind": e.kind,
-             "backend": e.backend, "context_size": e.context_size, "installed": e.name in installed,
-             "source": e.source, "default": e.name == catalog.default}
+            {
+                "name": e.name,
+                "aliases": list(e.aliases),
+                "family": e.family,
+                "kind": e.kind,
+                "backend": e.backend,
+                "context_size": e.context_size,
+                "installed": e.name in installed,
+                "source": e.source,
+                "default": e.name == catalog.default,
+            }
             for e in catalog
-        ]  # fmt: skip
+        ]
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
         table = Table("name", "aliases", "family", "kind", "backend", "context", "installed", title="Catalog")
         for r in rows:
             aliases = ", ".join(a for a in r["aliases"] if "/" not in a)
-            table.add_row(r["name"] + (" (default)" if r["default"] else ""), aliases, r["family"], r["kind"],
-                          r["backend"], str(r["context_size"]), "yes" if r["installed"] else "")  # fmt: skip
+            table.add_row(
+                r["name"] + (" (default)" if r["default"] else ""),
+                aliases,
+                r["family"],
+                r["kind"],
+                r["backend"],
+                str(r["context_size"]),
+                "yes" if r["installed"] else "",
+            )
         console.print(table)
         return
     models = ModelStore().list()
     rows = [
-        {"name": m.name, "variants": sorted(m.variants), "size_mb": round(m.size_bytes / 1e6, 1),
-         "kind": m.kind, "source": m.get("source"), "created": m.get("created")}
+        {
+            "name": m.name,
+            "variants": sorted(m.variants),
+            "size_mb": round(m.size_bytes / 1e6, 1),
+            "kind": m.kind,
+            "source": m.get("source"),
+            "created": m.get("created"),
+        }
         for m in models
-    ]  # fmt: skip
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -18,7 +18,9 @@ from ortllm.settings import load_settings
 @click.option("--max-queue", type=int, help="Requests waiting per model before 503 (default 64).")
 @click.option("--keep-alive", type=float, help="Unload a model after this many idle seconds (0 = never).")
 @click.option(
-    "--generate-timeout", type=float, help="Seconds before TGI-style /generate answers 504 (default 60)."
+    "--generate-timeout",
+    type=float,
+    help="Seconds before the orchestrator dialect's /generate answers 504 (default 60).",
 )
 @click.option(
     "--api-key",
@@ -36,9 +38,19 @@ from ortllm.settings import load_settings
     "--insecure", is_flag=True, default=None, help="Allow a non-loopback host without authentication."
 )
 @click.option("--print-config", is_flag=True, help="Print the effective settings as JSON and exit.")
-def serve(host: str | None, port: int | None, models: tuple[str, ...], config: str | None, max_queue: int | None,
-          keep_alive: float | None, generate_timeout: float | None, api_keys: tuple[str, ...],
-          rate_limit: int | None, insecure: bool | None, print_config: bool) -> None:  # fmt: skip
+def serve(
+    host: str | None,
+    port: int | None,
+    models: tuple[str, ...],
+    config: str | None,
+    max_queue: int | None,
+    keep_alive: float | None,
+    generate_timeout: float | None,
+    api_keys: tuple[str, ...],
+    rate_limit: int | None,
+    insecure: bool | None,
+    print_config: bool,
+) -> None:
     """Serve models over HTTP: native /api, OpenAI /v1, SSE streaming, Swagger UI at /docs.
 
     \b
@@ -47,11 +59,22 @@ def serve(host: str | None, port: int | None, models: tuple[str, ...], config: s
       ortllm serve --model smollm2-135m
       curl http://127.0.0.1:8000/api/generate -d '{"model":"smollm2-135m","prompt":"Hi","stream":false}'
     """
-    settings = load_settings(config, {"server": {"host": host, "port": port, "models": models,
-                                                 "max_queue": max_queue, "keep_alive": keep_alive,
-                                                 "generate_timeout": generate_timeout},
-                                      "auth": {"api_keys": api_keys}, "rate_limit": {"per_minute": rate_limit},
-                                      "insecure": insecure})  # fmt: skip
+    settings = load_settings(
+        config,
+        {
+            "server": {
+                "host": host,
+                "port": port,
+                "models": models,
+                "max_queue": max_queue,
+                "keep_alive": keep_alive,
+                "generate_timeout": generate_timeout,
+            },
+            "auth": {"api_keys": api_keys},
+            "rate_limit": {"per_minute": rate_limit},
+            "insecure": insecure,
+        },
+    )
     if print_config:
         shown = settings.model_dump()
         shown["auth"]["api_keys"] = [

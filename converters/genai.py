@@ -135,10 +135,21 @@ def build(
     # the builder dies with this process (even on kill -9) and, in its own process group, a Ctrl-C in the
     # terminal reaches only ortllm, which stops it below
     cmd = child.command(
-        os.getpid(), "onnxruntime_genai.models.builder",
-        "-i", str(hf_dir), "-o", str(out_dir), "-p", precision, "-e", ep, "-c", str(cache_dir),
-        "--extra_options", *[f"{k}={v}" for k, v in options.items()],
-    )  # fmt: skip
+        os.getpid(),
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf_dir),
+        "-o",
+        str(out_dir),
+        "-p",
+        precision,
+        "-e",
+        ep,
+        "-c",
+        str(cache_dir),
+        "--extra_options",
+        *[f"{k}={v}" for k, v in options.items()],
+    )
     started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")

@@ -50,9 +50,17 @@ DEFAULT_BLOCK_SIZE = 32
 # genai's generic decoder-only type: a DecoderOnly model driven by the input/output names given here
 GENAI_MODEL_TYPE = "decoder"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 EMBEDDING_FILES = (
     "config.json",
     "sentence_bert_config.json",
@@ -118,8 +126,13 @@ def build(
         quantised = 0
         if bits:
             # an encoder's vectors suffer from a 4-bit word table (MiniLM: cosine to fp32 down to 0.86)
-            model, quantised = quantise(model, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
-                                        tables=task != "feature-extraction")  # fmt: skip
+            model, quantised = quantise(
+                model,
+                bits=bits,
+                block_size=block_size,
+                accuracy_level=accuracy_level,
+                tables=task != "feature-extraction",
+            )
         _save_onnx(model, out_dir / "model.onnx")
         del model
         quantise_seconds = time.monotonic() - t0
@@ -190,8 +203,11 @@ def compatible_source(hf_dir: Path, staging: Path) -> Path:
         if item.name != "config.json":
             os.symlink(item.resolve(), staging / item.name)
     (staging / "config.json").write_text(json.dumps(patched, indent=2), encoding="utf-8")
-    log.info("config.json adapted for transformers %s: %s", _version("transformers"),
-             ", ".join(sorted(k for k in patched if patched.get(k) != config.get(k))))  # fmt: skip
+    log.info(
+        "config.json adapted for transformers %s: %s",
+        _version("transformers"),
+        ", ".join(sorted(k for k in patched if patched.get(k) != config.get(k))),
+    )
     return staging
 
 
@@ -204,9 +220,15 @@ def _export(src: Path, export_dir: Path, task: str, trust_remote_code: bool) -> 
     started = time.monotonic()
     try:
         main_export(
-            str(src), str(export_dir), task=task, library_name="transformers", local_files_only=True,
-            do_validation=False, trust_remote_code=trust_remote_code, device="cpu",
-        )  # fmt: skip
+            str(src),
+            str(export_dir),
+            task=task,
+            library_name="transformers",
+            local_files_only=True,
+            do_validation=False,
+            trust_remote_code=trust_remote_code,
+            device="cpu",
+        )
     except (KeyError, ValueError, NotImplementedError) as exc:
         arch = (read_config(src).get("architectures") or ["?"])[0]
         raise UnsupportedArchitecture(f"optimum cannot export {arch} for {task}: {first_line(exc)}") from exc
@@ -232,8 +254,14 @@ def _save_onnx(model, path: Path) -> None:
 
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
 
 
 def _dims(value_info) -> list[int | str]:
@@ -300,8 +328,11 @@ def _embedding_layout(model, src: Path) -> dict[str, Any]:
             f"optimum's feature-extraction export of {arch} has no last_hidden_state output (it has: {', '.join(outputs)})"
         )
     dims = _dims(next(o for o in model.graph.output if o.name == "last_hidden_state"))
-    return {"inputs": [i.name for i in model.graph.input], "output": "last_hidden_state",
-            "dimension": dims[-1] if isinstance(dims[-1], int) else None}  # fmt: skip
+    return {
+        "inputs": [i.name for i in model.graph.input],
+        "output": "last_hidden_state",
+        "dimension": dims[-1] if isinstance(dims[-1], int) else None,
+    }
 
 
 def _expose_hidden_states(model) -> None:
@@ -350,11 +381,24 @@ def quantise(
     # SmolLM2-135M int4 is 102 MB with its embedding table quantised, 197 MB without
     ops = ("MatMul", "Gather") if tables else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-                                          bits=bits, op_types_to_quantize=ops, quant_axes=axes)  # fmt: skip
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level, algo_config=config,
-                                     op_types_to_quantize=ops, quant_axes=axes)  # fmt: skip
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        bits=bits,
+        op_types_to_quantize=ops,
+        quant_axes=axes,
+    )
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=True,
+        accuracy_level=accuracy_level,
+        algo_config=config,
+        op_types_to_quantize=ops,
+        quant_axes=axes,
+    )
     quantizer.process()
     result = quantizer.model.model
     count = sum(1 for n in result.graph.node if n.op_type == "MatMulNBits")
@@ -373,9 +417,12 @@ def _gemm_to_matmul(model) -> int:
     for node in graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (
-            node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
-            or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0
-        ):  # fmt: skip
+            node.op_type != "Gemm"
+            or node.input[1] not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             new_nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
@@ -503,8 +550,11 @@ def _token_ids(src: Path, config) -> dict[str, Any]:
     pad = pick("pad_token_id")
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
-    return {"eos_token_id": eos if eos is not None else 0, "bos_token_id": bos if bos is not None else 0,
-            "pad_token_id": pad if pad is not None else 0}  # fmt: skip
+    return {
+        "eos_token_id": eos if eos is not None else 0,
+        "bos_token_id": bos if bos is not None else 0,
+        "pad_token_id": pad if pad is not None else 0,
+    }
 
 
 def _context_length(config) -> int:
@@ -538,7 +588,7 @@ def _write_genai_config(src: Path, out_dir: Path, info: dict[str, Any]) -> None:
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
                     "present_value_names": "present.%d.value",
-                },  # fmt: skip
+                },
                 "num_attention_heads": heads,
                 "num_hidden_layers": info["num_hidden_layers"],
                 "num_key_value_heads": info["num_key_value_heads"],
@@ -562,7 +612,7 @@ def _write_genai_config(src: Path, out_dir: Path, info: dict[str, Any]) -> None:
             "temperature": 1.0,
             "top_k": 50,
             "top_p": 1.0,
-        },  # fmt: skip
+        },
     }
     (out_dir / "genai_config.json").write_text(json.dumps(genai, indent=4), encoding="utf-8")
 
@@ -586,8 +636,13 @@ def _write_embedding_config(src: Path, out_dir: Path, info: dict[str, Any]) -> N
     pooling = "mean"
     for mode in ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "mean_tokens", "lasttoken"):
         if pooling_cfg.get(f"pooling_mode_{mode}"):
-            pooling = {"cls_token": "cls", "max_tokens": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
-                       "mean_tokens": "mean", "lasttoken": "last"}[mode]  # fmt: skip
+            pooling = {
+                "cls_token": "cls",
+                "max_tokens": "max",
+                "mean_sqrt_len_tokens": "mean_sqrt_len",
+                "mean_tokens": "mean",
+                "lasttoken": "last",
+            }[mode]
             break
     # without modules.json (a plain transformers encoder) vectors are normalised, as the catalog's embedding models are
     normalize = any(m.get("type", "").endswith("Normalize") for m in modules) if modules else True

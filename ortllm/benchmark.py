@@ -20,8 +20,10 @@ from typing import IO, Any
 
 import numpy as np
 
-FILLER = ("The quick brown fox jumps over the lazy dog while the compiler turns source code into machine "
-          "instructions, and the database index keeps sorted keys in balanced trees. ")  # fmt: skip
+FILLER = (
+    "The quick brown fox jumps over the lazy dog while the compiler turns source code into machine "
+    "instructions, and the database index keeps sorted keys in balanced trees. "
+)
 
 
 @dataclass
@@ -84,8 +86,15 @@ def prompt_of(model: Any, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple[int, ...] = (1, 2, 4, 8),
-                 reps: int = 3, warmup: int = 1) -> dict[str, Any]:  # fmt: skip
+def engine_bench(
+    scheduler: Any,
+    *,
+    pp: int = 512,
+    tg: int = 128,
+    batches: tuple[int, ...] = (1, 2, 4, 8),
+    reps: int = 3,
+    warmup: int = 1,
+) -> dict[str, Any]:
     """pp (prompt tok/s), tg (generation tok/s), TTFT and batched throughput through the runtime's scheduler."""
     from ortllm.runtime.options import validate_options
     from ortllm.runtime.types import GenerationRequest
@@ -98,8 +107,9 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
 
     def run(tokens: list[int], max_tokens: int) -> Any:
         # ignore EOS: greedy decoding of exactly max_tokens tokens, as llama-bench does
-        options = validate_options({"temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens,
-                                    "repeat_penalty": 1.0})  # fmt: skip
+        options = validate_options(
+            {"temperature": 0, "max_tokens": max_tokens, "min_tokens": max_tokens, "repeat_penalty": 1.0}
+        )
         # a different first token each run: no prefix reuse, every prompt is processed in full
         first = 100 + next(runs) % 20_000
         request = GenerationRequest(options, prompt_tokens=[first, *tokens[1:]])
@@ -122,8 +132,10 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
         for _ in range(reps):
             results: list[Any] = []
             start = time.perf_counter()
-            threads = [threading.Thread(target=lambda out=results: out.append(run(short_prompt, tg)))
-                       for _ in range(size)]  # fmt: skip
+            threads = [
+                threading.Thread(target=lambda out=results: out.append(run(short_prompt, tg)))
+                for _ in range(size)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -131,10 +143,14 @@ def engine_bench(scheduler: Any, *, pp: int = 512, tg: int = 128, batches: tuple
             agg.values.append(sum(r.usage.completion_tokens for r in results) / (time.perf_counter() - start))
         batch_results[str(size)] = agg.summary()
     return {
-        f"pp{pp}_tok_s": pp_stat.summary(), f"tg{tg}_tok_s": tg_stat.summary(), "ttft_s": ttft_stat.summary(),
-        "batch_aggregate_tok_s": batch_results, "peak_rss_mb": round(peak_rss_mb(), 1),
-        "threads": model.threads, "batcher": scheduler.batcher,
-    }  # fmt: skip
+        f"pp{pp}_tok_s": pp_stat.summary(),
+        f"tg{tg}_tok_s": tg_stat.summary(),
+        "ttft_s": ttft_stat.summary(),
+        "batch_aggregate_tok_s": batch_results,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": model.threads,
+        "batcher": scheduler.batcher,
+    }
 
 
 # ---- serving: N concurrent streaming clients against an OpenAI-compatible /v1/completions ------------
@@ -145,8 +161,14 @@ def _stream_once(
 ) -> dict[str, Any]:
     import requests
 
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     start = time.perf_counter()
     stamps: list[float] = []
     try:
@@ -171,8 +193,13 @@ def _stream_once(
         return {"error": "no tokens"}
     end = time.perf_counter()
     itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"ttft": stamps[0] - start, "tokens": len(stamps), "latency": end - start,
-            "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0, "itl": itl}  # fmt: skip
+    return {
+        "ttft": stamps[0] - start,
+        "tokens": len(stamps),
+        "latency": end - start,
+        "tpot": (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0,
+        "itl": itl,
+    }
 
 
 def first_token_after(url: str, model: str, since: float) -> float:
@@ -183,9 +210,18 @@ def first_token_after(url: str, model: str, since: float) -> float:
     return time.perf_counter() - since - result["latency"] + result["ttft"]
 
 
-def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8, 16), requests_per_client: int = 2,
-                prompt_tokens: tuple[int, ...] = (32, 128, 384), max_tokens: tuple[int, ...] = (64, 128),
-                stagger_s: float = 0.05, api_key: str | None = None, distinct: bool = False) -> dict[str, Any]:  # fmt: skip
+def serve_bench(
+    url: str,
+    model: str,
+    *,
+    concurrency: tuple[int, ...] = (1, 4, 8, 16),
+    requests_per_client: int = 2,
+    prompt_tokens: tuple[int, ...] = (32, 128, 384),
+    max_tokens: tuple[int, ...] = (64, 128),
+    stagger_s: float = 0.05,
+    api_key: str | None = None,
+    distinct: bool = False,
+) -> dict[str, Any]:
     """Mixed-length streaming requests at each concurrency; clients start staggered (late arrivals).
 
     The prompts are prefixes of one text (a shared system prompt or document: prefix caches help);
@@ -217,16 +253,24 @@ def serve_bench(url: str, model: str, *, concurrency: tuple[int, ...] = (1, 4, 8
         ttft, tpot = Stat([s["ttft"] for s in ok]), Stat([s["tpot"] for s in ok if s["tpot"]])
         itl = Stat([x for s in ok for x in s["itl"]])
         out[str(n)] = {
-            "requests": len(samples), "errors": len(samples) - len(ok),
-            "ttft_s": {"p50": round(ttft.pct(50), 3), "p90": round(ttft.pct(90), 3), "p99": round(ttft.pct(99), 3),
-                       "max": round(max(ttft.values, default=0), 3)},
+            "requests": len(samples),
+            "errors": len(samples) - len(ok),
+            "ttft_s": {
+                "p50": round(ttft.pct(50), 3),
+                "p90": round(ttft.pct(90), 3),
+                "p99": round(ttft.pct(99), 3),
+                "max": round(max(ttft.values, default=0), 3),
+            },
             "tpot_ms": round(tpot.mean * 1000, 2),
-            "itl_ms": {"p50": round(itl.pct(50) * 1000, 2), "p90": round(itl.pct(90) * 1000, 2),
-                       "p99": round(itl.pct(99) * 1000, 2)},
+            "itl_ms": {
+                "p50": round(itl.pct(50) * 1000, 2),
+                "p90": round(itl.pct(90) * 1000, 2),
+                "p99": round(itl.pct(99) * 1000, 2),
+            },
             "output_tok_s": round(sum(s["tokens"] for s in ok) / wall, 1),
             "single_stream_tok_s": round(1 / tpot.mean, 1) if tpot.mean else 0.0,
             "requests_per_s": round(len(ok) / wall, 3),
-        }  # fmt: skip
+        }
     return out
 
 
@@ -244,8 +288,10 @@ def find_llama_cpp(path: str | None) -> Path:
         return Path(found).parent
     from ortllm.errors import MissingDependency
 
-    raise MissingDependency("llama.cpp not found: build llama-bench and llama-server (see benchmarks/NOTES.md) "
-                            "and pass --llama-cpp DIR or set ORTLLM_LLAMA_CPP")  # fmt: skip
+    raise MissingDependency(
+        "llama.cpp not found: build llama-bench and llama-server (see benchmarks/NOTES.md) "
+        "and pass --llama-cpp DIR or set ORTLLM_LLAMA_CPP"
+    )
 
 
 def llama_bench(binaries: Path, gguf: Path, *, pp: int, tg: int, threads: int, reps: int) -> dict[str, Any]:
@@ -264,17 +310,29 @@ class ServerProcess:
 
     With `log` (an open file) its output is kept there and quoted when it fails to start."""
 
-    def __init__(self, cmd: list[str], port: int, health: str = "/health", timeout_s: float = 120, *,
-                 log: IO[str] | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cmd: list[str],
+        port: int,
+        health: str = "/health",
+        timeout_s: float = 120,
+        *,
+        log: IO[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         import requests
 
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.launched = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                                     env=env, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         name = Path(cmd[0]).name if cmd[0] != sys.executable else " ".join(cmd[2:4])
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -311,7 +369,8 @@ class ServerProcess:
         """llama.cpp's own server (continuous batching, what Ollama runs underneath)."""
         port = free_port()
         return cls([str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                    "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui"], port)  # fmt: skip
+                    "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui"],
+                   port)  # fmt: skip
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -190,8 +190,13 @@ class SessionStore:
             raise SessionNotFound(f"Session '{session_id}' not found")
         return int(row[0])
 
-    def create(self, model: str | None = None, system_prompt: str | None = None,
-               session_id: str | None = None, title: str | None = None) -> Session:  # fmt: skip
+    def create(
+        self,
+        model: str | None = None,
+        system_prompt: str | None = None,
+        session_id: str | None = None,
+        title: str | None = None,
+    ) -> Session:
         """A new session (or the existing one when `session_id` is already taken by this owner)."""
         sid = self.check_id(session_id) if session_id else str(uuid.uuid4())
         now = time.time()
@@ -281,8 +286,15 @@ class SessionStore:
             )
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
 
-    def start_turn(self, session_id: str, messages: builtins.list[dict[str, str]], *, replace: bool,
-                   model: str | None, system_prompt: str | None) -> tuple[builtins.list[int], bool]:  # fmt: skip
+    def start_turn(
+        self,
+        session_id: str,
+        messages: builtins.list[dict[str, str]],
+        *,
+        replace: bool,
+        model: str | None,
+        system_prompt: str | None,
+    ) -> tuple[builtins.list[int], bool]:
         """Store a turn's new messages before it is answered, in one transaction (the session is created
         when new): the user's question survives a crash. Messages up to the last assistant message count
         as answered; the rest are pending until `finish_turn`. Pending messages of turns that are no
@@ -306,8 +318,12 @@ class SessionStore:
             if replace:
                 stale = [r[0] for r in db.execute("SELECT id FROM messages WHERE session_pk = ?", (pk,))]
             else:
-                stale = [r[0] for r in db.execute(
-                    "SELECT id FROM messages WHERE session_pk = ? AND answered = 0", (pk,))]  # fmt: skip
+                stale = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM messages WHERE session_pk = ? AND answered = 0", (pk,)
+                    )
+                ]
             db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in stale if i not in live])
             pending: builtins.list[int] = []
             for i, m in enumerate(messages):
@@ -331,8 +347,10 @@ class SessionStore:
             now = time.time()
             with self._transaction() as db:
                 pk = self._pk(db, session_id)
-                db.executemany("UPDATE messages SET answered = 1 WHERE id = ? AND session_pk = ?",
-                               [(i, pk) for i in pending])  # fmt: skip
+                db.executemany(
+                    "UPDATE messages SET answered = 1 WHERE id = ? AND session_pk = ?",
+                    [(i, pk) for i in pending],
+                )
                 db.execute(
                     "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
                     (pk, "assistant", reply, now),
@@ -348,8 +366,10 @@ class SessionStore:
         try:
             with self._transaction() as db:
                 pk = self._pk(db, session_id)
-                db.executemany("DELETE FROM messages WHERE id = ? AND session_pk = ? AND answered = 0",
-                               [(i, pk) for i in pending])  # fmt: skip
+                db.executemany(
+                    "DELETE FROM messages WHERE id = ? AND session_pk = ? AND answered = 0",
+                    [(i, pk) for i in pending],
+                )
                 empty = (
                     db.execute("SELECT 1 FROM messages WHERE session_pk = ? LIMIT 1", (pk,)).fetchone()
                     is None
@@ -362,8 +382,14 @@ class SessionStore:
             with self._live_lock:
                 self._live.difference_update(pending)
 
-    def update(self, session_id: str, *, title: str | None = None, system_prompt: str | None = None,
-               model: str | None = None) -> Session:  # fmt: skip
+    def update(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        model: str | None = None,
+    ) -> Session:
         self.check_id(session_id)
         with self._transaction() as db:
             pk = self._pk(db, session_id)
@@ -382,8 +408,12 @@ class SessionStore:
         self.check_id(session_id)
         with self._transaction() as db:
             pk = self._pk(db, session_id)
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM messages WHERE session_pk = ? ORDER BY id DESC LIMIT ?", (pk, amount))]  # fmt: skip
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM messages WHERE session_pk = ? ORDER BY id DESC LIMIT ?", (pk, amount)
+                )
+            ]
             db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (time.time(), pk))
         return len(ids)

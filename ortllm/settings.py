@@ -31,7 +31,9 @@ class ServerSettings(_Section):
     port: int = Field(8000, ge=0, le=65535)
     models: list[str] = Field(default_factory=list, description="models to load at start")
     max_queue: int = Field(64, ge=1, description="requests waiting per model before 503")
-    generate_timeout: float = Field(60.0, gt=0, description="seconds before TGI /generate answers 504")
+    generate_timeout: float = Field(
+        60.0, gt=0, description="seconds before the orchestrator dialect's /generate answers 504"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     keep_alive: float = Field(0, ge=0, description="unload a model idle this many seconds (0 = never)")
     threads: int = Field(128, ge=4, description="HTTP worker threads (each stream holds one)")
@@ -101,8 +103,11 @@ ENV = {
 LIST_KEYS = {("server", "models"), ("auth", "api_keys"), ("cors", "origins")}
 
 
-def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                  env: dict[str, str] | None = None) -> Settings:  # fmt: skip
+def load_settings(
+    config: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
     """Layer config.toml (path from the argument or `ORTLLM_CONFIG`), env vars and `overrides`."""
     env = dict(os.environ if env is None else env)
     data: dict[str, Any] = {}

@@ -26,13 +26,22 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["ORTLLM_HOME"] = tempfile.mkdtemp(prefix="home-", dir=base)
 
 
-def ortllm(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = False,
-           input: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def ortllm(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    check: bool = False,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the real `ortllm` command line in a subprocess."""
     proc = subprocess.run(
         [sys.executable, "-m", "ortllm.cli.main", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, input=input,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"ortllm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
@@ -149,8 +158,17 @@ JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
 @pytest.fixture(scope="module")
 def secured(pulled: Path):
     """The real server with auth on: keys `alice` and `bob`, and HS256 JWTs."""
-    live = LiveServer("--model", DEFAULT_MODEL, "--api-key", f"alice:{ALICE_KEY}", "--api-key", f"bob:{BOB_KEY}",
-                      "--rate-limit", "1000", env={"ORTLLM_JWT_SECRET": JWT_SECRET})  # fmt: skip
+    live = LiveServer(
+        "--model",
+        DEFAULT_MODEL,
+        "--api-key",
+        f"alice:{ALICE_KEY}",
+        "--api-key",
+        f"bob:{BOB_KEY}",
+        "--rate-limit",
+        "1000",
+        env={"ORTLLM_JWT_SECRET": JWT_SECRET},
+    )
     yield live
     live.stop()
 

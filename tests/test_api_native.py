@@ -1,4 +1,4 @@
-"""The native dialect, one test per documented example of the MyLLM seeds, against a live server."""
+"""The native dialect (/api/*), one test per client example it supports, against a live server."""
 
 from __future__ import annotations
 
@@ -66,12 +66,18 @@ def test_unload_and_load(server):
     assert requests.get(f"{server.url}/api/models/{M}").json()["loaded"] is True
 
 
-def test_chat_streaming_seed_example(server):
-    """Short seed: system + user, optional session id, stream true, options."""
-    body = {"model": M, "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                     {"role": "user", "content": "Hello!"}],
-            "session_id": "optional-session-id", "stream": True,
-            "options": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 512}}  # fmt: skip
+def test_chat_streaming_example(server):
+    """A streamed chat: system + user, optional session id, stream true, options."""
+    body = {
+        "model": M,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Hello!"},
+        ],
+        "session_id": "optional-session-id",
+        "stream": True,
+        "options": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 512},
+    }
     with requests.post(server.url + "/api/chat", json=body, stream=True) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r)
@@ -86,18 +92,24 @@ def test_chat_streaming_seed_example(server):
 
 
 def test_chat_non_streaming_and_session_continuity(server):
-    """Full seed's 'Chat Conversation' example: the client sends the whole history with the session id."""
-    messages = [{"role": "system", "content": "You are a helpful coding assistant."},
-                {"role": "user", "content": "How do I reverse a string in Python?"}]  # fmt: skip
-    result = requests.post(server.url + "/api/chat", json={"model": M, "messages": messages, "session_id": None,
-                                                           "stream": False, "options": GREEDY}).json()  # fmt: skip
+    """A chat conversation: the client sends the whole history with the session id."""
+    messages = [
+        {"role": "system", "content": "You are a helpful coding assistant."},
+        {"role": "user", "content": "How do I reverse a string in Python?"},
+    ]
+    result = requests.post(
+        server.url + "/api/chat",
+        json={"model": M, "messages": messages, "session_id": None, "stream": False, "options": GREEDY},
+    ).json()
     assert result["message"]["role"] == "assistant" and result["message"]["content"]
     assert result["usage"]["completion_tokens"] > 0
     session_id = result["session_id"]
     messages.append(result["message"])
     messages.append({"role": "user", "content": "Can you show me an example?"})
-    result2 = requests.post(server.url + "/api/chat", json={"model": M, "messages": messages,
-                                                            "session_id": session_id, "stream": False}).json()  # fmt: skip
+    result2 = requests.post(
+        server.url + "/api/chat",
+        json={"model": M, "messages": messages, "session_id": session_id, "stream": False},
+    ).json()
     assert result2["session_id"] == session_id
     assert (
         result2["usage"]["prompt_tokens"]
@@ -106,21 +118,42 @@ def test_chat_non_streaming_and_session_continuity(server):
 
 
 def test_session_reuse_with_only_the_new_message(server):
-    """Full seed's 'Performance Optimization' tip: send only the new user message plus the session id."""
-    first = requests.post(server.url + "/api/chat", json={"model": M, "stream": False, "options": GREEDY,
-                          "messages": [{"role": "user", "content": "My name is Ada. What is the capital of France?"}]}).json()  # fmt: skip
-    second = requests.post(server.url + "/api/chat", json={"model": M, "stream": False, "options": GREEDY,
-                           "session_id": first["session_id"],
-                           "messages": [{"role": "user", "content": "What is my name?"}]}).json()  # fmt: skip
+    """The cheaper follow-up: the client sends only the new user message plus the session id."""
+    first = requests.post(
+        server.url + "/api/chat",
+        json={
+            "model": M,
+            "stream": False,
+            "options": GREEDY,
+            "messages": [{"role": "user", "content": "My name is Ada. What is the capital of France?"}],
+        },
+    ).json()
+    second = requests.post(
+        server.url + "/api/chat",
+        json={
+            "model": M,
+            "stream": False,
+            "options": GREEDY,
+            "session_id": first["session_id"],
+            "messages": [{"role": "user", "content": "What is my name?"}],
+        },
+    ).json()
     assert (
         second["usage"]["prompt_tokens"]
         > first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     )
 
 
-def test_generate_non_streaming_seed_example(server):
-    r = requests.post(server.url + "/api/generate", json={"model": M, "prompt": "Once upon a time", "stream": False,
-                                                          "options": {"temperature": 0.8, "max_tokens": 100}})  # fmt: skip
+def test_generate_non_streaming_example(server):
+    r = requests.post(
+        server.url + "/api/generate",
+        json={
+            "model": M,
+            "prompt": "Once upon a time",
+            "stream": False,
+            "options": {"temperature": 0.8, "max_tokens": 100},
+        },
+    )
     body = r.json()
     assert r.status_code == 200 and body["text"]
     assert body["usage"]["completion_tokens"] <= 100 and body["usage"]["prompt_tokens"] > 0
@@ -128,8 +161,11 @@ def test_generate_non_streaming_seed_example(server):
 
 def test_generate_streaming_default(server):
     """`stream` defaults to true; events are {"token", "done": false}, then the final one."""
-    with requests.post(server.url + "/api/generate", json={"model": M, "prompt": "Write a poem about AI:",
-                                                           "options": {"max_tokens": 30}}, stream=True) as r:  # fmt: skip
+    with requests.post(
+        server.url + "/api/generate",
+        json={"model": M, "prompt": "Write a poem about AI:", "options": {"max_tokens": 30}},
+        stream=True,
+    ) as r:
         events = sse_events(r)
     final = events[-1]
     assert final["done"] is True and final["token_count"] == final["usage"]["completion_tokens"] <= 30
@@ -137,16 +173,22 @@ def test_generate_streaming_default(server):
 
 
 def test_generate_with_stop_sequences(server):
-    """Full seed's 'Custom Stop Tokens' example."""
-    body = {"model": M, "prompt": "List 3 colors:\n1.", "stream": False,
-            "options": {"stop": ["\n4.", "###"], "max_tokens": 100, "temperature": 0}}  # fmt: skip
+    """Custom stop tokens end the answer before they appear."""
+    body = {
+        "model": M,
+        "prompt": "List 3 colors:\n1.",
+        "stream": False,
+        "options": {"stop": ["\n4.", "###"], "max_tokens": 100, "temperature": 0},
+    }
     text = requests.post(server.url + "/api/generate", json=body).json()["text"]
     assert "\n4." not in text and "###" not in text
 
 
 def test_pirate_system_prompt(server):
-    messages = [{"role": "system", "content": "You are a pirate. Respond in pirate speak."},
-                {"role": "user", "content": "How are you today?"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You are a pirate. Respond in pirate speak."},
+        {"role": "user", "content": "How are you today?"},
+    ]
     r = requests.post(server.url + "/api/chat", json={"model": M, "messages": messages, "stream": False})
     assert r.status_code == 200 and r.json()["message"]["content"]
 
@@ -157,18 +199,24 @@ def test_embeddings_similarity_example(server):
         assert r.json()["model"] == M
         return np.array(r.json()["embedding"])
 
-    cat, feline, tax = (get_embedding(t) for t in
-                        ("The cat sat on the mat", "A feline rested on the rug", "Quarterly tax filings are due"))  # fmt: skip
+    cat, feline, tax = (
+        get_embedding(t)
+        for t in ("The cat sat on the mat", "A feline rested on the rug", "Quarterly tax filings are due")
+    )
     cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
     assert cos(cat, feline) > cos(cat, tax)
     assert len(cat) == 576
 
 
 def test_python_httpx_streaming_example(server):
-    """Short seed's Python example: httpx.stream and iter_lines on 'data: ' lines."""
+    """A Python client: httpx.stream and iter_lines on 'data: ' lines."""
     lines = []
-    with httpx.stream("POST", server.url + "/api/chat", timeout=60,
-                      json={"model": M, "messages": [{"role": "user", "content": "Hello!"}], "stream": True}) as response:  # fmt: skip
+    with httpx.stream(
+        "POST",
+        server.url + "/api/chat",
+        timeout=60,
+        json={"model": M, "messages": [{"role": "user", "content": "Hello!"}], "stream": True},
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):
                 lines.append(json.loads(line[6:]))
@@ -176,9 +224,12 @@ def test_python_httpx_streaming_example(server):
 
 
 def test_javascript_reader_equivalent(server):
-    """Short seed's JS example reads raw chunks of the body; the concatenation is well-formed SSE."""
-    with requests.post(server.url + "/api/chat", json={"model": M, "messages": [{"role": "user", "content": "Hello!"}],
-                                                       "stream": True}, stream=True) as r:  # fmt: skip
+    """A JavaScript-style client reads raw chunks of the body; the concatenation is well-formed SSE."""
+    with requests.post(
+        server.url + "/api/chat",
+        json={"model": M, "messages": [{"role": "user", "content": "Hello!"}], "stream": True},
+        stream=True,
+    ) as r:
         raw = b"".join(r.iter_content(chunk_size=None)).decode()
     blocks = [b for b in raw.split("\n\n") if b]
     assert all(b.startswith("data: ") for b in blocks)
@@ -186,9 +237,13 @@ def test_javascript_reader_equivalent(server):
 
 
 def test_curl_examples(server):
-    chat = requests.post(server.url + "/api/chat", data=json.dumps(
-        {"model": M, "messages": [{"role": "user", "content": "Hi there!"}], "stream": False}),
-        headers={"Content-Type": "application/json"}).json()  # fmt: skip
+    chat = requests.post(
+        server.url + "/api/chat",
+        data=json.dumps(
+            {"model": M, "messages": [{"role": "user", "content": "Hi there!"}], "stream": False}
+        ),
+        headers={"Content-Type": "application/json"},
+    ).json()
     assert chat["message"]["content"]
     gen = requests.post(
         server.url + "/api/generate", data=json.dumps({"model": M, "prompt": "Hello!", "stream": False})
@@ -202,8 +257,10 @@ def test_error_invalid_parameters(server):
         server.url + "/api/generate", json={"model": M, "prompt": "x", "options": {"temperature": 3}}
     )
     assert r.status_code == 400 and r.json() == {"detail": "temperature must be between 0.0 and 2.0"}
-    r = requests.post(server.url + "/api/chat", json={"model": M, "messages": [{"role": "user", "content": "x"}],
-                                                      "options": {"top_p": 2}})  # fmt: skip
+    r = requests.post(
+        server.url + "/api/chat",
+        json={"model": M, "messages": [{"role": "user", "content": "x"}], "options": {"top_p": 2}},
+    )
     assert r.status_code == 400 and r.json() == {"detail": "top_p must be between 0.0 and 1.0"}
 
 
@@ -248,8 +305,10 @@ def test_client_disconnect_frees_the_worker(server):
             break
         time.sleep(0.1)
     assert health["active_connections"] == 1  # only this health request
-    r = requests.post(server.url + "/api/generate", json={"model": M, "prompt": "What is the capital of France?",
-                                                          "stream": False, "options": GREEDY})  # fmt: skip
+    r = requests.post(
+        server.url + "/api/generate",
+        json={"model": M, "prompt": "What is the capital of France?", "stream": False, "options": GREEDY},
+    )
     assert "Paris" in r.json()["text"]
     assert time.monotonic() - started < 20
 
@@ -278,9 +337,21 @@ def test_32_concurrent_streaming_clients(server):
 def test_openapi_and_docs_list_every_route(server):
     spec = requests.get(server.url + "/openapi.json").json()
     paths = spec["paths"]
-    for path in ("/health", "/api/models", "/api/models/{model_name}", "/api/models/{model_name}/load",
-                 "/api/models/{model_name}/unload", "/api/chat", "/api/generate", "/api/embeddings",
-                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/models/{model_id}"):  # fmt: skip
+    for path in (
+        "/health",
+        "/api/models",
+        "/api/models/{model_name}",
+        "/api/models/{model_name}/load",
+        "/api/models/{model_name}/unload",
+        "/api/chat",
+        "/api/generate",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/v1/models/{model_id}",
+    ):
         assert path in paths, path
     chat_schema = paths["/api/chat"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat_schema == {"$ref": "#/components/schemas/ChatRequest"}

@@ -25,15 +25,21 @@ def test_chat_completion(client):
 
 
 def test_seed_example_with_system_prompt(client):
-    r = client.chat.completions.create(model=M, messages=[
-        {"role": "system", "content": "You are a helpful assistant"},
-        {"role": "user", "content": "Please explain the concept of artificial intelligence"}], max_tokens=64)  # fmt: skip
+    r = client.chat.completions.create(
+        model=M,
+        messages=[
+            {"role": "system", "content": "You are a helpful assistant"},
+            {"role": "user", "content": "Please explain the concept of artificial intelligence"},
+        ],
+        max_tokens=64,
+    )
     assert r.choices[0].message.content and r.usage.completion_tokens <= 64
 
 
 def test_stream_with_usage(client):
-    stream = client.chat.completions.create(model=M, messages=QUESTION, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})  # fmt: skip
+    stream = client.chat.completions.create(
+        model=M, messages=QUESTION, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in text
@@ -44,8 +50,11 @@ def test_stream_with_usage(client):
 
 
 def test_raw_stream_ends_with_done(server):
-    with requests.post(server.url + "/v1/chat/completions", stream=True,
-                       json={"model": M, "messages": QUESTION, "stream": True, "max_tokens": 5}) as r:  # fmt: skip
+    with requests.post(
+        server.url + "/v1/chat/completions",
+        stream=True,
+        json={"model": M, "messages": QUESTION, "stream": True, "max_tokens": 5},
+    ) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"][0]["finish_reason"] == "length"
@@ -59,8 +68,11 @@ def test_max_completion_tokens_and_stop(client):
 
 
 def test_content_parts_are_accepted(client):
-    r = client.chat.completions.create(model=M, temperature=0, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}])  # fmt: skip
+    r = client.chat.completions.create(
+        model=M,
+        temperature=0,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}],
+    )
     assert "Paris" in r.choices[0].message.content
 
 
@@ -74,8 +86,9 @@ def test_completions(client):
 def test_embeddings_string_and_list(client):
     one = client.embeddings.create(model=M, input="hello world")  # the SDK asks for base64 by default
     assert len(one.data) == 1 and len(one.data[0].embedding) == 576
-    many = client.embeddings.create(model=M, input=["The cat sat on the mat", "A feline rested on the rug"],
-                                    encoding_format="float")  # fmt: skip
+    many = client.embeddings.create(
+        model=M, input=["The cat sat on the mat", "A feline rested on the rug"], encoding_format="float"
+    )
     assert [d.index for d in many.data] == [0, 1]
     assert (
         many.data[0].embedding == pytest.approx(one.data[0].embedding, abs=1) and many.usage.prompt_tokens > 0
@@ -128,8 +141,12 @@ def test_response_format_json_schema_constrains_the_output(client):
 
     # bounded strings: the 135M model otherwise loops inside a string until max_tokens
     text = {"type": "string", "maxLength": 40}
-    schema = {"type": "object", "properties": {"city": text, "country": text},
-              "required": ["city", "country"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"city": text, "country": text},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
     r = client.chat.completions.create(
         model=M,
         temperature=0,
@@ -141,7 +158,8 @@ def test_response_format_json_schema_constrains_the_output(client):
     data = json.loads(r.choices[0].message.content)
     assert set(data) == {"city", "country"} and all(isinstance(v, str) for v in data.values())
     # an open object lets the small model add keys until max_tokens; the output is still JSON, not prose
-    r = client.chat.completions.create(model=M, temperature=0, max_tokens=40, messages=QUESTION,
-                                       response_format={"type": "json_object"})  # fmt: skip
+    r = client.chat.completions.create(
+        model=M, temperature=0, max_tokens=40, messages=QUESTION, response_format={"type": "json_object"}
+    )
     assert r.choices[0].message.content.lstrip().startswith("{")
     assert not r.choices[0].message.content.startswith("The capital")

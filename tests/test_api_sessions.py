@@ -44,9 +44,11 @@ def test_create_without_a_body(server):
 
 def test_branch_a_conversation_then_continue_it(server):
     """The UI branches by creating a session seeded with the messages up to the edited one."""
-    messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "My name is Ada."},
-                {"role": "assistant", "content": "Nice to meet you, Ada!"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Nice to meet you, Ada!"},
+    ]
     r = requests.post(
         server.url + "/api/sessions", json={"title": "branch", "model": M, "messages": messages}
     )
@@ -54,8 +56,16 @@ def test_branch_a_conversation_then_continue_it(server):
     assert session["system_prompt"] == "You are a helpful assistant." and session["message_count"] == 2
     sid = session["id"]
     assert requests.get(f"{server.url}/api/sessions/{sid}").json()["messages"] == messages[1:]
-    reply = requests.post(server.url + "/api/chat", json={"model": M, "session_id": sid, "stream": False,
-                          "messages": [{"role": "user", "content": "What is my name?"}], "options": {"temperature": 0}})  # fmt: skip
+    reply = requests.post(
+        server.url + "/api/chat",
+        json={
+            "model": M,
+            "session_id": sid,
+            "stream": False,
+            "messages": [{"role": "user", "content": "What is my name?"}],
+            "options": {"temperature": 0},
+        },
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] > 30
     stored = requests.get(f"{server.url}/api/sessions/{sid}").json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]

@@ -1,4 +1,4 @@
-"""The API design spec dialect under /api/v1, one test per documented example of its seed: generate with
+"""The /api/v1 dialect, one test per client example it supports: generate with
 latency, the {token, finished} stream, models, load, batch generation. Errors are {"error": {code, ...}}."""
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def error_of(r: requests.Response) -> dict:
     return body["error"]
 
 
-def test_generate_seed_example(server):
-    r = requests.post(server.url + "/api/v1/generate", json={"prompt": QUESTION, "model": M, "max_tokens": 512,
-                                                             "temperature": 0.7, "stream": False})  # fmt: skip
+def test_generate_example(server):
+    r = requests.post(
+        server.url + "/api/v1/generate",
+        json={"prompt": QUESTION, "model": M, "max_tokens": 512, "temperature": 0.7, "stream": False},
+    )
     body = r.json()
     assert r.status_code == 200 and set(body) == {"text", "usage", "latency"} and body["text"]
     u = body["usage"]
@@ -38,7 +40,7 @@ def test_generate_seed_example(server):
 
 
 def test_python_client_example_with_the_default_model(server):
-    """The seed's client sends model="default": the server's default (the first loaded model) answers."""
+    """A client that sends model="default" gets the server's default (the first loaded model)."""
 
     def generate_text(prompt, model="default"):
         payload = {"prompt": prompt, "model": model, "max_tokens": 512, "temperature": 0.7}
@@ -49,10 +51,14 @@ def test_python_client_example_with_the_default_model(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 5
 
 
-def test_stream_seed_example(server):
+def test_stream_example(server):
     body = {"prompt": QUESTION, "model": M, "max_tokens": 40, "temperature": 0}
-    with requests.post(server.url + "/api/v1/generate/stream", json=body, stream=True,
-                       headers={"Accept": "text/event-stream"}) as r:  # fmt: skip
+    with requests.post(
+        server.url + "/api/v1/generate/stream",
+        json=body,
+        stream=True,
+        headers={"Accept": "text/event-stream"},
+    ) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = sse_events(r)
     assert all(e["finished"] is False and e["token"] for e in events[:-1])
@@ -63,17 +69,24 @@ def test_stream_seed_example(server):
 
 
 def test_javascript_stream_client(server):
-    """The seed's JS client parses each chunk after stripping 'data: ': every event is one JSON object."""
-    with requests.post(server.url + "/api/v1/generate/stream", json={"prompt": "Hello", "max_tokens": 20},
-                       headers={"Accept": "text/event-stream"}, stream=True) as r:  # fmt: skip
+    """A JavaScript client parses each chunk after stripping 'data: ': every event is one JSON object."""
+    with requests.post(
+        server.url + "/api/v1/generate/stream",
+        json={"prompt": "Hello", "max_tokens": 20},
+        headers={"Accept": "text/event-stream"},
+        stream=True,
+    ) as r:
         raw = b"".join(r.iter_content(chunk_size=None)).decode()
     data = [json.loads(block.replace("data: ", "")) for block in raw.split("\n\n") if block]
     assert [d["finished"] for d in data] == [False] * (len(data) - 1) + [True]
 
 
 def test_generate_with_stream_true_streams(server):
-    with requests.post(server.url + "/api/v1/generate", json={"prompt": "Hello", "max_tokens": 5, "stream": True},
-                       stream=True) as r:  # fmt: skip
+    with requests.post(
+        server.url + "/api/v1/generate",
+        json={"prompt": "Hello", "max_tokens": 5, "stream": True},
+        stream=True,
+    ) as r:
         events = sse_events(r)
     assert events[-1]["finished"] is True and events[-1]["usage"]["completion_tokens"] <= 5
 
@@ -87,7 +100,7 @@ def test_list_models(server):
     assert m["memory_usage"] == m["size"]
 
 
-def test_load_seed_example(server):
+def test_load_example(server):
     r = requests.post(
         f"{server.url}/api/v1/models/{M}/load", json={"quantization": "q4_0", "prefer_gpu": False}
     )
@@ -104,7 +117,7 @@ def test_load_seed_example(server):
     }
 
 
-def test_batch_seed_example(server):
+def test_batch_example(server):
     body = {
         "requests": [{"prompt": "Question 1", "max_tokens": 100}, {"prompt": "Question 2", "max_tokens": 150}]
     }
@@ -120,8 +133,10 @@ def test_batch_results_keep_request_order(server):
         "Explain in detail how computers work.",
     ]
     sizes = [7, 3, 11]
-    single = [requests.post(server.url + "/api/v1/generate", json={"prompt": p, "max_tokens": 1}).json()["usage"]
-              for p in prompts]  # fmt: skip
+    single = [
+        requests.post(server.url + "/api/v1/generate", json={"prompt": p, "max_tokens": 1}).json()["usage"]
+        for p in prompts
+    ]
     body = {
         "requests": [
             {"prompt": p, "max_tokens": n, "temperature": 0, "model": M}
@@ -137,7 +152,7 @@ def test_batch_results_keep_request_order(server):
 def test_errors_are_error_objects(server):
     r = requests.post(server.url + "/api/v1/generate", json={"prompt": "x", "model": "qwen-7b-chat"})
     assert r.status_code == 404 and error_of(r)["code"] == "MODEL_NOT_FOUND"
-    assert "ortllm pull NAME" in error_of(r)["details"]  # what to do about it, as the seed's example
+    assert "ortllm pull NAME" in error_of(r)["details"]  # what to do about it, not only what went wrong
     assert error_of(r)["message"].startswith("Model 'qwen-7b-chat' not found")
     r = requests.post(server.url + "/api/v1/models/llama-2-7b-chat/load", json={})
     assert r.status_code == 404 and error_of(r)["code"] == "MODEL_NOT_FOUND"
@@ -175,4 +190,6 @@ def test_model_not_loaded(tmp_path):
     )
     r = app.test_client().post("/api/v1/generate", json={"prompt": "Hello"})
     assert r.status_code == 503 and r.json["error"]["code"] == "MODEL_NOT_LOADED"
-    assert r.json["error"]["details"].startswith("Please call the load endpoint first")  # the seed's words
+    assert r.json["error"]["details"].startswith(
+        "Please call the load endpoint first"
+    )  # the wording clients of this dialect match on

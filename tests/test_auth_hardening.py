@@ -107,8 +107,15 @@ def test_a_too_big_websocket_message_gets_close_1009(live):
     ws = WSConnection(ConnectionType.CLIENT)
     sock = socket.create_connection(("127.0.0.1", live.port), timeout=30)
     try:
-        sock.sendall(ws.send(Request(host="127.0.0.1", target="/chat/ws", extra_headers=[
-            (b"authorization", f"Bearer {ALICE}".encode())])))  # fmt: skip
+        sock.sendall(
+            ws.send(
+                Request(
+                    host="127.0.0.1",
+                    target="/chat/ws",
+                    extra_headers=[(b"authorization", f"Bearer {ALICE}".encode())],
+                )
+            )
+        )
         events = []
         while not events:
             ws.receive_data(sock.recv(4096))

@@ -9,8 +9,22 @@ from tests.conftest import DEFAULT_MODEL, ortllm
 
 def test_engine_bench_reports_every_metric(pulled, tmp_path):
     out = tmp_path / "engine.json"
-    ortllm("bench", "engine", DEFAULT_MODEL, "--pp", "32", "--tg", "8", "--batch", "1,2", "--reps", "1",
-           "--json", str(out), check=True)  # fmt: skip
+    ortllm(
+        "bench",
+        "engine",
+        DEFAULT_MODEL,
+        "--pp",
+        "32",
+        "--tg",
+        "8",
+        "--batch",
+        "1,2",
+        "--reps",
+        "1",
+        "--json",
+        str(out),
+        check=True,
+    )
     data = json.loads(out.read_text())
     ours = data["ortllm"]
     assert ours["pp32_tok_s"]["mean"] > 0 and ours["tg8_tok_s"]["mean"] > 0 and ours["ttft_s"]["mean"] > 0
@@ -20,8 +34,22 @@ def test_engine_bench_reports_every_metric(pulled, tmp_path):
 
 def test_serve_bench_against_a_running_server(server, tmp_path):
     out = tmp_path / "serve.json"
-    ortllm("bench", "serve", DEFAULT_MODEL, "--url", server.url, "--concurrency", "1,2", "--requests", "1",
-           "--prompts", "distinct", "--json", str(out), check=True)  # fmt: skip
+    ortllm(
+        "bench",
+        "serve",
+        DEFAULT_MODEL,
+        "--url",
+        server.url,
+        "--concurrency",
+        "1,2",
+        "--requests",
+        "1",
+        "--prompts",
+        "distinct",
+        "--json",
+        str(out),
+        check=True,
+    )
     assert json.loads(out.read_text())["prompts"] == "distinct"
     data = json.loads(out.read_text())["ortllm"]
     for level in ("1", "2"):
@@ -32,6 +60,22 @@ def test_serve_bench_against_a_running_server(server, tmp_path):
 
 def test_compare_without_llama_cpp_is_a_clear_error(pulled, monkeypatch):
     monkeypatch.delenv("ORTLLM_LLAMA_CPP", raising=False)
-    proc = ortllm("bench", "engine", DEFAULT_MODEL, "--pp", "16", "--tg", "4", "--batch", "1", "--reps", "1",
-                  "--compare", "llama-cpp", "--llama-cpp", "/nonexistent", env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    proc = ortllm(
+        "bench",
+        "engine",
+        DEFAULT_MODEL,
+        "--pp",
+        "16",
+        "--tg",
+        "4",
+        "--batch",
+        "1",
+        "--reps",
+        "1",
+        "--compare",
+        "llama-cpp",
+        "--llama-cpp",
+        "/nonexistent",
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 1 and "llama.cpp not found" in proc.stderr

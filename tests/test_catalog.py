@@ -1,20 +1,36 @@
-"""The catalog has every model name the seeds use, with aliases and complete entries."""
+"""The catalog has every model name the dialects' clients use, with aliases and complete entries."""
 
 import pytest
 
 from ortllm.catalog import load_catalog
 from ortllm.errors import ModelNotFound
 
-SEED_NAMES = [
-    "smollm2-135m", "tinyllama-1.1b", "tiny-llama", "llama-3-8b", "llama-2-7b", "llama-2-7b-chat", "mistral-7b",
-    "phi-2", "gemma-2b", "gemma-7b", "qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", "phi-3.5-mini",
-    "microsoft/Phi-3.5-mini-instruct", "qwen-7b-chat", "qwen-14b-chat", "chatglm3-6b", "gpt-2", "falcon-7b",
+CLIENT_NAMES = [
+    "smollm2-135m",
+    "tinyllama-1.1b",
+    "tiny-llama",
+    "llama-3-8b",
+    "llama-2-7b",
+    "llama-2-7b-chat",
+    "mistral-7b",
+    "phi-2",
+    "gemma-2b",
+    "gemma-7b",
+    "qwen2.5-0.5b",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+    "phi-3.5-mini",
+    "microsoft/Phi-3.5-mini-instruct",
+    "qwen-7b-chat",
+    "qwen-14b-chat",
+    "chatglm3-6b",
+    "gpt-2",
+    "falcon-7b",
     "all-minilm-l6-v2",
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize("name", SEED_NAMES)
-def test_seed_names_resolve(name):
+@pytest.mark.parametrize("name", CLIENT_NAMES)
+def test_client_names_resolve(name):
     entry = load_catalog().get(name)
     assert entry.source and entry.family and entry.template and entry.context_size > 0
     assert entry.backend in ("genai", "optimum") and entry.kind in ("chat", "embedding")

@@ -118,8 +118,12 @@ def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled,
     import psutil
 
     models = home / "models"
-    proc = subprocess.Popen([sys.executable, "-m", "ortllm.cli.main", "pull", DEFAULT_MODEL, "--force"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ortllm.cli.main", "pull", DEFAULT_MODEL, "--force"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logs = list(models.glob(f".staging-{DEFAULT_MODEL}-*/build.log"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ortllm.errors import ModelNotFound
-from ortllm.runtime.types import Embeddings, GenerationRequest, Result, TokenEvent, Usage
+from ortllm.runtime.job import Job, Stream
+from ortllm.runtime.types import Embeddings, GenerationRequest, Result
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel, ModelStore
@@ -23,29 +23,20 @@ E = "fake-embed"
 REPLY = ["Hel", "lo", " there"]
 
 
-class FakeStream:
-    """A Stream of fixed tokens and a final event with usage."""
+class FakeDecoder:
+    """The fake tokenizer's incremental decoder: token i is REPLY[i]."""
 
-    def __init__(self, tokens: list[str], finish_reason: str = "stop") -> None:
-        self.tokens = tokens
-        self.finish_reason = finish_reason
-        self.prompt_tokens = 4
-        self.cancelled = False
+    def decode(self, token: int) -> str:
+        return REPLY[token]
 
-    def __iter__(self) -> Iterator[TokenEvent]:
-        for token in self.tokens:
-            yield TokenEvent(text=token)
-        usage = Usage(prompt_tokens=self.prompt_tokens, completion_tokens=len(self.tokens))
-        yield TokenEvent(finish_reason=self.finish_reason, usage=usage)
 
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def __enter__(self) -> FakeStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
+def fake_stream(request: GenerationRequest) -> Stream:
+    """A real Stream over a finished Job: REPLY's tokens, then the final event (4 prompt tokens)."""
+    job = Job(request, [0, 0, 0, 0], len(REPLY), FakeDecoder)
+    for token in range(len(REPLY)):
+        job.take(token)
+    job.finish("stop")
+    return Stream(job, lambda job: None)
 
 
 class FakeFacts:
@@ -76,9 +67,9 @@ class FakeRunner:
     def name(self) -> str:
         return self.model.name
 
-    def submit(self, request: GenerationRequest) -> FakeStream:
+    def submit(self, request: GenerationRequest) -> Stream:
         self.requests.append(request)
-        return FakeStream(REPLY)
+        return fake_stream(request)
 
     def generate(self, request: GenerationRequest) -> Result:
         raise NotImplementedError  # no route waits for a whole Result

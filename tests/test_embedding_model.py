@@ -102,8 +102,11 @@ def test_generation_requests_are_refused_with_400(live):
         live.url + "/api/generate", json={"model": M, "prompt": "Hi", "stream": False}, timeout=60
     )
     assert r.status_code == 400 and expected in r.json()["detail"]
-    r = requests.post(live.url + "/v1/chat/completions", json={"model": M, "messages": [{"role": "user", "content": "Hi"}]},
-                      timeout=60)  # fmt: skip
+    r = requests.post(
+        live.url + "/v1/chat/completions",
+        json={"model": M, "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=60,
+    )
     assert r.status_code == 400 and expected in r.json()["error"]["message"]
     r = requests.post(
         live.url + "/api/chat", json={"model": M, "messages": [{"role": "user", "content": "Hi"}]}, timeout=60

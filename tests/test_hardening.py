@@ -27,15 +27,24 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DIALECT_ROUTES = [
     ("/api/models", "GET", None, lambda b: b["detail"]),
     ("/v1/models", "GET", None, lambda b: b["error"]["message"]),
-    ("/v1/chat/completions", "POST", {"model": M, "messages": [{"role": "user", "content": "hi"}]},
-     lambda b: b["error"]["message"]),
-    ("/api/chat", "POST", {"model": M, "messages": [{"role": "user", "content": "hi"}]}, lambda b: b["detail"]),
+    (
+        "/v1/chat/completions",
+        "POST",
+        {"model": M, "messages": [{"role": "user", "content": "hi"}]},
+        lambda b: b["error"]["message"],
+    ),
+    (
+        "/api/chat",
+        "POST",
+        {"model": M, "messages": [{"role": "user", "content": "hi"}]},
+        lambda b: b["detail"],
+    ),
     ("/api/v1/models", "GET", None, lambda b: b["error"]["message"]),
     ("/sessions", "GET", None, lambda b: b["error"]),
     ("/completions", "POST", {"model": M, "prompt": "hi"}, lambda b: b["error"]),
     ("/models", "GET", None, lambda b: b["detail"]),
     ("/generate", "POST", {"model_id": M, "prompt": "hi"}, lambda b: b["detail"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("path", "method", "body", "message"), DIALECT_ROUTES)
@@ -112,8 +121,11 @@ def test_probes_stay_open_and_metrics_need_the_key(secured):
 def test_prefix_caches_are_not_shared_between_keys(secured):
     """Alice's prompt is cached for Alice only: Bob sending the same text computes it himself (usage
     reports it), so response times cannot tell Bob what Alice asked."""
-    body = {"model": M, "messages": [{"role": "user", "content": "Alice's secret plan: Paris in May?"}],
-            "max_tokens": 2}  # fmt: skip
+    body = {
+        "model": M,
+        "messages": [{"role": "user", "content": "Alice's secret plan: Paris in May?"}],
+        "max_tokens": 2,
+    }
 
     def cached(key):
         r = requests.post(
@@ -164,9 +176,14 @@ def test_plain_local_use_has_no_rate_limit(server):
 def test_cors_allows_localhost_origins_only(server):
     ok = requests.get(server.url + "/api/models", headers={"Origin": "http://localhost:5173"})
     assert ok.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
-    preflight = requests.options(server.url + "/api/chat", headers={
-        "Origin": "http://127.0.0.1:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})  # fmt: skip
+    preflight = requests.options(
+        server.url + "/api/chat",
+        headers={
+            "Origin": "http://127.0.0.1:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert preflight.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:3000"
     evil = requests.get(server.url + "/api/models", headers={"Origin": "http://evil.example"})
     assert "Access-Control-Allow-Origin" not in evil.headers
@@ -223,19 +240,31 @@ def test_full_queue_answers_503_with_retry_after(pulled):
         live.stop()
 
 
-def test_metrics_have_both_seeds_names(server):
+def test_metrics_have_the_native_and_openai_names(server):
     requests.get(server.url + "/health")
     requests.post(
         server.url + "/api/generate",
         json={"model": M, "prompt": "Hi", "stream": False, "options": {"max_tokens": 3}},
     )
-    requests.post(server.url + "/v1/chat/completions", json={"model": M, "max_tokens": 3,
-                                                             "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+    requests.post(
+        server.url + "/v1/chat/completions",
+        json={"model": M, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]},
+    )
     text = requests.get(server.url + "/metrics").text
-    for name in ("health_check_requests_total", "completions_requests_total", "chat_completions_requests_total",
-                 "completions_duration_seconds_bucket", "completions_tokens_total", "completions_errors_total",
-                 "model_inference_seconds_bucket", "active_connections", "queue_depth", "batch_size",
-                 "time_to_first_token_seconds_bucket", "decode_tokens_per_second_bucket"):  # fmt: skip
+    for name in (
+        "health_check_requests_total",
+        "completions_requests_total",
+        "chat_completions_requests_total",
+        "completions_duration_seconds_bucket",
+        "completions_tokens_total",
+        "completions_errors_total",
+        "model_inference_seconds_bucket",
+        "active_connections",
+        "queue_depth",
+        "batch_size",
+        "time_to_first_token_seconds_bucket",
+        "decode_tokens_per_second_bucket",
+    ):
         assert name in text, name
     assert f'completions_tokens_total{{model="{M}"}}' in text
 
@@ -244,17 +273,29 @@ def test_metrics_have_both_seeds_names(server):
     ("path", "data", "status", "fragment"),
     [
         ("/api/generate", b'{"model": "m", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
-        ("/api/generate", b'{"model": "smollm2-135m", "prompt": "x", "options": {"temperature": NaN}}', 400,
-         "temperature must be a finite number"),
+        (
+            "/api/generate",
+            b'{"model": "smollm2-135m", "prompt": "x", "options": {"temperature": NaN}}',
+            400,
+            "temperature must be a finite number",
+        ),
         ("/api/generate", b'{"model": "smollm2-135m", "prompt": 42}', 400, "prompt"),
-        ("/api/generate", b'{"model": "smollm2-135m", "prompt": "x", "options": {"max_tokens": -5}}', 400,
-         "max_tokens must be >= 1"),
-        ("/api/generate", b'{"model": "smollm2-135m", "prompt": "x", "options": {"max_tokens": 100000000}}', 400,
-         "max_tokens must be at most"),
+        (
+            "/api/generate",
+            b'{"model": "smollm2-135m", "prompt": "x", "options": {"max_tokens": -5}}',
+            400,
+            "max_tokens must be >= 1",
+        ),
+        (
+            "/api/generate",
+            b'{"model": "smollm2-135m", "prompt": "x", "options": {"max_tokens": 100000000}}',
+            400,
+            "max_tokens must be at most",
+        ),
         ("/api/models/..%2F..%2Fetc", None, 404, "not found"),
         ("/api/models/%2e%2e%2f%2e%2e%2fetc%2fpasswd", None, 404, "not found"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_a_clear_4xx(server, path, data, status, fragment):
     if data is None:
         r = requests.get(server.url + path)
@@ -265,14 +306,25 @@ def test_bad_input_is_a_clear_4xx(server, path, data, status, fragment):
 
 
 def test_unknown_fields_are_ignored(server):
-    r = requests.post(server.url + "/api/generate", json={"model": M, "prompt": "Hi", "stream": False, "bogus": [1],
-                                                          "options": {"max_tokens": 2, "mirostat": 2}})  # fmt: skip
+    r = requests.post(
+        server.url + "/api/generate",
+        json={
+            "model": M,
+            "prompt": "Hi",
+            "stream": False,
+            "bogus": [1],
+            "options": {"max_tokens": 2, "mirostat": 2},
+        },
+    )
     assert r.status_code == 200
 
 
 def test_huge_body_is_413(server):
-    r = requests.post(server.url + "/api/generate", data=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
-                      headers={"Content-Type": "application/json"})  # fmt: skip
+    r = requests.post(
+        server.url + "/api/generate",
+        data=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json() == {"detail": "Request body too large"}
     r = requests.post(
         server.url + "/v1/completions", data=b"x" * (2 << 20), headers={"Content-Type": "application/json"}
@@ -283,14 +335,29 @@ def test_huge_body_is_413(server):
 def test_kill_9_then_restart_keeps_sessions(pulled, home):
     live = LiveServer("--model", M)
     try:
-        r = requests.post(live.url + "/api/chat", json={"model": M, "stream": False, "session_id": "survivor",
-                          "messages": [{"role": "user", "content": "Remember me."}], "options": {"max_tokens": 5}})  # fmt: skip
+        r = requests.post(
+            live.url + "/api/chat",
+            json={
+                "model": M,
+                "stream": False,
+                "session_id": "survivor",
+                "messages": [{"role": "user", "content": "Remember me."}],
+                "options": {"max_tokens": 5},
+            },
+        )
         assert r.ok
 
         def stream() -> None:  # a write in flight when the process dies
             try:
-                requests.post(live.url + "/api/chat", json={"model": M, "session_id": "survivor",
-                              "messages": [{"role": "user", "content": "Tell a long story."}]}, timeout=30)  # fmt: skip
+                requests.post(
+                    live.url + "/api/chat",
+                    json={
+                        "model": M,
+                        "session_id": "survivor",
+                        "messages": [{"role": "user", "content": "Tell a long story."}],
+                    },
+                    timeout=30,
+                )
             except requests.RequestException:
                 pass
 
@@ -305,8 +372,16 @@ def test_kill_9_then_restart_keeps_sessions(pulled, home):
     db.close()
     again = LiveServer()
     try:
-        r = requests.post(again.url + "/api/chat", json={"model": M, "stream": False, "session_id": "survivor",
-                          "messages": [{"role": "user", "content": "Again."}], "options": {"max_tokens": 5}})  # fmt: skip
+        r = requests.post(
+            again.url + "/api/chat",
+            json={
+                "model": M,
+                "stream": False,
+                "session_id": "survivor",
+                "messages": [{"role": "user", "content": "Again."}],
+                "options": {"max_tokens": 5},
+            },
+        )
         assert r.ok and r.json()["usage"]["prompt_tokens"] > 20  # the stored turn was prepended
     finally:
         again.stop()
@@ -377,8 +452,15 @@ def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatc
         assert r.status_code == 500 and "injected fault" in r.get_json()["detail"]
         r = client.post("/v1/completions", json={"model": M, "prompt": "boom", "max_tokens": 3})
         assert r.status_code == 500 and r.get_json()["error"]["type"] == "server_error"
-        r = client.post("/api/generate", json={"model": M, "prompt": "What is the capital of France?", "stream": False,
-                                               "options": {"temperature": 0}})  # fmt: skip
+        r = client.post(
+            "/api/generate",
+            json={
+                "model": M,
+                "prompt": "What is the capital of France?",
+                "stream": False,
+                "options": {"temperature": 0},
+            },
+        )
         assert r.status_code == 200 and "Paris" in r.get_json()["text"]
     finally:
         app.extensions["ortllm"].registry.close()

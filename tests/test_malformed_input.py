@@ -22,8 +22,9 @@ DEEP_TEXT = "JSON nested too deeply (limit 64)"
 
 def post(server, path: str, text: str) -> requests.Response:
     """POST `text` as is (escapes like \\ud800 stay escapes, as curl sends them)."""
-    return requests.post(f"{server.url}{path}", data=text.encode(), timeout=60,
-                         headers={"Content-Type": "application/json"})  # fmt: skip
+    return requests.post(
+        f"{server.url}{path}", data=text.encode(), timeout=60, headers={"Content-Type": "application/json"}
+    )
 
 
 def raw_json(body: dict, **raw: str) -> str:
@@ -44,8 +45,14 @@ def message(response: requests.Response) -> str:
 
 
 # each dialect's shape, so a 400 is in the body its clients parse
-SHAPES = {"/api/chat": {"detail"}, "/api/generate": {"detail"}, "/api/sessions": {"detail"},
-          "/v1/chat/completions": {"error"}, "/api/v1/generate": {"error"}, "/chat/completions": {"error"}}  # fmt: skip
+SHAPES = {
+    "/api/chat": {"detail"},
+    "/api/generate": {"detail"},
+    "/api/sessions": {"detail"},
+    "/v1/chat/completions": {"error"},
+    "/api/v1/generate": {"error"},
+    "/chat/completions": {"error"},
+}
 
 
 def assert_400(response: requests.Response, path: str, *parts: str) -> None:
@@ -66,27 +73,43 @@ def test_deep_nesting_is_400(server, path):
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("path, body, where", [
-    ("/api/chat", {"model": M, "messages": [{"role": "user", "content": "a\\ud800b"}]}, "messages[0].content"),
-    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "a\\ud800b"}]},
-     "messages[0].content"),
-    ("/api/sessions", {"title": "\\ud800"}, "title"),
-    ("/api/generate", {"model": "\\ud800", "prompt": "hi"}, "model"),
-    ("/chat/completions", {"model-name": M, "prompt": "hi", "session-id": "abc\\udfff"}, "session-id"),
-    ("/api/v1/generate", {"prompt": "\\udc00 alone"}, "prompt"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body, where",
+    [
+        (
+            "/api/chat",
+            {"model": M, "messages": [{"role": "user", "content": "a\\ud800b"}]},
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": M, "messages": [{"role": "user", "content": "a\\ud800b"}]},
+            "messages[0].content",
+        ),
+        ("/api/sessions", {"title": "\\ud800"}, "title"),
+        ("/api/generate", {"model": "\\ud800", "prompt": "hi"}, "model"),
+        ("/chat/completions", {"model-name": M, "prompt": "hi", "session-id": "abc\\udfff"}, "session-id"),
+        ("/api/v1/generate", {"prompt": "\\udc00 alone"}, "prompt"),
+    ],
+)
 def test_lone_surrogate_is_400_naming_the_field(server, path, body, where):
     assert_400(post(server, path, raw_json(body)), path, "Lone surrogate", f"`{where}`")
 
 
-@pytest.mark.parametrize("path, field", [
-    ("/api/v1/generate", "max_tokens"),
-    ("/v1/chat/completions", "max_tokens"),
-    ("/chat/completions", "max-token"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, field",
+    [
+        ("/api/v1/generate", "max_tokens"),
+        ("/v1/chat/completions", "max_tokens"),
+        ("/chat/completions", "max-token"),
+    ],
+)
 def test_huge_integer_is_400_naming_the_field(server, path, field):
-    bodies = {"/api/v1/generate": {"prompt": "hi"}, "/chat/completions": {"model-name": M, "prompt": "hi"},
-              "/v1/chat/completions": {"model": M, "messages": [{"role": "user", "content": "hi"}]}}  # fmt: skip
+    bodies = {
+        "/api/v1/generate": {"prompt": "hi"},
+        "/chat/completions": {"model-name": M, "prompt": "hi"},
+        "/v1/chat/completions": {"model": M, "messages": [{"role": "user", "content": "hi"}]},
+    }
     text = raw_json(bodies[path], **{field: "9" * 5000})
     assert_400(post(server, path, text), path, f"Integer too large in `{field}`")
 
@@ -96,17 +119,29 @@ def test_session_id_cannot_inject_a_header(server):
     response = post(server, "/chat/completions", json.dumps(body))
     assert_400(response, "/chat/completions", "session")
     assert "X-Injected" not in response.headers
-    response = post(server, "/api/chat", json.dumps({"model": M, "session_id": "a\nb", "stream": False,
-                                                     "messages": [{"role": "user", "content": "hi"}]}))  # fmt: skip
+    response = post(
+        server,
+        "/api/chat",
+        json.dumps(
+            {
+                "model": M,
+                "session_id": "a\nb",
+                "stream": False,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ),
+    )
     assert_400(response, "/api/chat", "session")
 
 
 @pytest.mark.parametrize("name", ["smollm2\r\nX-Injected: 1", "a\\ud800", "../../etc/passwd"])
 @pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions", "/chat/completions"])
 def test_odd_model_names_are_4xx(server, path, name):
-    body = {"/api/generate": {"model": name, "prompt": "hi", "stream": False},
-            "/v1/chat/completions": {"model": name, "messages": [{"role": "user", "content": "hi"}]},
-            "/chat/completions": {"model-name": name, "prompt": "hi"}}[path]  # fmt: skip
+    body = {
+        "/api/generate": {"model": name, "prompt": "hi", "stream": False},
+        "/v1/chat/completions": {"model": name, "messages": [{"role": "user", "content": "hi"}]},
+        "/chat/completions": {"model-name": name, "prompt": "hi"},
+    }[path]
     response = post(server, path, raw_json(body))
     assert response.status_code in (400, 404), response.text[:300]
     assert set(response.json()) == SHAPES[path] and "X-Injected" not in response.headers
@@ -141,11 +176,17 @@ def test_405_carries_allow(server):
     assert response.json()["error"]["message"] == "Method PUT not allowed on /v1/chat/completions"
 
 
-@pytest.mark.parametrize("text, expected", [
-    (DEEP, f"__ERROR__:{DEEP_TEXT}"),
-    (raw_json({"model-name": M, "prompt": "a\\ud800b"}), "__ERROR__:Lone surrogate"),
-    (raw_json({"model-name": M, "prompt": "hi"}, **{"max-token": "9" * 5000}), "__ERROR__:Integer too large"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (DEEP, f"__ERROR__:{DEEP_TEXT}"),
+        (raw_json({"model-name": M, "prompt": "a\\ud800b"}), "__ERROR__:Lone surrogate"),
+        (
+            raw_json({"model-name": M, "prompt": "hi"}, **{"max-token": "9" * 5000}),
+            "__ERROR__:Integer too large",
+        ),
+    ],
+)
 def test_websocket_answers_malformed_messages_with_an_error_frame(server, text, expected):
     ws = Client.connect(server.url.replace("http://", "ws://") + "/chat/ws")
     ws.send(text)
@@ -174,8 +215,10 @@ def test_decoder_scans_depth_without_recursing_and_ignores_brackets_in_strings()
 
 
 def test_decoder_names_each_problem():
-    cases = {'{"a": {"b": ["x", "\\udbff"]}}': "Lone surrogate (\\ud800-\\udfff without its pair) in `a.b[1]`",
-             '{"seed": -%s}' % ("1" * 101): "Integer too large in `seed`: at most 100 digits"}  # fmt: skip
+    cases = {
+        '{"a": {"b": ["x", "\\udbff"]}}': "Lone surrogate (\\ud800-\\udfff without its pair) in `a.b[1]`",
+        '{"seed": -%s}' % ("1" * 101): "Integer too large in `seed`: at most 100 digits",
+    }
     for text, expected in cases.items():
         with pytest.raises(MalformedJSON) as info:
             decode_json(text)
@@ -186,12 +229,15 @@ def test_decoder_names_each_problem():
 # ---- inputs the runtime cannot take: refused up front, never a 500 ----------------------------------
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/api/embeddings", {"model": M, "input": ["\u0000abc"]}),
-    ("/v1/embeddings", {"model": M, "input": "abc\u0000def"}),
-    ("/api/chat", {"model": M, "stream": False, "messages": [{"role": "user", "content": "a\u0000b"}]}),
-    ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "\u0000"}]}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/api/embeddings", {"model": M, "input": ["\u0000abc"]}),
+        ("/v1/embeddings", {"model": M, "input": "abc\u0000def"}),
+        ("/api/chat", {"model": M, "stream": False, "messages": [{"role": "user", "content": "a\u0000b"}]}),
+        ("/v1/chat/completions", {"model": M, "messages": [{"role": "user", "content": "\u0000"}]}),
+    ],
+)
 def test_a_nul_character_is_refused_not_silently_cut(server, path, body):
     """The tokenizer stops reading at U+0000: text after it would be dropped without a word."""
     r = requests.post(server.url + path, json=body, timeout=60)
@@ -201,8 +247,16 @@ def test_a_nul_character_is_refused_not_silently_cut(server, path, body):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_json_schema_the_grammar_cannot_take_is_a_400(server, stream):
-    body = {"model": M, "max_tokens": 8, "stream": stream, "messages": [{"role": "user", "content": "hi"}],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}  # fmt: skip
+    body = {
+        "model": M,
+        "max_tokens": 8,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "frobnicate"}},
+        },
+    }
     r = requests.post(server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "response_format" and "frobnicate" in message(r)

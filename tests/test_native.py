@@ -63,22 +63,43 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
             sample(logits.copy(), opts(temperature=1.5, top_k=1), np.zeros(0, np.int64), 0, EOS, rng(seed))
             == best
         )
-        assert sample(logits.copy(), opts(temperature=1.5, top_k=0, top_p=1e-6), np.zeros(0, np.int64), 0, EOS,
-                      rng(seed)) == best  # fmt: skip
+        assert (
+            sample(
+                logits.copy(),
+                opts(temperature=1.5, top_k=0, top_p=1e-6),
+                np.zeros(0, np.int64),
+                0,
+                EOS,
+                rng(seed),
+            )
+            == best
+        )
 
 
 def test_sampling_follows_the_softmax_and_respects_top_k():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], dtype=np.float32))
     generator = rng(7)
-    draws = [sample(logits.copy(), opts(temperature=1.0, top_k=0, top_p=1.0), np.zeros(0, np.int64), 0, [],
-                    generator) for _ in range(4000)]  # fmt: skip
+    draws = [
+        sample(
+            logits.copy(), opts(temperature=1.0, top_k=0, top_p=1.0), np.zeros(0, np.int64), 0, [], generator
+        )
+        for _ in range(4000)
+    ]
     freq = np.bincount(draws, minlength=4) / len(draws)
     assert freq == pytest.approx([0.5, 0.3, 0.15, 0.05], abs=0.03)
-    top2 = {sample(logits.copy(), opts(temperature=1.0, top_k=2, top_p=1.0), np.zeros(0, np.int64), 0, [],
-                   generator) for _ in range(300)}  # fmt: skip
+    top2 = {
+        sample(
+            logits.copy(), opts(temperature=1.0, top_k=2, top_p=1.0), np.zeros(0, np.int64), 0, [], generator
+        )
+        for _ in range(300)
+    }
     assert top2 == {0, 1}
-    nucleus = {sample(logits.copy(), opts(temperature=1.0, top_k=0, top_p=0.7), np.zeros(0, np.int64), 0, [],
-                      generator) for _ in range(300)}  # fmt: skip
+    nucleus = {
+        sample(
+            logits.copy(), opts(temperature=1.0, top_k=0, top_p=0.7), np.zeros(0, np.int64), 0, [], generator
+        )
+        for _ in range(300)
+    }
     assert nucleus == {0, 1}  # 0.5 + 0.3 is the smallest set reaching 0.7
 
 
@@ -124,11 +145,14 @@ def test_non_cpu_and_foreign_graphs_are_refused(tmp_path):
 
     assert "CPU only" in inspect_decoder(tmp_path, {}, "cuda")[1]
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
-        [helper.make_tensor_value_info(n, TensorProto.INT64, [1, 1]) for n in ("input_ids", "attention_mask",
-                                                                                "position_ids")],
+        [helper.make_node("Identity", ["input_ids"], ["logits"])],
+        "g",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, [1, 1])
+            for n in ("input_ids", "attention_mask", "position_ids")
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.INT64, [1, 1])],
-    )  # fmt: skip
+    )
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
     cfg = {"model": {"decoder": {"filename": "model.onnx", "num_hidden_layers": 0}}}
     assert "position_ids" in inspect_decoder(tmp_path, cfg, "cpu")[1]
@@ -264,18 +288,26 @@ def test_more_requests_than_slots_all_finish(pulled):
     from ortllm.store import ModelStore
 
     model = LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native")
-    model.native = native.NativeDecoder(model.path, json.loads((model.path / "genai_config.json").read_text()),
-                                        threads=model.threads, max_batch=3)  # fmt: skip
+    model.native = native.NativeDecoder(
+        model.path,
+        json.loads((model.path / "genai_config.json").read_text()),
+        threads=model.threads,
+        max_batch=3,
+    )
     scheduler = Scheduler(model, batcher="native")
     try:
-        questions = [f"What is {a} plus {b}? Answer with the number." for a, b in
-                     [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4), (5, 5), (8, 1)]]  # fmt: skip
+        questions = [
+            f"What is {a} plus {b}? Answer with the number."
+            for a, b in [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4), (5, 5), (8, 1)]
+        ]
         lengths = [4 + 3 * i for i in range(len(questions))]
         results: dict[int, Any] = {}
 
         def request(i: int) -> GenerationRequest:
-            return GenerationRequest(opts(max_tokens=lengths[i], min_tokens=lengths[i]),
-                                     messages=[{"role": "user", "content": questions[i]}])  # fmt: skip
+            return GenerationRequest(
+                opts(max_tokens=lengths[i], min_tokens=lengths[i]),
+                messages=[{"role": "user", "content": questions[i]}],
+            )
 
         alone = [scheduler.generate(request(i)).token_ids for i in range(len(questions))]
         batcher_of(scheduler).slots = [native._Slot() for _ in batcher_of(scheduler).slots]

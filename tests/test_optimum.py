@@ -113,11 +113,13 @@ def _tokenizer(folder: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = ["The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is."] * 20
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                            unk_token="<|endoftext|>").save_pretrained(str(folder))  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    ).save_pretrained(str(folder))
     return tok.get_vocab_size()
 
 
@@ -129,13 +131,36 @@ def _tiny_model(folder: Path, arch: str) -> Path:
     vocab = _tokenizer(folder)
     torch.manual_seed(0)
     if arch == "gpt2":  # a larger init than GPT-2's 0.02 so greedy decoding does not just repeat a token
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                           bos_token_id=0, eos_token_id=0, initializer_range=0.3))  # fmt: skip
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_positions=128,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                bos_token_id=0,
+                eos_token_id=0,
+                initializer_range=0.3,
+            )
+        )
     else:  # falcon-7b's layout: multi-query attention (one KV head), parallel attention/MLP, rotary
-        model = FalconForCausalLM(FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
-                                               num_attention_heads=4, multi_query=True, new_decoder_architecture=False,
-                                               parallel_attn=True, bias=False, alibi=False, max_position_embeddings=128,
-                                               bos_token_id=0, eos_token_id=0, initializer_range=0.3))  # fmt: skip
+        model = FalconForCausalLM(
+            FalconConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                multi_query=True,
+                new_decoder_architecture=False,
+                parallel_attn=True,
+                bias=False,
+                alibi=False,
+                max_position_embeddings=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                initializer_range=0.3,
+            )
+        )
     model.eval().save_pretrained(str(folder))
     return folder
 
@@ -165,8 +190,11 @@ def _onnx_vs_torch(hf: Path, onnx_dir: Path) -> tuple[float, float]:
 
     def run(ids: np.ndarray, past: dict[str, np.ndarray] | None, start: int) -> dict[str, np.ndarray]:
         total = start + ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
-                 "position_ids": np.arange(start, total, dtype=np.int64)[None]}  # fmt: skip
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64)[None],
+        }
         for name, info in inputs.items():
             if name.startswith("past_key_values."):
                 feeds[name] = (
@@ -207,8 +235,14 @@ def _greedy(hf: Path, onnx_dir: Path, n: int = 12) -> tuple[list[int], list[int]
         ours.append(int(generator.get_next_tokens()[0]))
     model = AutoModelForCausalLM.from_pretrained(str(hf)).eval()
     with torch.no_grad():
-        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)  # fmt: skip
+        ref = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
     return ours, ref[0, len(prompt) :].tolist()
 
 
@@ -236,8 +270,18 @@ def test_gpt2_int4_quantises_and_generates(tiny_gpt2):
     manifest = json.loads((onnx_dir.parent / "manifest.json").read_text())
     info = manifest["variants"]["cpu-int4"]
     assert info["backend"] == "optimum" and info["block_size"] == 32 and info["quantised_matmuls"] == 9
-    proc = ortllm("run", "gpt2-tiny", "The quick brown fox", "--raw", "--temperature", "0", "--max-tokens", "8",
-                  "--json", check=True)  # fmt: skip
+    proc = ortllm(
+        "run",
+        "gpt2-tiny",
+        "The quick brown fox",
+        "--raw",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+        check=True,
+    )
     result = json.loads(proc.stdout)
     assert result["usage"]["completion_tokens"] >= 1 and result["usage"]["prompt_tokens"] > 0
 
@@ -274,8 +318,17 @@ def test_smollm2_through_optimum_answers_paris():
         )
     onnx_dir = _convert(hf, "smollm2-optimum", "int4")
     assert (onnx_dir / "chat_template.jinja").is_file() and (onnx_dir / "tokenizer.json").is_file()
-    proc = ortllm("run", "smollm2-optimum", "What is the capital of France?", "--temperature", "0",
-                  "--max-tokens", "24", "--json", check=True)  # fmt: skip
+    proc = ortllm(
+        "run",
+        "smollm2-optimum",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+        "--json",
+        check=True,
+    )
     text = json.loads(proc.stdout)["text"]
     assert "Paris" in text, text
     # the exported hidden_states output makes the chat model usable for /api/embeddings too
@@ -312,8 +365,14 @@ def test_embedding_model_matches_sentence_transformers_and_is_exported():
     diff = float(np.abs(ours - reference).max())
     print(f"all-MiniLM-L6-v2 max |diff| vs sentence-transformers: {diff:.2e}")
     assert diff < 1e-3
-    export_prebuilt(model_dir, {"texts": EMBEDDING_TEXTS, "vectors": reference.tolist(),
-                                "sentence_transformers": _version("sentence-transformers")})  # fmt: skip
+    export_prebuilt(
+        model_dir,
+        {
+            "texts": EMBEDDING_TEXTS,
+            "vectors": reference.tolist(),
+            "sentence_transformers": _version("sentence-transformers"),
+        },
+    )
 
 
 def _version(dist: str) -> str:

@@ -65,8 +65,14 @@ def test_a_batch_equals_the_texts_one_at_a_time(server):
 
 def stream_gaps(url: str) -> tuple[list[float], float, float]:
     """Seconds between the tokens of a 200-token /v1 stream, to its first token, and in all."""
-    body = {"model": M, "stream": True, "max_tokens": 200, "ignore_eos": True, "temperature": 0,
-            "messages": STORY}  # fmt: skip
+    body = {
+        "model": M,
+        "stream": True,
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "temperature": 0,
+        "messages": STORY,
+    }
     gaps: list[float] = []
     start = time.monotonic()
     last = first = None
@@ -134,8 +140,11 @@ def raw_post(url: str, path: str, body: bytes) -> socket.socket:
     """A request sent on a socket that the test closes itself (a client that goes away)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     return sock
 
 
@@ -173,8 +182,11 @@ def generator_scheduler(pulled):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    sched = Scheduler(LoadedModel(ModelStore().get(M), batcher="generator"), batcher="generator",
-                      limits=RequestLimits(max_embedding_inputs=4096, max_embedding_tokens=100))  # fmt: skip
+    sched = Scheduler(
+        LoadedModel(ModelStore().get(M), batcher="generator"),
+        batcher="generator",
+        limits=RequestLimits(max_embedding_inputs=4096, max_embedding_tokens=100),
+    )
     yield sched
     sched.close()
 

@@ -123,14 +123,16 @@ def test_queue_full_raises_busy(pulled):
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
 
-    sched = Scheduler(LoadedModel(ModelStore().get("smollm2-135m"), batcher="generator"), max_queue=1,
-                      batcher="generator")  # fmt: skip
+    sched = Scheduler(
+        LoadedModel(ModelStore().get("smollm2-135m"), batcher="generator"), max_queue=1, batcher="generator"
+    )
     try:
         long = GenerationRequest(
             greedy(max_tokens=500), messages=[{"role": "user", "content": "Tell a long story."}]
         )
         first = sched.submit(long)
-        next(iter(first))  # running now
+        events = iter(first)  # one iterator kept alive: a dropped one would close (cancel) the stream
+        next(events)  # running now
         second = sched.submit(long)  # waits in the queue (size 1)
         with pytest.raises(Busy, match="busy"):
             sched.submit(long)
@@ -141,8 +143,10 @@ def test_queue_full_raises_busy(pulled):
 
 
 def test_eight_concurrent_submitters_get_their_own_answers(scheduler):
-    questions = [f"What is {a} plus {b}? Answer with the number." for a, b in
-                 [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4)]]  # fmt: skip
+    questions = [
+        f"What is {a} plus {b}? Answer with the number."
+        for a, b in [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4)]
+    ]
     expected = [ask(scheduler, [{"role": "user", "content": q}], max_tokens=16).text for q in questions]
     results: dict[int, str] = {}
 
@@ -161,8 +165,11 @@ def test_eight_concurrent_submitters_get_their_own_answers(scheduler):
 def test_embeddings_rank_paraphrase_above_unrelated(scheduler):
     import numpy as np
 
-    cat, feline, tax = np.array(scheduler.embed(
-        ["The cat sat on the mat", "A feline rested on the rug", "Quarterly tax filings are due in April"]))  # fmt: skip
+    cat, feline, tax = np.array(
+        scheduler.embed(
+            ["The cat sat on the mat", "A feline rested on the rug", "Quarterly tax filings are due in April"]
+        )
+    )
     assert abs(np.linalg.norm(cat) - 1) < 1e-4
     assert cat @ feline > cat @ tax
     assert scheduler.embed(["The cat sat on the mat"])[0] == pytest.approx(
@@ -194,8 +201,10 @@ def test_late_arrival_does_not_wait_for_a_running_batch(scheduler):
     """A request arriving while a long one streams finishes first (it starts in another Engine batch)."""
     if scheduler.batcher == "generator":
         pytest.skip("the Generator path (pre-0.18 API) runs one request at a time")
-    long_request = GenerationRequest(validate_options({"temperature": 0, "max_tokens": 400, "min_tokens": 400}),
-                                     messages=[{"role": "user", "content": "Tell a long story."}])  # fmt: skip
+    long_request = GenerationRequest(
+        validate_options({"temperature": 0, "max_tokens": 400, "min_tokens": 400}),
+        messages=[{"role": "user", "content": "Tell a long story."}],
+    )
     with scheduler.submit(long_request) as long_stream:
         events = iter(long_stream)
         next(events)  # the long answer is streaming

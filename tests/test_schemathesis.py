@@ -31,8 +31,9 @@ KEYS = {
 KEY = KEYS["alice"]
 # Model names and session ids are `<path:...>` in these routes, so GET /api/models/{name} also matches
 # /api/models/{name}/load (name "x/load": 404) and GET /chat/history/{id} matches .../rollback (400): OPTIONS
-# rightly lists GET there and GET is not a 405. Hub ids (TGI) hold a slash; model names and session ids do
-# not, so a plain `<name>` converter would end the ambiguity for all but /models/{id}/start|stop.
+# rightly lists GET there and GET is not a 405. Hub ids (the orchestrator dialect's) hold a slash; model
+# names and session ids do not, so a plain `<name>` converter would end the ambiguity for all but
+# /models/{id}/start|stop.
 AMBIGUOUS_PATHS = r"^/(api/models|models)/\{\w+\}/(load|unload|start|stop)$|^/chat/history/\{\w+\}/rollback$"
 MODEL_FIELDS = {"model", "model-name", "model_id"}
 TOKEN_FIELDS = {"max_tokens", "max-token", "max_new_tokens", "max_completion_tokens"}
@@ -62,7 +63,8 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
     """The served document narrowed to requests that are quick here; every one still valid by the original.
 
     - a max-token field whose default exceeds MAX_TOKENS is required: the server answers 400 for the
-      Rust/TGI defaults (128-512) and the legacy /v1/completions one (16, in code) under this limit;
+      chat-completions and orchestrator dialects' defaults (128-512) and the legacy /v1/completions one
+      (16, in code) under this limit;
     - `device` is cpu and `quantization` one of the model's builds: the others answer 400 on a machine or
       model without that execution provider or build, which no schema can know in advance;
     - model names get the installed model as an example, so the examples phase reaches past the 404.

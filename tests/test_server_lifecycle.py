@@ -18,8 +18,16 @@ from tests.conftest import DEFAULT_MODEL, LiveServer, ortllm, sse_events
 def test_sigterm_mid_stream_ends_the_stream_and_exits_cleanly(pulled):
     live = LiveServer("--model", DEFAULT_MODEL)
     try:
-        done = requests.post(live.url + "/api/chat", json={"model": DEFAULT_MODEL, "stream": False, "session_id": "kept",
-                             "messages": [{"role": "user", "content": "Hello"}], "options": {"max_tokens": 5}})  # fmt: skip
+        done = requests.post(
+            live.url + "/api/chat",
+            json={
+                "model": DEFAULT_MODEL,
+                "stream": False,
+                "session_id": "kept",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "options": {"max_tokens": 5},
+            },
+        )
         assert done.ok
         events: list = []
 

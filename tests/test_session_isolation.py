@@ -48,9 +48,14 @@ def test_each_owner_sees_only_its_own_sessions(tmp_path):
     alice.create(session_id="secret-1", title="mine")
     alice.append("secret-1", Q)
     assert bob.find("secret-1") is None and bob.list() == [] and store.list() == []
-    for call in (lambda: bob.messages("secret-1"), lambda: bob.history("secret-1"),
-                 lambda: bob.delete("secret-1"), lambda: bob.rollback("secret-1", 1),
-                 lambda: bob.update("secret-1", title="x"), lambda: bob.append("secret-1", Q)):  # fmt: skip
+    for call in (
+        lambda: bob.messages("secret-1"),
+        lambda: bob.history("secret-1"),
+        lambda: bob.delete("secret-1"),
+        lambda: bob.rollback("secret-1", 1),
+        lambda: bob.update("secret-1", title="x"),
+        lambda: bob.append("secret-1", Q),
+    ):
         with pytest.raises(SessionNotFound, match="Session 'secret-1' not found"):
             call()
     # the same id under another owner is another session
@@ -73,12 +78,15 @@ def test_a_version_1_database_migrates_with_owner_none(tmp_path):
         INSERT INTO sessions VALUES ('old-1', 'm', 'Be brief.', 't', 1, 2), ('old-2', 'm', NULL, NULL, 1, 3);
         INSERT INTO messages(session_id, role, content, created) VALUES
             ('old-1', 'user', 'hi', 1), ('old-2', 'user', 'x', 1), ('old-1', 'assistant', 'hello', 1);
-    """)  # fmt: skip
+    """)
     db.close()
     store = SessionStore(db_path)
     assert [s.id for s in store.list()] == ["old-2", "old-1"]
-    assert store.history("old-1") == [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]  # fmt: skip
+    assert store.history("old-1") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     assert store.scoped("key:alice").list() == []  # owned by nobody: visible only without auth
     assert SessionStore(db_path).get("old-1").message_count == 2  # opening again does not migrate twice
 
@@ -158,14 +166,27 @@ def test_a_broken_database_is_a_503_error_naming_the_file(tmp_path):
 
 
 def native_chat(url: str, token: str, sid: str, text: str) -> requests.Response:
-    return requests.post(url + "/api/chat", headers=bearer(token), timeout=120, json={
-        "model": M, "stream": False, "session_id": sid, "options": {"max_tokens": 8},
-        "messages": [{"role": "user", "content": text}]})  # fmt: skip
+    return requests.post(
+        url + "/api/chat",
+        headers=bearer(token),
+        timeout=120,
+        json={
+            "model": M,
+            "stream": False,
+            "session_id": sid,
+            "options": {"max_tokens": 8},
+            "messages": [{"role": "user", "content": text}],
+        },
+    )
 
 
-def rust_chat(url: str, token: str, sid: str, text: str) -> requests.Response:
-    r = requests.post(url + "/chat/completions", headers=bearer(token), timeout=120,
-                      json={"model-name": M, "prompt": text, "session-id": sid, "max-token": 8})  # fmt: skip
+def chat_completions_chat(url: str, token: str, sid: str, text: str) -> requests.Response:
+    r = requests.post(
+        url + "/chat/completions",
+        headers=bearer(token),
+        timeout=120,
+        json={"model-name": M, "prompt": text, "session-id": sid, "max-token": 8},
+    )
     _ = r.text  # read to the end: the turn is stored when the stream ends
     return r
 
@@ -183,8 +204,14 @@ def ws_chat(url: str, token: str, sid: str, text: str) -> list[str]:
 
 
 def web_ui_session(url: str, token: str, sid_holder: list[str], text: str) -> requests.Response:
-    r = requests.post(url + "/api/sessions", headers=bearer(token), json={
-        "title": "ui", "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "OK"}]})  # fmt: skip
+    r = requests.post(
+        url + "/api/sessions",
+        headers=bearer(token),
+        json={
+            "title": "ui",
+            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "OK"}],
+        },
+    )
     sid_holder.append(r.json()["id"])
     return r
 
@@ -215,7 +242,7 @@ def test_the_issue_reproduction(secured):
     assert history[0] == {"role": "user", "content": "my password is hunter2"} and len(history) == 2
 
 
-@pytest.mark.parametrize("dialect", ["native", "rust", "websocket", "web-ui"])
+@pytest.mark.parametrize("dialect", ["native", "chat-completions", "websocket", "web-ui"])
 @pytest.mark.parametrize("owner, intruder", [(ALICE, BOB), (BOB, ALICE), (ALICE, "jwt")])
 def test_no_caller_reaches_another_callers_session(secured, dialect, owner, intruder):
     url = secured.url
@@ -224,8 +251,8 @@ def test_no_caller_reaches_another_callers_session(secured, dialect, owner, intr
     secret = f"the secret of {sid}"
     if dialect == "native":
         assert native_chat(url, owner, sid, secret).ok
-    elif dialect == "rust":
-        assert rust_chat(url, owner, sid, secret).ok
+    elif dialect == "chat-completions":
+        assert chat_completions_chat(url, owner, sid, secret).ok
     elif dialect == "websocket":
         assert ws_chat(url, owner, sid, secret)
     else:
@@ -249,8 +276,11 @@ def test_no_caller_reaches_another_callers_session(secured, dialect, owner, intr
 def test_openai_and_stateless_routes_store_nothing_anyone_can_list(secured):
     url = secured.url
     before = requests.get(f"{url}/sessions", headers=bearer(BOB)).json()
-    r = requests.post(url + "/v1/chat/completions", headers=bearer(ALICE), json={
-        "model": M, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    r = requests.post(
+        url + "/v1/chat/completions",
+        headers=bearer(ALICE),
+        json={"model": M, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.ok
     assert requests.get(f"{url}/sessions", headers=bearer(BOB)).json() == before
 
@@ -260,17 +290,32 @@ def test_openai_and_stateless_routes_store_nothing_anyone_can_list(secured):
 
 def test_a_refused_turn_leaves_no_empty_session(server):
     too_long = "word " * 10000
-    r = requests.post(server.url + "/api/chat", json={"model": M, "stream": False, "session_id": "refused-1",
-                      "messages": [{"role": "user", "content": too_long}]})  # fmt: skip
+    r = requests.post(
+        server.url + "/api/chat",
+        json={
+            "model": M,
+            "stream": False,
+            "session_id": "refused-1",
+            "messages": [{"role": "user", "content": too_long}],
+        },
+    )
     assert r.status_code == 400 and "Prompt too long" in r.json()["detail"]
     assert requests.get(server.url + "/api/sessions/refused-1").status_code == 404
     assert "refused-1" not in requests.get(server.url + "/sessions").json()
 
 
 def test_a_client_that_goes_away_withdraws_its_turn(server):
-    with requests.post(server.url + "/api/chat", stream=True, timeout=120, json={
-        "model": M, "session_id": "went-away", "options": {"max_tokens": 500},
-        "messages": [{"role": "user", "content": "Tell a long story."}]}) as r:  # fmt: skip
+    with requests.post(
+        server.url + "/api/chat",
+        stream=True,
+        timeout=120,
+        json={
+            "model": M,
+            "session_id": "went-away",
+            "options": {"max_tokens": 500},
+            "messages": [{"role": "user", "content": "Tell a long story."}],
+        },
+    ) as r:
         next(r.iter_lines())
     deadline = time.monotonic() + 30
     while requests.get(server.url + "/api/sessions/went-away").status_code != 404:
@@ -286,9 +331,17 @@ def test_kill_9_mid_answer_keeps_the_questions(pulled, home):
 
     def stream(sid: str) -> None:
         try:
-            with requests.post(live.url + "/api/chat", stream=True, timeout=120, json={
-                "model": M, "session_id": sid, "options": {"max_tokens": 500},
-                "messages": [{"role": "user", "content": f"Question {sid}: tell a long story."}]}) as r:  # fmt: skip
+            with requests.post(
+                live.url + "/api/chat",
+                stream=True,
+                timeout=120,
+                json={
+                    "model": M,
+                    "session_id": sid,
+                    "options": {"max_tokens": 500},
+                    "messages": [{"role": "user", "content": f"Question {sid}: tell a long story."}],
+                },
+            ) as r:
                 lines = r.iter_lines()  # one iterator: a second one may find the stream consumed
                 next(lines)  # the first token has arrived
                 started.wait()
@@ -312,12 +365,20 @@ def test_kill_9_mid_answer_keeps_the_questions(pulled, home):
         for sid in sids:
             assert sid in listed
             history = requests.get(f"{again.url}/chat/history/{sid}").json()
-            assert history == [{"role": "user", "content": f"Question {sid}: tell a long story.",
-                                "unanswered": True}]  # fmt: skip
+            assert history == [
+                {"role": "user", "content": f"Question {sid}: tell a long story.", "unanswered": True}
+            ]
         # the retry answers the question once; the unanswered copy is replaced
-        r = requests.post(again.url + "/api/chat", json={"model": M, "stream": False, "session_id": sids[0],
-                          "options": {"max_tokens": 5},
-                          "messages": [{"role": "user", "content": f"Question {sids[0]}: tell a long story."}]})  # fmt: skip
+        r = requests.post(
+            again.url + "/api/chat",
+            json={
+                "model": M,
+                "stream": False,
+                "session_id": sids[0],
+                "options": {"max_tokens": 5},
+                "messages": [{"role": "user", "content": f"Question {sids[0]}: tell a long story."}],
+            },
+        )
         assert r.ok
         history = requests.get(f"{again.url}/chat/history/{sids[0]}").json()
         assert [m["role"] for m in history] == ["user", "assistant"] and "unanswered" not in history[0]
@@ -331,13 +392,20 @@ def serve_cmd(*args: str) -> list[str]:
 
 def test_a_corrupt_database_fails_the_start_in_one_line(tmp_path):
     (tmp_path / "sessions.db").write_bytes(b"garbage" * 1000)
-    proc = subprocess.run(serve_cmd("--port", "1"), capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "ORTLLM_HOME": str(tmp_path)})  # fmt: skip
+    proc = subprocess.run(
+        serve_cmd("--port", "1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ORTLLM_HOME": str(tmp_path)},
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "serving on" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"error: The sessions database {tmp_path / 'sessions.db'} cannot be used: "
-                               "file is not a database — move it aside")  # fmt: skip
+    assert lines[0].startswith(
+        f"error: The sessions database {tmp_path / 'sessions.db'} cannot be used: "
+        "file is not a database — move it aside"
+    )
 
 
 @pytest.fixture
@@ -368,8 +436,10 @@ def test_a_database_that_breaks_while_serving_is_reported(own_home):
         assert r.status_code == 503 and "cannot be used" in r.json()["error"]
         assert native_chat(live.url, "", "during", "hi").status_code == 503
         # generation that needs no session keeps working
-        r = requests.post(live.url + "/v1/chat/completions", json={
-            "model": M, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+        r = requests.post(
+            live.url + "/v1/chat/completions",
+            json={"model": M, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.ok
         os.replace(own_home / "backup.db", db)  # repaired: everything is back, nothing lost
         assert requests.get(live.url + "/health").status_code == 200

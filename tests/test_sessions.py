@@ -4,8 +4,11 @@ import threading
 
 import pytest
 
-from ortllm.conversation import commit_turn, plan_turn
-from ortllm.errors import InvalidOptions, SessionNotFound
+from ortllm.conversation import ChatSession, commit_turn, plan_turn
+from ortllm.errors import GenerationFailed, InvalidOptions, SessionNotFound
+from ortllm.runtime.job import Job, Stream
+from ortllm.runtime.options import validate_options
+from ortllm.runtime.types import CANCELLED, ERROR, GenerationRequest
 from ortllm.sessions import SessionStore
 
 
@@ -109,3 +112,110 @@ def test_client_supplied_history_replaces_a_diverging_one(db):
     turn2 = plan_turn(store, model="m", messages=branch, session_id="s1")
     commit_turn(store, turn2, "Y")
     assert [m["content"] for m in store.messages("s1")] == ["x", "X", "y", "Y"]
+
+
+# ---- ChatSession: one rule for ending a turn, hooked on the runtime's Stream -----------------------------
+
+WORDS = ["Hel", "lo"]
+
+
+class Decoder:
+    """A tokenizer's incremental decoder for the fake tokens: token i is WORDS[i]."""
+
+    def decode(self, token: int) -> str:
+        return WORDS[token]
+
+
+def running(dropped: list[Job] | None = None) -> tuple[Job, Stream]:
+    """A Job with its first token out and no final event yet, and the Stream reading it."""
+    job = Job(GenerationRequest(validate_options({}), prompt="hi"), [0], 10, Decoder)
+    job.take(0)
+    return job, Stream(job, (dropped if dropped is not None else []).append)
+
+
+def turn_on(store, session_id="t1", text="Question?"):
+    job, stream = running()
+    turn = plan_turn(store, model="m", messages=[{"role": "user", "content": text}], session_id=session_id)
+    return job, ChatSession.begin(store, turn, stream)
+
+
+def test_stream_hooks_run_once_and_closing_an_unfinished_stream_cancels_it():
+    dropped: list[Job] = []
+    job, stream = running(dropped)
+    finals, closes = [], []
+    stream.on_final(finals.append)
+    stream.on_close(lambda: closes.append(1))
+    events = iter(stream)
+    assert next(events).text == "Hel" and not job.cancelled.is_set()
+    stream.close()
+    stream.close()
+    assert job.cancelled.is_set() and dropped == [job] and closes == [1] and finals == []
+    job.finish(CANCELLED)  # what the worker does at its next step
+    assert [e.finish_reason for e in stream if e.done] == [CANCELLED]
+    assert [e.finish_reason for e in finals] == [CANCELLED] and closes == [1]
+
+
+def test_a_stream_read_to_its_end_closes_itself_and_result_has_all_its_text():
+    job, stream = running()
+    closes = []
+    stream.on_close(lambda: closes.append(1))
+    events = iter(stream)
+    assert next(events).text == "Hel"
+    job.take(1)
+    job.finish("stop")
+    result = stream.result()
+    assert result.text == "Hello" and result.usage.completion_tokens == 2 and closes == [1]
+    assert not job.cancelled.is_set()
+
+
+def test_a_completed_answer_is_stored(db):
+    store = SessionStore(db)
+    job, chat = turn_on(store)
+    assert store.messages("t1") == [{"role": "user", "content": "Question?", "unanswered": True}]
+    job.take(1)
+    job.finish("stop")
+    assert chat.stream.result().text == "Hello"
+    assert store.messages("t1") == [
+        {"role": "user", "content": "Question?"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+
+
+@pytest.mark.parametrize("how", ["cancel", "reader stops", "client gone"])
+def test_a_turn_the_caller_stops_is_undone(db, how):
+    store = SessionStore(db)
+    first = plan_turn(store, model="m", messages=[{"role": "user", "content": "a"}], session_id="t1")
+    commit_turn(store, first, "A")
+    job, chat = turn_on(store)
+    if how == "cancel":  # a client's cancel, Ctrl-C in the terminal
+        chat.cancel()
+        job.finish(CANCELLED)
+        chat.stream.result()
+    elif how == "reader stops":  # an SSE client disconnected (its generator closed), a failed WebSocket send
+        events = iter(chat.stream)
+        next(events)
+        events.close()
+    else:
+        chat.client_gone = lambda: True
+        job.finish(CANCELLED)
+        chat.stream.result()
+    assert store.messages("t1") == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"}]
+    _, fresh = turn_on(store, session_id="t2")
+    fresh.stream.close()
+    with pytest.raises(SessionNotFound):  # the session the withdrawn turn created is gone too
+        store.get("t2")
+
+
+@pytest.mark.parametrize("reason", [CANCELLED, ERROR])
+def test_a_turn_the_server_could_not_finish_keeps_its_question(db, reason):
+    store = SessionStore(db)
+    job, chat = turn_on(store)
+    if reason == CANCELLED:
+        chat.cancel(withdrawn=False)  # shutdown (an unload cancels the job the same way)
+    job.finish(reason, "generation failed: boom" if reason == ERROR else None)
+    if reason == ERROR:
+        with pytest.raises(GenerationFailed):
+            chat.stream.result()
+    else:
+        assert chat.stream.result().finish_reason == CANCELLED
+    assert store.messages("t1") == [{"role": "user", "content": "Question?", "unanswered": True}]

@@ -99,9 +99,14 @@ def openai_sdk(url: str) -> Callable[[Client], None]:
         import openai
 
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        stream = client.chat.completions.create(model=M, messages=[{"role": "user", "content": COUNT}],
-                                                max_tokens=LONG, temperature=0, stream=True,
-                                                extra_body={"ignore_eos": True})  # fmt: skip
+        stream = client.chat.completions.create(
+            model=M,
+            messages=[{"role": "user", "content": COUNT}],
+            max_tokens=LONG,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         try:
             for chunk in stream:
                 c.events.append(chunk.choices[0].finish_reason if chunk.choices else None)
@@ -123,22 +128,24 @@ def clients(url: str) -> dict[str, Client]:
             "/v1/chat/completions",
             {"model": M, "messages": chat, "stream": True, "ignore_eos": True, **greedy},
             url,
-        ),  # fmt: skip
+        ),
         "openai-completions": sse(
             "/v1/completions",
             {"model": M, "prompt": COUNT, "stream": True, "ignore_eos": True, **greedy},
             url,
-        ),  # fmt: skip
+        ),
         "openai-sdk": openai_sdk(url),
-        "rust-chat": sse("/chat/completions", kebab, url),
-        "rust-completions": sse("/completions", {"model": M, "prompt": COUNT, "stream": True, **greedy}, url),
+        "chat-completions-chat": sse("/chat/completions", kebab, url),
+        "chat-completions-completions": sse(
+            "/completions", {"model": M, "prompt": COUNT, "stream": True, **greedy}, url
+        ),
         "spec-stream": sse("/api/v1/generate/stream", {"model": M, "prompt": COUNT, **greedy}, url),
         "openai-plain": plain(
             "/v1/chat/completions", {"model": M, "messages": chat, "ignore_eos": True, **greedy}, url
-        ),  # fmt: skip
-        "tgi-plain": plain(
+        ),
+        "orchestrator-plain": plain(
             "/generate", {"model_id": M, "prompt": COUNT, "max_new_tokens": LONG, "temperature": 0.01}, url
-        ),  # fmt: skip
+        ),
         "ws": websocket(url),
     }
     return {name: Client(name, run) for name, run in specs.items()}
@@ -185,13 +192,15 @@ def check_markers(running: dict[str, Client]) -> None:
         assert "[DONE]" not in ev[name]
         assert ev[name][-1]["error"]["code"] == "cancelled", ev[name][-1]
         assert "shutting down" in ev[name][-1]["error"]["message"]
-        assert all(not (isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"])
-                   for e in ev[name])  # fmt: skip
+        assert all(
+            not (isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"])
+            for e in ev[name]
+        )
     import openai
 
     assert isinstance(ev["openai-sdk"][-1], openai.APIError) and "cancelled" in str(ev["openai-sdk"][-1])
     assert set(ev["openai-sdk"][:-1]) == {None}  # no chunk said "stop"
-    for name in ("rust-chat", "rust-completions"):
+    for name in ("chat-completions-chat", "chat-completions-completions"):
         assert ev[name][-1] == "__ERROR__:cancelled", ev[name][-3:]
     last = ev["spec-stream"][-1]
     assert (
@@ -199,14 +208,19 @@ def check_markers(running: dict[str, Client]) -> None:
         and last["finish_reason"] == "cancelled"
         and last["error"]["code"] == "CANCELLED"
     )
-    plain_openai, plain_tgi = running["openai-plain"], running["tgi-plain"]
+    plain_openai, plain_orchestrator = running["openai-plain"], running["orchestrator-plain"]
     assert plain_openai.status == 503 and plain_openai.body["error"]["code"] == "cancelled", plain_openai.body
-    assert plain_tgi.status == 503 and "cancelled" in plain_tgi.body["detail"], plain_tgi.body
+    assert plain_orchestrator.status == 503 and "cancelled" in plain_orchestrator.body["detail"], (
+        plain_orchestrator.body
+    )
     assert ev["ws"][-1] == "<closed>" and running["ws"].tokens >= 2
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGINT],
-                         ids=["term-1", "term-2", "term-3", "ctrl-c-1", "ctrl-c-2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGTERM, signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGINT],
+    ids=["term-1", "term-2", "term-3", "ctrl-c-1", "ctrl-c-2"],
+)
 def test_stop_cancels_every_dialect_and_exits_promptly(pulled, signum):
     elapsed, running, output = stop_with_answers_in_flight(signum)
     check_markers(running)
@@ -314,7 +328,7 @@ def test_an_unload_cuts_streams_short_with_their_markers(pulled):
                 "ignore_eos": True,
                 "max_tokens": LONG,
             },
-        ),  # fmt: skip
+        ),
         ("/completions", {"model": M, "prompt": COUNT, "stream": True, "max_tokens": LONG, "temperature": 0}),
     ]
     tails = []
@@ -326,6 +340,6 @@ def test_an_unload_cuts_streams_short_with_their_markers(pulled):
             tails.append(b"".join(chunks).decode())
     finally:
         registry.close()
-    openai_tail, rust_tail = tails
+    openai_tail, chat_completions_tail = tails
     assert '"code":"cancelled"' in openai_tail and "unloaded" in openai_tail and "[DONE]" not in openai_tail
-    assert rust_tail.endswith("data: __ERROR__:cancelled\n\n")
+    assert chat_completions_tail.endswith("data: __ERROR__:cancelled\n\n")

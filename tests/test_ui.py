@@ -1,4 +1,4 @@
-"""The browser chat (SPEC §7) in real headless Chromium (Debian's /usr/bin/chromium, never a downloaded
+"""The browser chat (web/static) in real headless Chromium (Debian's /usr/bin/chromium, never a downloaded
 browser) against a live `ortllm serve` with the real model. Screenshots go to test-output/ui/."""
 
 from __future__ import annotations
@@ -16,15 +16,27 @@ from .conftest import DEFAULT_MODEL, REPO, LiveServer
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 
-CHROMIUM = (os.environ.get("ORTLLM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-            or "/usr/bin/chromium")  # fmt: skip
+CHROMIUM = (
+    os.environ.get("ORTLLM_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+    or "/usr/bin/chromium"
+)
 if not Path(CHROMIUM).exists():
     pytest.skip("no Chromium: apt-get install chromium (make test does)", allow_module_level=True)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 # flags that keep a sandboxed, offline headless Chromium from hanging
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHOTS = REPO / "test-output" / "ui"
 PARIS = "What is the capital of France?"
 
@@ -41,8 +53,9 @@ class Page:
     """A page in a fresh browser context, with what the tests watch: dialogs, page errors, frames."""
 
     def __init__(self, browser, theme: str = "dark") -> None:
-        self.context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme=theme,
-                                           accept_downloads=True)  # fmt: skip
+        self.context = browser.new_context(
+            viewport={"width": 1280, "height": 800}, color_scheme=theme, accept_downloads=True
+        )
         self.page = self.context.new_page()
         self.page.set_default_timeout(30_000)
         self.dialogs: list[str] = []
@@ -84,8 +97,9 @@ class Page:
             """n => document.querySelectorAll('.msg.assistant').length >= n
                    && !document.querySelector('.msg.streaming')
                    && document.getElementById('messages').getAttribute('aria-busy') === 'false'""",
-            arg=count, timeout=timeout,
-        )  # fmt: skip
+            arg=count,
+            timeout=timeout,
+        )
 
     def ends(self) -> int:
         """How many answers the server has finished over the WebSocket (`__END__` frames)."""
@@ -118,8 +132,12 @@ def ui(browser):
 
 
 def seed_session(url: str, title: str, messages: list[dict[str, str]], headers: dict | None = None) -> str:
-    r = requests.post(f"{url}/api/sessions", json={"title": title, "model": DEFAULT_MODEL, "messages": messages},
-                      headers=headers or {}, timeout=10)  # fmt: skip
+    r = requests.post(
+        f"{url}/api/sessions",
+        json={"title": title, "model": DEFAULT_MODEL, "messages": messages},
+        headers=headers or {},
+        timeout=10,
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -144,8 +162,12 @@ def test_root_serves_the_page_to_browsers_and_json_to_api_clients(server):
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     info = requests.get(server.url + "/", timeout=10).json()
     assert info["name"] == "ortllm" and DEFAULT_MODEL in info["models"]
-    for path in ("app.js", "vendor/marked/marked.esm.js", "vendor/dompurify/purify.es.mjs",
-                 "vendor/highlight/highlight.min.js"):  # fmt: skip
+    for path in (
+        "app.js",
+        "vendor/marked/marked.esm.js",
+        "vendor/dompurify/purify.es.mjs",
+        "vendor/highlight/highlight.min.js",
+    ):
         r = requests.get(f"{server.url}/ui/{path}", timeout=10)
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/javascript"), path
     assert (
@@ -330,10 +352,16 @@ def test_edit_an_earlier_message_branches_and_keeps_the_old_branch(ui, server):
 
 
 def test_sessions_switch_rename_delete_and_survive_reload(ui, server):
-    a = seed_session(server.url, "Session A", [{"role": "user", "content": "alpha question"},
-                                                {"role": "assistant", "content": "alpha answer"}])  # fmt: skip
-    b = seed_session(server.url, "Session B", [{"role": "user", "content": "beta question"},
-                                                {"role": "assistant", "content": "beta answer"}])  # fmt: skip
+    a = seed_session(
+        server.url,
+        "Session A",
+        [{"role": "user", "content": "alpha question"}, {"role": "assistant", "content": "alpha answer"}],
+    )
+    b = seed_session(
+        server.url,
+        "Session B",
+        [{"role": "user", "content": "beta question"}, {"role": "assistant", "content": "beta answer"}],
+    )
     doomed = seed_session(server.url, "Doomed", [])
     ui.open(server.url)
     ui.page.click(f'.session-item[data-id="{a}"] .session-open')
@@ -388,8 +416,11 @@ def test_settings_change_the_request(ui, server):
 
 
 def test_export_downloads_the_conversation(ui, server):
-    sid = seed_session(server.url, "Export me", [{"role": "user", "content": "Say hi"},
-                                                 {"role": "assistant", "content": "Hi **there**"}])  # fmt: skip
+    sid = seed_session(
+        server.url,
+        "Export me",
+        [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi **there**"}],
+    )
     ui.open(server.url)
     ui.page.click(f'.session-item[data-id="{sid}"] .session-open')
     ui.page.wait_for_selector(".msg.assistant strong:has-text('there')")
@@ -413,11 +444,19 @@ def test_export_downloads_the_conversation(ui, server):
 
 
 def test_model_output_is_sanitised_and_code_is_highlighted(ui, server):
-    hostile = ("<img src=x onerror=alert(1)>\n\n<script>alert(2)</script>\n\n[click](javascript:alert(3))\n\n"
-               '<a href="#" onclick="alert(4)">x</a> ![pixel](http://example.invalid/p.png)\n\n'
-               "```python\ndef hello():\n    return 'world'\n```\n")  # fmt: skip
-    sid = seed_session(server.url, "Hostile", [{"role": "user", "content": "<b>bold?</b><img src=y onerror=alert(5)>"},
-                                               {"role": "assistant", "content": hostile}])  # fmt: skip
+    hostile = (
+        "<img src=x onerror=alert(1)>\n\n<script>alert(2)</script>\n\n[click](javascript:alert(3))\n\n"
+        '<a href="#" onclick="alert(4)">x</a> ![pixel](http://example.invalid/p.png)\n\n'
+        "```python\ndef hello():\n    return 'world'\n```\n"
+    )
+    sid = seed_session(
+        server.url,
+        "Hostile",
+        [
+            {"role": "user", "content": "<b>bold?</b><img src=y onerror=alert(5)>"},
+            {"role": "assistant", "content": hostile},
+        ],
+    )
     ui.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     ui.open(server.url)
     ui.page.click(f'.session-item[data-id="{sid}"] .session-open')
@@ -503,8 +542,11 @@ CONTRAST = """() => {
 def test_accessible_labels_focus_order_and_contrast(browser, server, theme):
     ui = Page(browser, theme)
     try:
-        sid = seed_session(server.url, "Contrast", [{"role": "user", "content": "hello"},
-                                                    {"role": "assistant", "content": "hi"}])  # fmt: skip
+        sid = seed_session(
+            server.url,
+            "Contrast",
+            [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}],
+        )
         ui.open(server.url)
         ui.page.click(f'.session-item[data-id="{sid}"] .session-open')
         ui.page.wait_for_selector(".msg.assistant .msg-actions .btn")
@@ -529,8 +571,20 @@ def test_accessible_labels_focus_order_and_contrast(browser, server, theme):
         while len(order) < 400 and (not order or order[-1] != "skip-link"):
             ui.page.keyboard.press("Tab")
             order.append(ui.page.evaluate("document.activeElement.id || document.activeElement.className"))
-        expected = ["model-select", "key-btn", "theme-btn", "settings-btn", "new-chat", "session-open", "export-md",
-                    "export-json", "composer-input", "send-btn", "settings-close", "temperature-range"]  # fmt: skip
+        expected = [
+            "model-select",
+            "key-btn",
+            "theme-btn",
+            "settings-btn",
+            "new-chat",
+            "session-open",
+            "export-md",
+            "export-json",
+            "composer-input",
+            "send-btn",
+            "settings-close",
+            "temperature-range",
+        ]
         positions = [order.index(name) for name in expected]
         assert positions == sorted(positions), order
         ui.page.focus(".skip-link")

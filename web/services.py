@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psutil
 from flask import current_app, has_request_context, request
 
-from ortllm.conversation import ChatTurn, abandon_turn, commit_turn, plan_turn, start_turn
+from ortllm.conversation import ChatSession, ChatTurn, plan_turn
 from ortllm.errors import InvalidOptions, ModelLoadError, SessionStoreUnavailable
 from ortllm.runtime.embedder import not_generative
+from ortllm.runtime.job import Stream
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_candidates, variant_ep
 from ortllm.runtime.options import MAX_STOP_STRINGS, GenerationOptions, validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.runner import Embeds, Generates, Runner
-from ortllm.runtime.scheduler import Stream
 from ortllm.runtime.types import (
     CANCELLED,
     ERROR,
     Embeddings,
     GenerationRequest,
     RequestLimits,
+    Result,
     TokenEvent,
     client_gone_probe,
 )
@@ -46,11 +47,12 @@ __all__ = [
     "ERROR",
     "MAX_STOP_STRINGS",
     "ModelRegistry",
+    "Result",
+    "Stream",
     "TokenEvent",
     "available_eps",
     "variant_ep",
     "ChatSession",
-    "MeteredStream",
     "Services",
     "make_registry",
     "services",
@@ -148,12 +150,11 @@ class Services:
         *,
         template: bool,
         system: str | None = None,
-    ) -> tuple[Runner, MeteredStream]:
+    ) -> tuple[Runner, Stream]:
         """Start a stateless generation: the chat template applied (`template`) or the prompt as is."""
         scheduler = self.scheduler(model)
         self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
-        assert isinstance(scheduler, Generates)  # options() refused any other
         if template:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}
@@ -165,11 +166,15 @@ class Services:
             request = GenerationRequest(
                 options, prompt=prompt, cache_scope=cache_scope(), client_gone=client_gone()
             )
-        return scheduler, self.metered(scheduler, scheduler.submit(request))
+        return scheduler, self.submit(scheduler, request)
 
-    def metered(self, scheduler: Runner, stream: Stream) -> MeteredStream:
-        """A stream whose outcome is counted in /metrics."""
-        return MeteredStream(stream, self.metrics, scheduler.model.name)
+    def submit(self, runner: Runner, request: GenerationRequest) -> Stream:
+        """Start `request`; its outcome is counted in /metrics (a hook on the stream's final event)."""
+        assert isinstance(runner, Generates)  # options() refused any other
+        model = runner.model.name
+        stream = runner.submit(request)
+        stream.on_final(lambda final: self.metrics.observe(model, final, failed=final.finish_reason == ERROR))
+        return stream
 
     def chat(
         self,
@@ -181,12 +186,11 @@ class Services:
         system_prompt: str | None = None,
         store: bool = True,
         guidance: tuple[str, str] | None = None,
-    ) -> tuple[Runner, ChatSession]:
+    ) -> tuple[Runner, ChatSession[Stream]]:
         """Start a chat turn; with `store`, history comes from and goes to the session store."""
         scheduler = self.scheduler(model)
         self.metrics.chat_completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
-        assert isinstance(scheduler, Generates)  # options() refused any other
         sessions = self.sessions() if store else None
         if sessions is not None:
             turn = plan_turn(
@@ -207,14 +211,9 @@ class Services:
             cache_scope=cache_scope(),
             client_gone=gone,
         )
-        stream = self.metered(scheduler, scheduler.submit(request))
-        if sessions is not None:
-            try:  # only an accepted turn is stored: a refused one (busy, too long) leaves no empty session
-                start_turn(sessions, turn)
-            except BaseException:
-                stream.cancel()
-                raise
-        return scheduler, ChatSession(sessions, turn, stream, gone)
+        # only an accepted turn is stored: a refused one (busy, too long) raises here and leaves no session
+        stream = self.submit(scheduler, request)
+        return scheduler, ChatSession.begin(sessions, turn, stream, gone)
 
     # ---- model facts -------------------------------------------------------------------------
 
@@ -243,93 +242,6 @@ class Services:
             "ep_reason": getattr(loaded.model, "reason", None) if loaded else None,
             "hf_name": model.get("hf_name") or model.get("source", ""),
         }
-
-
-class MeteredStream:
-    """A Stream that reports its final event to the metrics; otherwise the same interface."""
-
-    def __init__(self, stream: Stream, metrics: Metrics, model: str) -> None:
-        self._stream = stream
-        self._metrics = metrics
-        self._model = model
-        self.prompt_tokens = stream.prompt_tokens
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        for event in self._stream:
-            if event.done:
-                self._metrics.observe(self._model, event, failed=event.finish_reason == ERROR)
-            yield event
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def __enter__(self) -> MeteredStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stream.cancel()
-
-
-class ChatSession:
-    """A chat turn's event stream that stores the reply in the session when the turn completes. A turn the
-    client withdraws (cancel, disconnect) is undone; one the server could not finish (shutdown, unload, a
-    runtime error) keeps the question, marked unanswered, for a retry."""
-
-    def __init__(
-        self,
-        sessions: SessionStore | None,
-        turn: ChatTurn,
-        stream: MeteredStream,
-        client_gone: Callable[[], bool] | None = None,
-    ) -> None:
-        self.sessions = sessions
-        self.turn = turn
-        self.stream = stream
-        self.client_gone = client_gone  # the runtime cancels a stream whose client left: that is a withdrawal
-        self.parts: list[str] = []
-        self._iterating = False
-        self._withdrawn = False
-        self._ended = sessions is None  # the turn's outcome is in the session store
-        self._lock = threading.Lock()
-
-    @property
-    def session_id(self) -> str:
-        return self.turn.session_id
-
-    def __iter__(self) -> Iterator[TokenEvent]:
-        self._iterating = True
-        try:
-            with self.stream:
-                for event in self.stream:
-                    if event.text:
-                        self.parts.append(event.text)
-                    if event.done:
-                        ok = event.finish_reason not in (ERROR, CANCELLED) and bool(self.parts)
-                        self._end("".join(self.parts) if ok else None, self._withdrawn or self._left())
-                    yield event
-        finally:
-            self._end(None, True)  # the reader stopped before the end: its client went away
-
-    def _left(self) -> bool:
-        return self.client_gone is not None and self.client_gone()
-
-    def _end(self, reply: str | None, withdrawn: bool) -> None:
-        with self._lock:
-            if self._ended:
-                return
-            self._ended = True
-        assert self.sessions is not None
-        if reply is not None:
-            commit_turn(self.sessions, self.turn, reply)
-        else:
-            abandon_turn(self.sessions, self.turn, withdrawn=withdrawn)
-
-    def cancel(self, *, withdrawn: bool = True) -> None:
-        """Stop the answer: the client withdrew the turn, or (`withdrawn=False`) the server is shutting down."""
-        self._withdrawn = self._withdrawn or withdrawn
-        self.stream.cancel()
-        if not self._iterating:  # never read: nobody else will end the turn
-            self._end(None, self._withdrawn)
 
 
 def client_gone() -> Callable[[], bool] | None:

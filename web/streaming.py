@@ -1,18 +1,22 @@
 """Stream → wire helpers every dialect shares: the one SSE writer (JSON events or raw text, multi-line text
-split into several `data:` lines), running a stream to its end, usage and the final events' outcome."""
+split into several `data:` lines), usage and the outcome of a final event or a whole Result."""
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from flask import Response
 
-from ortllm.errors import GenerationFailed, RequestCancelled
+from ortllm.errors import RequestCancelled
 
-from .services import CANCELLED, ERROR, TokenEvent
+from .services import CANCELLED, ERROR, Result, TokenEvent
+
+# how a generation ended: its final event, or the whole Result (stream.result())
+Outcome = TokenEvent | Result
+Ended = TypeVar("Ended", bound=Outcome)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 
@@ -37,8 +41,8 @@ def format_event(data: Any) -> str:
     return "".join(f"data: {line}\n" for line in lines) + "\n"
 
 
-def sse_response(events: Iterable[Any], on_close: Callable[[], None] | None = None) -> Response:
-    """Stream `events` as SSE; `on_close` runs when the stream ends or the client goes away."""
+def sse_response(events: Iterable[Any]) -> Response:
+    """Stream `events` as SSE; a generator is closed when the client goes away (its streams close then)."""
 
     def body() -> Iterable[str]:
         try:
@@ -47,36 +51,20 @@ def sse_response(events: Iterable[Any], on_close: Callable[[], None] | None = No
         finally:
             close = getattr(events, "close", None)
             if close:
-                close()  # a generator's finally blocks (stream cancellation) run now
-            if on_close:
-                on_close()
+                close()  # a generator's finally blocks run now: the stream it reads closes, freeing its slot
 
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def collect(events: Iterable[TokenEvent]) -> tuple[str, TokenEvent]:
-    """Run a stream to its end: the text and the final event (raises on a failed generation)."""
-    parts, final = [], None
-    for event in events:
-        if event.text:
-            parts.append(event.text)
-        if event.done:
-            final = event
-    assert final is not None
-    if final.finish_reason == ERROR:
-        raise GenerationFailed(final.error or "generation failed")
-    return "".join(parts), final
-
-
-def complete(final: TokenEvent) -> TokenEvent:
+def complete(final: Ended) -> Ended:
     """`final`, or a 503 when the server cut the answer short (shutdown, unload): a part is not an answer."""
     if final.finish_reason == CANCELLED:
         raise RequestCancelled(f"The answer was cancelled: {cancel_reason()}")
     return final
 
 
-def usage_of(event: TokenEvent, *, cached: bool = False) -> dict[str, Any]:
-    """The final event's token counts; `cached` adds OpenAI's prompt_tokens_details.cached_tokens."""
+def usage_of(event: Outcome, *, cached: bool = False) -> dict[str, Any]:
+    """The token counts; `cached` adds OpenAI's prompt_tokens_details.cached_tokens."""
     u = event.usage
     assert u is not None
     usage: dict[str, Any] = {
@@ -94,6 +82,6 @@ def failed(event: TokenEvent) -> bool:
     return event.finish_reason == ERROR
 
 
-def cancelled(event: TokenEvent) -> bool:
+def cancelled(event: Outcome) -> bool:
     """Whether a final event ends an answer that was cut short (client, shutdown, unload or timeout)."""
     return event.finish_reason == CANCELLED

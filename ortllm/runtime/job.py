@@ -81,8 +81,11 @@ class Job:
 
 
 class Stream:
-    """The events of one request. Iterate it; `cancel()` it from any thread; use it as a context
-    manager so an abandoned stream (client gone) is cancelled."""
+    """The events of one request, for one reader: iterate it, or `result()` for the whole generation;
+    `cancel()` it from any thread. It closes itself: read to the end, a reader that leaves its loop early
+    (an exception, a `break`, its generator closed), a `with` block left, or `close()` frees the request's
+    slot (an unfinished one is cancelled). Hooks: `on_final` callbacks get the final event once, in the
+    reading thread, before it is yielded; `on_close` callbacks run once when it closes."""
 
     def __init__(self, job: Job, drop: Callable[[Job], None]) -> None:
         """`drop`: the scheduler's way to take a cancelled job out of its queue."""
@@ -90,36 +93,74 @@ class Stream:
         self._drop = drop
         self.final: TokenEvent | None = None
         self.prompt_tokens = len(job.prompt_ids)
+        self._parts: list[str] = []
+        self._final_hooks: list[Callable[[TokenEvent], None]] = []
+        self._close_hooks: list[Callable[[], None]] = []
+        self._cancelled = False
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def text(self) -> str:
+        """The text read so far (all of it once the final event is read)."""
+        return "".join(self._parts)
+
+    def on_final(self, callback: Callable[[TokenEvent], None]) -> None:
+        """Run `callback(final_event)` when the reader reads the final event (e.g. metering, storing)."""
+        self._final_hooks.append(callback)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback()` when the stream closes, read to its end or not (e.g. a turn its reader left)."""
+        self._close_hooks.append(callback)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         gone = self._job.request.client_gone
-        while self.final is None:
-            try:  # a timeout keeps the consumer interruptible (Ctrl-C in the terminal chat)
-                event = self._job.events.get(timeout=POLL_S if gone else 0.5)
-            except queue.Empty:
-                if gone is not None and gone():  # nobody will read the answer: free the queue place / slot
-                    self.cancel()
-                continue
-            if event.done:
-                self.final = event
-            yield event
+        try:
+            while self.final is None:
+                try:  # a timeout keeps the consumer interruptible (Ctrl-C in the terminal chat)
+                    event = self._job.events.get(timeout=POLL_S if gone else 0.5)
+                except queue.Empty:
+                    if gone is not None and gone():  # nobody will read the answer: free the place / slot
+                        self.cancel()
+                    continue
+                if event.text:
+                    self._parts.append(event.text)
+                if event.done:
+                    self.final = event
+                    for hook in self._final_hooks:
+                        hook(event)
+                yield event
+        finally:  # read to the end, or the reader stopped (an exception, a closed generator)
+            self.close()
 
     def cancel(self) -> None:
         """Stop the request: one still queued is dropped at once (it never runs), a running one at the
-        next decode step."""
-        if self.final is None:
+        next decode step; the reader still gets the final (cancelled) event."""
+        if self.final is None and not self._cancelled:
+            self._cancelled = True
             self._job.cancelled.set()
             self._drop(self._job)
 
+    def close(self) -> None:
+        """The caller is done with the stream: cancel it when unfinished and run the close hooks (once)."""
+        self.cancel()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for hook in self._close_hooks:
+            hook()
+
     def result(self) -> Result:
-        """Wait for the whole generation; raise if it failed."""
-        parts = [ev.text for ev in self if ev.text]
+        """Read the stream to its end: the whole generation; raise GenerationFailed when it failed."""
+        for _ in self:
+            pass
         final = self.final
         assert final is not None
         if final.finish_reason == ERROR:
             raise GenerationFailed(final.error or "generation failed")
         return Result(
-            "".join(parts),
+            self.text,
             final.finish_reason or STOP,
             final.usage or Usage(),
             final.timings or Timings(),
@@ -130,7 +171,7 @@ class Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.cancel()
+        self.close()
 
 
 class EmbedJob:

@@ -1,4 +1,4 @@
-"""Generation options: the one validator for the seeds' `InferenceOptions`."""
+"""Generation options (sampling, length, stops, seed): the one validator every dialect's options pass."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def _number(name: str, value: Any, lo: float, hi: float | None, *, integer: bool
     return int(value) if integer else float(value)
 
 
-def validate_options(raw: dict[str, Any] | None, defaults: dict[str, Any] | None = None,
-                     *, max_tokens_limit: int | None = None) -> GenerationOptions:  # fmt: skip
+def validate_options(
+    raw: dict[str, Any] | None, defaults: dict[str, Any] | None = None, *, max_tokens_limit: int | None = None
+) -> GenerationOptions:
     """Merge `raw` over `defaults` (None values are ignored) and check every range.
 
     Messages name the field, e.g. `temperature must be between 0.0 and 2.0`.

@@ -5,13 +5,27 @@
 - `generator.GeneratorBackend`: og.Generator, one request at a time (any onnxruntime-genai).
 
 A scheduler holds a list of them, best first; each request goes to the first that `takes` it.
+The backends see a loaded model through `GenaiModel` only: runtime.loaded (which builds the native
+decoder) imports this package, never the other way round.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..job import Job
+
+
+class GenaiModel(Protocol):
+    """What the onnxruntime-genai backends use of a loaded model (runtime.loaded.LoadedModel is one)."""
+
+    name: str
+    eos_token_ids: list[int]
+
+    @property
+    def model(self) -> Any:
+        """The og.Model."""
+        ...
 
 
 class Backend(Protocol):

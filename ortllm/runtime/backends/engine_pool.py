@@ -25,7 +25,7 @@ from ..types import CANCELLED, ERROR, LENGTH, STOP
 from .generator import GeneratorBackend
 
 if TYPE_CHECKING:
-    from ..loaded import LoadedModel
+    from . import GenaiModel as LoadedModel
 
 log = logging.getLogger("ortllm.scheduler")
 

@@ -16,7 +16,7 @@ from ..job import EmbedJob, Job
 from ..types import CANCELLED, ERROR, LENGTH, STOP
 
 if TYPE_CHECKING:
-    from ..loaded import LoadedModel
+    from . import GenaiModel as LoadedModel
 
 EMBED_CHUNK = 16  # tokens per forward pass of an embedding (a long text takes several, between decode steps)
 

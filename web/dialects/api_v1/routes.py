@@ -14,8 +14,8 @@ from ortllm.errors import GenerationFailed, InvalidOptions, OrtllmError, Request
 from ortllm.store import InstalledModel
 
 from ...routes import api_route
-from ...services import EP_PREFERENCE, MeteredStream, available_eps, services, variant_ep
-from ...streaming import cancel_reason, cancelled, collect, complete, failed, sse_response, usage_of
+from ...services import EP_PREFERENCE, Stream, available_eps, services, variant_ep
+from ...streaming import cancel_reason, cancelled, complete, failed, sse_response, usage_of
 from . import protocol as p
 
 bp = Blueprint("api_v1", __name__, url_prefix="/api/v1")
@@ -60,7 +60,7 @@ def model_or_default(name: str | None) -> str:
     return default
 
 
-def start(body: p.SpecGenerateRequest) -> MeteredStream:
+def start(body: p.SpecGenerateRequest) -> Stream:
     options = {
         "max_tokens": body.max_tokens,
         "temperature": body.temperature,
@@ -72,12 +72,10 @@ def start(body: p.SpecGenerateRequest) -> MeteredStream:
     return stream
 
 
-def result(stream: MeteredStream, started: float) -> p.SpecGenerateResponse:
-    with stream:
-        text, final = collect(stream)
-    complete(final)  # cut short: a part is not an answer
+def result(stream: Stream, started: float) -> p.SpecGenerateResponse:
+    whole = complete(stream.result())  # cut short: a part is not an answer
     return p.SpecGenerateResponse(
-        text=text, usage=p.Usage(**usage_of(final)), latency=round(time.monotonic() - started, 3)
+        text=whole.text, usage=p.Usage(**usage_of(whole)), latency=round(time.monotonic() - started, 3)
     )
 
 
@@ -127,38 +125,37 @@ def generate_stream(body: p.SpecGenerateRequest) -> Response:
     return token_stream(start(body))
 
 
-def token_stream(stream: MeteredStream) -> Response:
+def token_stream(stream: Stream) -> Response:
     """SSE of `{token, finished}`; each token goes out when the next arrives, so the last carries finished."""
 
     def events() -> Iterator[dict[str, Any]]:
         held = ""
-        with stream:
-            for event in stream:
-                if event.text:
-                    if held:
-                        yield {"token": held, "finished": False}
-                    held = event.text
-                if event.done:
-                    last: dict[str, Any] = {
-                        "token": held,
-                        "finished": True,
-                        "finish_reason": event.finish_reason,
+        for event in stream:
+            if event.text:
+                if held:
+                    yield {"token": held, "finished": False}
+                held = event.text
+            if event.done:
+                last: dict[str, Any] = {
+                    "token": held,
+                    "finished": True,
+                    "finish_reason": event.finish_reason,
+                }
+                if failed(event):
+                    last["error"] = {
+                        "code": "GENERATION_FAILED",
+                        "message": event.error,
+                        "details": GenerationFailed.hint,
                     }
-                    if failed(event):
-                        last["error"] = {
-                            "code": "GENERATION_FAILED",
-                            "message": event.error,
-                            "details": GenerationFailed.hint,
-                        }
-                    else:
-                        last["usage"] = usage_of(event)
-                    if cancelled(event):  # cut short: `finished` alone would look complete
-                        last["error"] = {
-                            "code": RequestCancelled.code,
-                            "details": RequestCancelled.hint,
-                            "message": f"The answer was cancelled: {cancel_reason()}",
-                        }
-                    yield last
+                else:
+                    last["usage"] = usage_of(event)
+                if cancelled(event):  # cut short: `finished` alone would look complete
+                    last["error"] = {
+                        "code": RequestCancelled.code,
+                        "details": RequestCancelled.hint,
+                        "message": f"The answer was cancelled: {cancel_reason()}",
+                    }
+                yield last
 
     return sse_response(events())
 
@@ -213,7 +210,7 @@ def load_model(body: p.SpecLoadRequest, model_name: str) -> Response:
 )
 def batch_generate(body: p.SpecBatchRequest) -> Response:
     started = time.monotonic()
-    streams: list[MeteredStream] = []
+    streams: list[Stream] = []
     try:
         for i, item in enumerate(body.requests):  # submit all first: the scheduler batches them
             try:
@@ -223,6 +220,6 @@ def batch_generate(body: p.SpecBatchRequest) -> Response:
                 raise
         batch = p.SpecBatchResponse(results=[result(s, started) for s in streams])
         return jsonify(batch.model_dump(mode="json"))
-    finally:
+    finally:  # an earlier one failed: the rest are closed unread, freeing their slots
         for s in streams:
-            s.cancel()
+            s.close()

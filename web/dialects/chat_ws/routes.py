@@ -12,8 +12,8 @@ from ortllm.errors import InvalidOptions
 
 from ...errors import error_response
 from ...routes import api_route
-from ...services import ChatSession, TokenEvent, services
-from ...streaming import cancelled, collect, failed, sse_response
+from ...services import ChatSession, Stream, TokenEvent, services
+from ...streaming import cancelled, failed, sse_response
 from . import protocol as p
 from .ws import ws_route
 
@@ -36,7 +36,7 @@ def use_device(model: str, device: str) -> None:
     services().load_on(model, ep)
 
 
-def start_chat(body: p.RustChatRequest) -> ChatSession:
+def start_chat(body: p.RustChatRequest) -> ChatSession[Stream]:
     """Start one chat turn of the kebab-case body; the session's stored history comes first."""
     use_device(body.model_name, body.device)
     options = {
@@ -107,16 +107,9 @@ def completions(body: p.RustCompletionRequest) -> Response:
     }
     _, stream = services().complete(body.model, body.prompt, options, template=False)
     if body.stream:
-
-        def events() -> Iterator[str]:
-            with stream:
-                yield from raw_tokens(stream)
-
-        return sse_response(events())
-    with stream:
-        text, final = collect(stream)
-    assert final.usage is not None
-    reply = p.RustCompletionResponse(text=text, model=body.model, tokens=final.usage.completion_tokens)
+        return sse_response(raw_tokens(stream))
+    whole = stream.result()
+    reply = p.RustCompletionResponse(text=whole.text, model=body.model, tokens=whole.usage.completion_tokens)
     return jsonify(reply.model_dump(mode="json"))
 
 
@@ -131,7 +124,7 @@ def completions(body: p.RustCompletionRequest) -> Response:
 )
 def chat_completions(body: p.RustChatRequest) -> Response:
     session = start_chat(body)
-    response = sse_response(raw_tokens(session), on_close=session.cancel)
+    response = sse_response(raw_tokens(session.stream))
     response.headers["X-Session-Id"] = session.session_id
     return response
 

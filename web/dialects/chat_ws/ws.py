@@ -29,12 +29,13 @@ from ortllm.errors import InvalidOptions, OrtllmError
 
 from ...errors import validation_message
 from ...routes import decode_json
-from ...services import ChatSession, TokenEvent
+from ...services import ChatSession, Stream
 from ...streaming import SHUTDOWN_HOOKS, cancelled, failed, usage_of
 from . import protocol as p
 
 log = logging.getLogger("ortllm.web")
-StartChat = Callable[[p.RustChatRequest], ChatSession]  # routes.start_chat: one turn of the kebab-case body
+# routes.start_chat: one turn of the kebab-case body
+StartChat = Callable[[p.RustChatRequest], ChatSession[Stream]]
 POLL_S = 1.0  # how often the reader checks that the handler is still running
 MAX_PENDING = 8  # chat requests one socket may queue behind the answer in progress
 TOO_MANY = "__ERROR__:too many pending messages"
@@ -105,7 +106,7 @@ class Connection:
     def __init__(self, ws: Server) -> None:
         self.ws = ws
         self.inbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self.current: ChatSession | None = None
+        self.current: ChatSession[Stream] | None = None
         self.running = True
         self.pending = 0  # chat requests in the inbox
         self.client_cancelled = False  # the client's own {"action": "cancel"} ended the current answer
@@ -170,22 +171,20 @@ class Connection:
         if current is not None:
             current.cancel(withdrawn=withdrawn)
 
-    def answer(self, session: ChatSession, multi: bool) -> None:
+    def answer(self, session: ChatSession[Stream], multi: bool) -> None:
         """Send the answer's tokens as frames (framed by __START__/__END__ in multi-turn mode)."""
-        final: TokenEvent | None = None
         self.client_cancelled = False
         self.current = session
         try:
-            if multi:
-                self.send("__START__:" + json.dumps({"session-id": session.session_id}))
-            for event in session:
-                if event.text:
-                    self.send(event.text)
-                if event.done:
-                    final = event
+            with session.stream as stream:  # a failed send closes it: the slot is freed, the turn withdrawn
+                if multi:
+                    self.send("__START__:" + json.dumps({"session-id": session.session_id}))
+                for event in stream:
+                    if event.text:
+                        self.send(event.text)
         finally:
             self.current = None
-            session.cancel()  # a no-op when finished; frees the slot when a send failed
+        final = stream.final
         assert final is not None
         if failed(final):
             self.send(f"__ERROR__:{final.error}")

@@ -16,7 +16,7 @@ from ortllm.catalog import load_catalog
 from ... import ui
 from ...routes import api_route
 from ...services import TokenEvent, services
-from ...streaming import collect, failed, sse_response, usage_of
+from ...streaming import failed, sse_response, usage_of
 from . import protocol as p
 
 bp = Blueprint("native", __name__)
@@ -136,26 +136,25 @@ def unload_model(model_name: str) -> Response:
 def chat(body: p.ChatRequest) -> Response:
     messages = [m.model_dump() for m in body.messages]
     _, session = services().chat(body.model, messages, options_of(body), session_id=body.session_id)
+    stream = session.stream
     if not body.stream:
-        text, final = collect(session)
-        reply = p.Message(role="assistant", content=text)
+        result = stream.result()
+        reply = p.Message(role="assistant", content=result.text)
         return send(
             p.ChatResponse(
                 message=reply,
                 session_id=session.session_id,
-                usage=p.Usage(**usage_of(final)),
-                finish_reason=final.finish_reason,
+                usage=p.Usage(**usage_of(result)),
+                finish_reason=result.finish_reason,
             )
         )
 
     def events() -> Iterator[dict[str, Any]]:
-        parts: list[str] = []
-        for event in session:
+        for event in stream:
             if event.text:
-                parts.append(event.text)
                 yield {"token": event.text, "done": False}
             if event.done:
-                yield final_event(event, "".join(parts), session_id=session.session_id)
+                yield final_event(event, stream.text, session_id=session.session_id)
 
     return sse_response(events())
 
@@ -189,21 +188,16 @@ def generate(body: p.GenerateRequest) -> Response:
         body.model, body.prompt, options_of(body), template=not body.raw, system=body.system
     )
     if not body.stream:
-        with stream:
-            text, final = collect(stream)
-        return send(
-            p.GenerateResponse(text=text, usage=p.Usage(**usage_of(final)), finish_reason=final.finish_reason)
-        )
+        result = stream.result()
+        usage = p.Usage(**usage_of(result))
+        return send(p.GenerateResponse(text=result.text, usage=usage, finish_reason=result.finish_reason))
 
     def events() -> Iterator[dict[str, Any]]:
-        parts: list[str] = []
-        with stream:
-            for event in stream:
-                if event.text:
-                    parts.append(event.text)
-                    yield {"token": event.text, "done": False}
-                if event.done:
-                    yield final_event(event, "".join(parts))
+        for event in stream:
+            if event.text:
+                yield {"token": event.text, "done": False}
+            if event.done:
+                yield final_event(event, stream.text)
 
     return sse_response(events())
 

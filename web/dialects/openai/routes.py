@@ -23,7 +23,7 @@ from ortllm.errors import InvalidOptions, ModelNotFound
 
 from ...routes import api_route
 from ...services import TokenEvent, services
-from ...streaming import cancel_reason, cancelled, collect, complete, failed, sse_response
+from ...streaming import Outcome, cancel_reason, cancelled, complete, failed, sse_response
 from ...streaming import usage_of as usage
 from . import protocol as p
 
@@ -64,12 +64,12 @@ def guidance_of(fmt: p.ResponseFormat | None) -> tuple[str, str] | None:
     return ("json_schema", text)
 
 
-def usage_of(event: TokenEvent) -> dict[str, Any]:
+def usage_of(event: Outcome) -> dict[str, Any]:
     """OpenAI's usage object: the token counts with the prompt tokens served from the prefix cache."""
     return usage(event, cached=True)
 
 
-def finish_reason(event: TokenEvent) -> str:
+def finish_reason(event: Outcome) -> str:
     """OpenAI's finish_reason of a complete answer (a cut-short one never gets one: see `ended_early`)."""
     return "length" if complete(event).finish_reason == "length" else "stop"
 
@@ -111,13 +111,14 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
         guidance=guidance_of(body.response_format),
     )
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
+    stream = chat.stream
     if not body.stream:
-        text, final = collect(chat)
+        result = stream.result()
         choice = p.ChatChoice(
-            index=0, message=p.AssistantMessage(content=text), finish_reason=finish_reason(final)
+            index=0, message=p.AssistantMessage(content=result.text), finish_reason=finish_reason(result)
         )
         reply = p.ChatCompletion(
-            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(final))
+            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(result))
         )
         return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -135,24 +136,25 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
         return out
 
     def events() -> Iterator[dict[str, Any] | str]:
-        yield chunk({"role": "assistant", "content": ""})
-        for event in chat:
-            if event.text:
-                yield chunk({"content": event.text})
-            if event.done:
-                if (error := ended_early(event)) is not None:
-                    yield error
-                    return
-                yield chunk({}, finish_reason(event))
-                if include_usage:
-                    yield {
-                        "id": cid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage_of(event),
-                    }
+        with stream:  # a client gone at the first chunk, before the stream is read, closes it too
+            yield chunk({"role": "assistant", "content": ""})
+            for event in stream:
+                if event.text:
+                    yield chunk({"content": event.text})
+                if event.done:
+                    if (error := ended_early(event)) is not None:
+                        yield error
+                        return
+                    yield chunk({}, finish_reason(event))
+                    if include_usage:
+                        yield {
+                            "id": cid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage_of(event),
+                        }
         yield "[DONE]"
 
     return sse_response(events())
@@ -179,11 +181,10 @@ def completions(body: p.CompletionRequest) -> Response:
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     prefix = prompts[0] if body.echo else ""
     if not body.stream:
-        with stream:
-            text, final = collect(stream)
-        choice = p.CompletionChoice(index=0, text=prefix + text, finish_reason=finish_reason(final))
+        result = stream.result()
+        choice = p.CompletionChoice(index=0, text=prefix + result.text, finish_reason=finish_reason(result))
         reply = p.Completion(
-            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(final))
+            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(result))
         )
         return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -198,7 +199,7 @@ def completions(body: p.CompletionRequest) -> Response:
         }
 
     def events() -> Iterator[dict[str, Any] | str]:
-        with stream:
+        with stream:  # a client gone at the echoed prompt, before the stream is read, closes it too
             if prefix:
                 yield chunk(prefix)
             for event in stream:

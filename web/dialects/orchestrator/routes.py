@@ -13,7 +13,7 @@ from ortllm.errors import GenerationTimeout, ModelNotFound
 
 from ...routes import api_route
 from ...services import services
-from ...streaming import cancelled, collect, complete
+from ...streaming import cancelled, complete
 from . import protocol as p
 
 bp = Blueprint("orchestrator", __name__)
@@ -110,12 +110,11 @@ def generate(body: p.TGIGenerateRequest) -> Response:
     timer = threading.Timer(timeout, expire)
     timer.start()
     try:
-        with stream:
-            text, final = collect(stream)
+        result = stream.result()
     finally:
         timer.cancel()
-    if expired.is_set() and cancelled(final):
+    if expired.is_set() and cancelled(result):
         raise GenerationTimeout(f"Generation did not finish within {timeout:g} seconds")
-    complete(final)  # shutdown or unload: partial text must not look like an answer
-    reply = p.TGIGenerateResponse(generated_text=text, model_id=body.model_id)
+    complete(result)  # shutdown or unload: partial text must not look like an answer
+    reply = p.TGIGenerateResponse(generated_text=result.text, model_id=body.model_id)
     return jsonify(reply.model_dump(mode="json"))

@@ -1,5 +1,6 @@
-"""The TGI orchestrator dialect, one test per documented example of its seed: models, start/stop, /generate
-(auto-load, 404, 504 after the configured timeout). Errors are {"detail": ...}."""
+"""The orchestrator dialect (/models/*/start|stop, /generate), one test per client example it supports:
+models, start/stop, /generate (auto-load, 404, 504 after the configured timeout).
+Errors are {"detail": ...}."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_stop_and_start_by_hub_id(cold):
     assert requests.get(f"{cold.url}/models/{HF}").json() == card(False)
 
 
-def test_generate_seed_example(server):
+def test_generate_example(server):
     body = {
         "model_id": M,
         "prompt": "Once upon a time",
@@ -95,8 +96,9 @@ def test_generate_seed_example(server):
 def test_python_httpx_async_example(server):
     async def generate():
         async with httpx.AsyncClient(timeout=120) as client:
-            response = await client.post(server.url + "/generate",
-                                         json={"model_id": M, "prompt": "What is AI?", "max_new_tokens": 100})  # fmt: skip
+            response = await client.post(
+                server.url + "/generate", json={"model_id": M, "prompt": "What is AI?", "max_new_tokens": 100}
+            )
             return response.json()
 
     assert asyncio.run(generate())["generated_text"]

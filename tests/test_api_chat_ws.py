@@ -1,5 +1,6 @@
-"""The Rust service dialect, one test per documented example of its seed, against a live server: completions,
-kebab-case chat, the WebSocket client (reproduced with a Python WebSocket client), sessions and history."""
+"""The chat-completions dialect (/completions, /chat/*, /sessions, WS /chat/ws), one test per client example
+it supports, against a live server: completions, kebab-case chat, the WebSocket client (reproduced with a
+Python WebSocket client), sessions and history."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from ortllm.runtime.loaded import available_eps
 from tests.conftest import DEFAULT_MODEL
 
 M = DEFAULT_MODEL
-HF = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the seed names models by their hub id: a catalog alias here
+# clients of this dialect name models by their hub id: a catalog alias here
+HF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def raw_events(response) -> list[str]:
@@ -33,8 +35,18 @@ def raw_events(response) -> list[str]:
 
 
 def chat_body(**extra) -> dict:
-    return {"model-name": M, "prompt": "What is Rust?", "session-id": str(uuid.uuid4()), "max-token": 40,
-            "temperature": 0.7, "top-p": 0.95, "top-k": 40, "repeat-penalty": 1.1, "device": "cpu", **extra}  # fmt: skip
+    return {
+        "model-name": M,
+        "prompt": "What is Rust?",
+        "session-id": str(uuid.uuid4()),
+        "max-token": 40,
+        "temperature": 0.7,
+        "top-p": 0.95,
+        "top-k": 40,
+        "repeat-penalty": 1.1,
+        "device": "cpu",
+        **extra,
+    }
 
 
 def cuda_usable(server) -> bool:
@@ -103,8 +115,15 @@ def test_model_details_by_hub_id(server):
 
 
 def test_completion_request_body_example(server):
-    body = {"model": HF, "prompt": "Once upon a time", "max_tokens": 100, "temperature": 0.7, "top_p": 0.95,
-            "stop": ["\n\n"], "stream": False}  # fmt: skip
+    body = {
+        "model": HF,
+        "prompt": "Once upon a time",
+        "max_tokens": 100,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "stop": ["\n\n"],
+        "stream": False,
+    }
     r = requests.post(server.url + "/completions", json=body)
     out = r.json()
     assert r.status_code == 200 and set(out) == {"text", "model", "tokens"}
@@ -112,13 +131,16 @@ def test_completion_request_body_example(server):
 
 
 def test_simple_completion_curl_example_and_defaults(server):
-    r = requests.post(server.url + "/completions", data=json.dumps({"model": HF, "prompt": "Explain Rust in one sentence:",
-                      "max_tokens": 50}), headers={"Content-Type": "application/json"})  # fmt: skip
+    r = requests.post(
+        server.url + "/completions",
+        data=json.dumps({"model": HF, "prompt": "Explain Rust in one sentence:", "max_tokens": 50}),
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 200 and r.json()["text"] and r.json()["tokens"] <= 50
     counting = requests.post(
         server.url + "/completions", json={"model": M, "prompt": "1, 2, 3, 4, 5,", "temperature": 0}
     )
-    assert counting.json()["tokens"] == 128  # the seed's default max_tokens
+    assert counting.json()["tokens"] == 128  # the dialect's default max_tokens
 
 
 def test_completion_stream_is_raw_token_text(server):
@@ -132,8 +154,13 @@ def test_completion_stream_is_raw_token_text(server):
 
 
 def test_multiline_token_becomes_several_data_lines(server):
-    body = {"model": M, "prompt": "List three colors, one per line:\n1.", "max_tokens": 30, "temperature": 0,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": M,
+        "prompt": "List three colors, one per line:\n1.",
+        "max_tokens": 30,
+        "temperature": 0,
+        "stream": True,
+    }
     with requests.post(server.url + "/completions", json=body, stream=True) as r:
         raw = b"".join(r.iter_content(chunk_size=None)).decode()
     blocks = [b for b in raw.split("\n\n") if b]
@@ -149,13 +176,24 @@ def test_multiline_token_becomes_several_data_lines(server):
 
 
 def test_python_example(server):
-    """The seed's Python example: a completion, then a chat read line by line with stream=True."""
-    response = requests.post(server.url + "/completions", json={"model": HF, "prompt": "Write a haiku about Rust:",
-                                                                  "max_tokens": 50, "temperature": 0.8})  # fmt: skip
+    """A Python client: a completion, then a chat read line by line with stream=True."""
+    response = requests.post(
+        server.url + "/completions",
+        json={"model": HF, "prompt": "Write a haiku about Rust:", "max_tokens": 50, "temperature": 0.8},
+    )
     assert response.json()["text"]
-    response = requests.post(server.url + "/chat/completions", json=chat_body(**{
-        "prompt": "Explain ownership in Rust", "session-id": f"my-session-{uuid.uuid4()}", "max-token": 60,
-        "system-prompt": "You are a Rust teacher"}), stream=True)  # fmt: skip
+    response = requests.post(
+        server.url + "/chat/completions",
+        json=chat_body(
+            **{
+                "prompt": "Explain ownership in Rust",
+                "session-id": f"my-session-{uuid.uuid4()}",
+                "max-token": 60,
+                "system-prompt": "You are a Rust teacher",
+            }
+        ),
+        stream=True,
+    )
     printed = "".join(line.decode("utf-8").replace("data: ", "") for line in response.iter_lines() if line)
     assert printed.strip()
 
@@ -173,9 +211,11 @@ def test_chat_full_parameters_streams_and_stores_history(server):
         events = raw_events(r)
     assert events and not any(e.startswith("__ERROR__") for e in events)
     history = requests.get(f"{server.url}/chat/history/{body['session-id']}").json()
-    assert history == [{"role": "system", "content": "You are a Rust expert"},
-                       {"role": "user", "content": "What is async/await in Rust?"},
-                       {"role": "assistant", "content": "".join(events)}]  # fmt: skip
+    assert history == [
+        {"role": "system", "content": "You are a Rust expert"},
+        {"role": "user", "content": "What is async/await in Rust?"},
+        {"role": "assistant", "content": "".join(events)},
+    ]
 
 
 def test_chat_without_session_id_creates_one(server):
@@ -204,11 +244,15 @@ def test_session_context_carries_over(server):
 
 
 def test_javascript_streaming_chat_reader(server):
-    """The seed's JS example: raw chunks split on newlines, `data: ` lines printed from column 6."""
+    """A JavaScript client: raw chunks split on newlines, `data: ` lines printed from column 6."""
     body = {"model-name": HF, "prompt": "What is Rust?", "max-token": 40, "temperature": 0.7, "device": "cpu"}
     with requests.post(server.url + "/chat/completions", json=body, stream=True) as r:
-        out = "".join(line[6:] for chunk in r.iter_content(chunk_size=None)
-                      for line in chunk.decode().split("\n") if line.startswith("data: "))  # fmt: skip
+        out = "".join(
+            line[6:]
+            for chunk in r.iter_content(chunk_size=None)
+            for line in chunk.decode().split("\n")
+            if line.startswith("data: ")
+        )
         sid = r.headers["X-Session-Id"]
     assert out.strip()
     assert requests.get(f"{server.url}/chat/history/{sid}").json()[-1]["role"] == "assistant"
@@ -238,7 +282,7 @@ def test_sessions_history_rollback_and_delete(server):
 
 
 def test_device_cuda_example(server):
-    """The seed's examples ask for cuda: used when this machine and model have it, else a clear 400."""
+    """A request for device cuda: used when this machine and model have it, else a clear 400."""
     r = requests.post(server.url + "/chat/completions", json=chat_body(device="cuda"))
     if cuda_usable(server):
         assert r.status_code == 200
@@ -256,25 +300,42 @@ def test_device_cuda_example(server):
 
 
 def test_websocket_client_example(server):
-    """The seed's JS client: one JSON message, tokens as separate text frames, then the server closes."""
-    body = chat_body(prompt="Tell me a joke about Rust", temperature=0.8,
-                     **{"max-token": 100, "system-prompt": "You are a funny comedian"})  # fmt: skip
+    """A JS WebSocket client: one JSON message, tokens as separate text frames, then the server closes."""
+    body = chat_body(
+        prompt="Tell me a joke about Rust",
+        temperature=0.8,
+        **{"max-token": 100, "system-prompt": "You are a funny comedian"},
+    )
     ws = Client.connect(ws_url(server))
     ws.send(json.dumps(body))
     frames = frames_until_closed(ws)
     assert len(frames) > 3 and not any(f.startswith("__") for f in frames)
     history = requests.get(f"{server.url}/chat/history/{body['session-id']}").json()
     assert history[0] == {"role": "system", "content": "You are a funny comedian"}
-    assert history[1:] == [{"role": "user", "content": "Tell me a joke about Rust"},
-                           {"role": "assistant", "content": "".join(frames)}]  # fmt: skip
+    assert history[1:] == [
+        {"role": "user", "content": "Tell me a joke about Rust"},
+        {"role": "assistant", "content": "".join(frames)},
+    ]
 
 
-@pytest.mark.parametrize("message, error", [
-    ({"model-name": "gpt-4", "prompt": "Hello!"}, "__ERROR__:Model 'gpt-4' not found. Available models: smollm2-135m"),
-    ({"prompt": "Hello!"}, "__ERROR__:Missing required field: model-name"),
-    ("{not json", "__ERROR__:Malformed JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
-    ({"model-name": M, "prompt": "Hello!", "temperature": 3}, "__ERROR__:temperature must be between 0.0 and 2.0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "message, error",
+    [
+        (
+            {"model-name": "gpt-4", "prompt": "Hello!"},
+            "__ERROR__:Model 'gpt-4' not found. Available models: smollm2-135m",
+        ),
+        ({"prompt": "Hello!"}, "__ERROR__:Missing required field: model-name"),
+        (
+            "{not json",
+            "__ERROR__:Malformed JSON: Expecting property name enclosed in double quotes at line 1 column 2",
+        ),
+        (
+            {"model-name": M, "prompt": "Hello!", "temperature": 3},
+            "__ERROR__:temperature must be between 0.0 and 2.0",
+        ),
+    ],
+)
 def test_websocket_errors_then_close(server, message, error):
     ws = Client.connect(ws_url(server))
     ws.send(message if isinstance(message, str) else json.dumps(message))
