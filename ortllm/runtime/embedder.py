@@ -44,7 +44,7 @@ def is_embedding_model(installed: InstalledModel) -> bool:
 def not_generative(name: str) -> InvalidOptions:
     """The error for a generation request to an embedding model."""
     return InvalidOptions(
-        f"Model '{name}' is an embedding model: it cannot generate text (use /api/embeddings or /v1/embeddings)"
+        f"Model '{name}' is an embedding model: it cannot generate text, only compute embeddings"
     )
 
 
