@@ -201,12 +201,35 @@ class SessionStore:
         sid = self.check_id(session_id) if session_id else str(uuid.uuid4())
         now = time.time()
         with self._transaction() as db:
+            self._insert_session(db, sid, model, system_prompt, title, now)
+        return self.get(sid)
+
+    def _insert_session(
+        self,
+        db: sqlite3.Connection,
+        session_id: str,
+        model: str | None,
+        system_prompt: str | None,
+        title: str | None,
+        now: float,
+    ) -> bool:
+        """Create the owner's session `session_id` unless it exists; whether it was created."""
+        return bool(
             db.execute(
                 "INSERT OR IGNORE INTO sessions(owner, id, model, system_prompt, title, created, updated) "
                 "VALUES (?,?,?,?,?,?,?)",
-                (self.owner, sid, model, system_prompt, title, now, now),
-            )
-        return self.get(sid)
+                (self.owner, session_id, model, system_prompt, title, now, now),
+            ).rowcount
+        )
+
+    @staticmethod
+    def _insert_messages(
+        db: sqlite3.Connection, pk: int, messages: builtins.list[dict[str, str]], now: float
+    ) -> None:
+        db.executemany(
+            "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
+            [(pk, m["role"], m["content"], now) for m in messages],
+        )
 
     def find(self, session_id: str) -> Session | None:
         self.check_id(session_id)
@@ -263,27 +286,20 @@ class SessionStore:
 
     def append(self, session_id: str, messages: builtins.list[dict[str, str]]) -> None:
         """Add messages at the end of a session, in one transaction."""
-        self._check_messages(messages)
-        now = time.time()
-        with self._transaction() as db:
-            pk = self._pk(db, session_id)
-            db.executemany(
-                "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
-                [(pk, m["role"], m["content"], now) for m in messages],
-            )
-            db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
+        self._write(session_id, messages, clear=False)
 
     def replace(self, session_id: str, messages: builtins.list[dict[str, str]]) -> None:
         """Make the session's stored messages exactly `messages` (a client sent its full history)."""
+        self._write(session_id, messages, clear=True)
+
+    def _write(self, session_id: str, messages: builtins.list[dict[str, str]], *, clear: bool) -> None:
         self._check_messages(messages)
         now = time.time()
         with self._transaction() as db:
             pk = self._pk(db, session_id)
-            db.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
-            db.executemany(
-                "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
-                [(pk, m["role"], m["content"], now) for m in messages],
-            )
+            if clear:
+                db.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
+            self._insert_messages(db, pk, messages, now)
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
 
     def start_turn(
@@ -305,11 +321,7 @@ class SessionStore:
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         now = time.time()
         with self._transaction() as db:
-            created = db.execute(
-                "INSERT OR IGNORE INTO sessions(owner, id, model, system_prompt, title, created, updated) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (self.owner, session_id, model, system_prompt, None, now, now),
-            ).rowcount
+            created = self._insert_session(db, session_id, model, system_prompt, None, now)
             pk = self._pk(db, session_id)
             if system_prompt is not None:
                 db.execute("UPDATE sessions SET system_prompt = ? WHERE pk = ?", (system_prompt, pk))
@@ -336,7 +348,7 @@ class SessionStore:
             db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
         with self._live_lock:
             self._live.update(pending)
-        return pending, bool(created)
+        return pending, created
 
     def finish_turn(self, session_id: str, pending: builtins.list[int], reply: str | None) -> None:
         """End a turn started with `start_turn`: with a reply, its questions are answered and the reply
@@ -351,10 +363,7 @@ class SessionStore:
                     "UPDATE messages SET answered = 1 WHERE id = ? AND session_pk = ?",
                     [(i, pk) for i in pending],
                 )
-                db.execute(
-                    "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
-                    (pk, "assistant", reply, now),
-                )
+                self._insert_messages(db, pk, [{"role": "assistant", "content": reply}], now)
                 db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
         finally:
             with self._live_lock:
