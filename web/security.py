@@ -214,8 +214,8 @@ def unauthorized(message: str) -> Response:
 
 
 def cache_scope() -> str | None:
-    """The prefix-cache scope of this request: its API key or JWT subject, None when auth is off (one
-    local user: everything may share). Outside a request (tests, the CLI) None as well."""
+    """Who this request acts for, as `key:NAME` / `jwt:SUB`: the scope of its prefix caches and the owner of
+    its sessions. None when auth is off (one local user: everything is shared) and outside a request."""
     identity = getattr(g, "identity", None) if has_request_context() else None
     return identity.key if identity and identity.kind != "anonymous" else None
 

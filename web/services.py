@@ -155,17 +155,15 @@ class Services:
         scheduler = self.scheduler(model)
         self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
-        if template:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            request = GenerationRequest(
-                options, messages=messages, cache_scope=cache_scope(), client_gone=client_gone()
-            )
-        else:
-            request = GenerationRequest(
-                options, prompt=prompt, cache_scope=cache_scope(), client_gone=client_gone()
-            )
+        system_part = [{"role": "system", "content": system}] if system else []
+        messages = system_part + [{"role": "user", "content": prompt}] if template else None
+        request = GenerationRequest(
+            options,
+            messages=messages,
+            prompt=None if template else prompt,
+            cache_scope=cache_scope(),
+            client_gone=client_gone(),
+        )
         return scheduler, self.submit(scheduler, request)
 
     def submit(self, runner: Runner, request: GenerationRequest) -> Stream:
