@@ -7,6 +7,9 @@ it): what the dialects need from the runtime they take from here.
 
 from __future__ import annotations
 
+import errno
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +34,6 @@ from ortllm.runtime.types import (
     RequestLimits,
     Result,
     TokenEvent,
-    client_gone_probe,
 )
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
@@ -243,8 +245,31 @@ class Services:
 
 
 def client_gone() -> Callable[[], bool] | None:
-    """A check that this request's HTTP client has closed its connection: a queued request is then dropped."""
-    return client_gone_probe(request.environ) if has_request_context() else None
+    """A check that this request's HTTP client has closed its connection (None outside a request, or when
+    the server does not expose the socket): the runtime then drops the request from its queue. A peek that
+    finds the end of the stream, without blocking or consuming data."""
+    environ = request.environ if has_request_context() else {}
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):  # no poll() on Windows
+        return None
+
+    def gone() -> bool:
+        try:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            events = poller.poll(0)
+            if not events:
+                return False
+            if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                return True
+            # readable with nothing to read is the end of the stream (poll said recv will not wait)
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError as exc:  # reset or closed under us; anything else is not a verdict
+            return exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN)
+        except ValueError:  # the socket object was closed (fileno -1)
+            return True
+
+    return gone
 
 
 def services() -> Services:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
-import select
-import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +32,7 @@ class GenerationRequest:
     # whose cached keys and values this request may reuse: requests of different scopes (API keys) never
     # share a prefix cache, so one caller cannot learn from timing what another has sent; None: all share
     cache_scope: str | None = None
-    # True once the caller's client has gone (see client_gone_probe): a request still queued is then dropped
+    # True once the caller's client has gone (probed by the web layer): a request still queued is then dropped
     client_gone: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
 
@@ -153,29 +150,3 @@ def embedding_tokens(
             f"input has {total} tokens; the limit is {limits.max_embedding_tokens} (server.max_embedding_tokens)"
         )
     return lists
-
-
-def client_gone_probe(environ: Mapping[str, Any]) -> Callable[[], bool] | None:
-    """A check that the HTTP client of a WSGI request has closed its connection (None when the server does
-    not expose the socket): a peek that finds the end of the stream, without blocking or consuming data."""
-    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
-    if not isinstance(sock, socket.socket) or not hasattr(select, "poll"):  # no poll() on Windows
-        return None
-
-    def gone() -> bool:
-        try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            events = poller.poll(0)
-            if not events:
-                return False
-            if events[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                return True
-            # readable with nothing to read is the end of the stream (poll said recv will not wait)
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except OSError as exc:  # reset or closed under us; anything else is not a verdict
-            return exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.EBADF, errno.ENOTCONN)
-        except ValueError:  # the socket object was closed (fileno -1)
-            return True
-
-    return gone
