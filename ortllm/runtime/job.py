@@ -13,9 +13,11 @@ import numpy as np
 
 from ortllm.errors import GenerationFailed, OrtllmError
 
+from .constrain import Constraint, TokenTable
 from .options import GenerationOptions
+from .sampling import token_logprobs
 from .stop import StopMatcher
-from .types import ERROR, STOP, GenerationRequest, Result, Timings, TokenEvent, Usage
+from .types import ERROR, STOP, GenerationRequest, Result, Timings, TokenEvent, TokenLogprob, Usage
 
 POLL_S = 0.25  # how often a waiting caller checks whether its client has gone
 
@@ -25,10 +27,20 @@ class Job:
     needs besides (an Engine request, a KV slot) it keeps itself."""
 
     def __init__(
-        self, request: GenerationRequest, prompt_ids: list[int], max_new: int, new_decoder: Callable[[], Any]
+        self,
+        request: GenerationRequest,
+        prompt_ids: list[int],
+        max_new: int,
+        new_decoder: Callable[[], Any],
+        *,
+        tokens: TokenTable | None = None,
     ) -> None:
-        """`new_decoder`: makes the tokenizer's incremental decoder (called on the worker thread)."""
+        """`new_decoder`: makes the tokenizer's incremental decoder (called on the worker thread); `tokens`:
+        the model's TokenTable, for log-probabilities."""
         self.request = request
+        self.tokens = tokens
+        self.constraint: Constraint | None = None  # the grammar, when ortllm's own sampler applies it
+        self._logprobs: list[TokenLogprob] = []  # those of tokens whose text is not streamed yet
         self.options: GenerationOptions = request.options
         self.prompt_ids = prompt_ids
         self.max_new = max_new
@@ -44,7 +56,7 @@ class Job:
         self._decoder: Any = None
         self.done = False
 
-    def take(self, token: int, eos_ids: Collection[int] = ()) -> bool:
+    def take(self, token: int, eos_ids: Collection[int] = (), logprob: TokenLogprob | None = None) -> bool:
         """A generated token: streamed (stop strings held back) unless it ends the sequence; False when
         the job should stop here (end-of-sequence, or a stop string matched)."""
         if self.first_token_at is None:
@@ -54,10 +66,30 @@ class Job:
         if self._decoder is None:
             self._decoder = self._new_decoder()
         self.token_ids.append(token)
+        if logprob is not None:
+            self._logprobs.append(logprob)
         text = self.matcher.feed(self._decoder.decode(token))
         if text:
-            self.events.put(TokenEvent(text=text, token_id=token))
+            self.events.put(TokenEvent(text=text, token_id=token, logprobs=self._take_logprobs()))
         return not self.matcher.stopped
+
+    def logprob(self, logits: np.ndarray, token: int) -> TokenLogprob:
+        """`token`'s log-probability under the adjusted `logits` with the request's number of alternatives."""
+        assert self.tokens is not None  # the scheduler gives every job of a logprobs request its table
+        value, best = token_logprobs(logits, token, self.request.logprobs or 0)
+
+        def described(t: int) -> tuple[str, bytes]:
+            raw = self.tokens.token_bytes(t) if self.tokens else b""
+            return raw.decode("utf-8", errors="replace"), raw
+
+        text, raw = described(token)
+        return TokenLogprob(text, raw, value, [(*described(t), lp) for t, lp in best])
+
+    def _take_logprobs(self) -> list[TokenLogprob] | None:
+        if not self._logprobs:
+            return None
+        out, self._logprobs = self._logprobs, []
+        return out
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """The final event (usage, timings); later calls do nothing."""
@@ -66,7 +98,7 @@ class Job:
         self.done = True
         tail = self.matcher.flush()
         if tail:
-            self.events.put(TokenEvent(text=tail))
+            self.events.put(TokenEvent(text=tail, logprobs=self._take_logprobs()))
         end = time.monotonic()
         decode_s = end - (self.first_token_at or end)
         generated = len(self.token_ids)
@@ -94,6 +126,7 @@ class Stream:
         self.final: TokenEvent | None = None
         self.prompt_tokens = len(job.prompt_ids)
         self._parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # read so far (requests with logprobs)
         self._final_hooks: list[Callable[[TokenEvent], None]] = []
         self._close_hooks: list[Callable[[], None]] = []
         self._cancelled = False
@@ -125,6 +158,8 @@ class Stream:
                     continue
                 if event.text:
                     self._parts.append(event.text)
+                if event.logprobs:
+                    self.logprobs.extend(event.logprobs)
                 if event.done:
                     self.final = event
                     for hook in self._final_hooks:
@@ -165,6 +200,7 @@ class Stream:
             final.usage or Usage(),
             final.timings or Timings(),
             list(self._job.token_ids),
+            self.logprobs if self._job.request.logprobs is not None else None,
         )
 
     def __enter__(self) -> Stream:

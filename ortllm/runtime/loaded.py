@@ -17,6 +17,7 @@ from ortllm.errors import ContextOverflow, ModelLoadError, first_line
 from ortllm.store import InstalledModel, Variant
 
 from . import templates
+from .constrain import TokenTable
 
 log = logging.getLogger("ortllm.runtime")
 
@@ -172,6 +173,11 @@ class LoadedModel:
         self._template = templates.model_template(self.path)
         self._special = self._special_tokens()
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
+        vocab = (
+            self.native.vocab if self.native is not None else int(genai_cfg["model"].get("vocab_size") or 0)
+        )
+        # the vocabulary as llguidance sees it: constrained output and log-probabilities (built on first use)
+        self.token_table = TokenTable(self.path / "tokenizer.json", vocab, self.eos_token_ids)
         log.info("loaded %s (%s) on %s: %s", self.name, self.variant.id, self.ep, self.reason)
 
     def _load(self, variant: Variant, threads: int | None) -> None:
@@ -260,19 +266,32 @@ class LoadedModel:
         with self.lock:
             return str(self.tokenizer.decode(np.asarray(ids, dtype=np.int32)))
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text for chat messages, using the model's own template where it has one."""
-        clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own chat template (jinja), if it ships one."""
+        return self._template
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text for chat messages (with tool calls and results) and the tools the template
+        describes, using the model's own template where it has one."""
+        keys = ("role", "content", "tool_calls", "tool_call_id", "name")
+        clean = [{k: m[k] for k in keys if k in m} for m in messages]
         if self._template and hasattr(self.tokenizer, "apply_chat_template"):
             try:
                 with self.lock:
-                    return str(
-                        self.tokenizer.apply_chat_template(json.dumps(clean), add_generation_prompt=True)
-                    )
+                    if tools:
+                        text = self.tokenizer.apply_chat_template(
+                            json.dumps(clean), tools=json.dumps(tools), add_generation_prompt=True
+                        )
+                    else:
+                        text = self.tokenizer.apply_chat_template(
+                            json.dumps(clean), add_generation_prompt=True
+                        )
+                return str(text)
             except Exception:  # the runtime's template engine rejects some jinja features
                 log.debug("runtime chat template failed for %s; rendering with jinja2", self.name)
         if self._template:
-            return templates.render_jinja(self._template, clean, self._special)
+            return templates.render_jinja(self._template, clean, self._special, tools=tools)
         family = str(self.installed.get("template") or "none")
         return templates.render_jinja(
             templates.BUILTIN.get(family, templates.BUILTIN["none"]), clean, self._special

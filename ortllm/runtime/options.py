@@ -23,6 +23,17 @@ class GenerationOptions:
     repeat_penalty: float = 1.1
     seed: int | None = None
     min_tokens: int = 0  # end-of-sequence is masked until this many tokens (benchmarks, `ignore_eos`)
+    repeat_last_n: int = 64  # repeat_penalty looks at this many last tokens (0: off, -1: the whole sequence)
+    presence_penalty: float = 0.0  # OpenAI's additive penalties over the generated tokens (-2.0 to 2.0)
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0: off)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100) added to the logits
+
+    @property
+    def native_only(self) -> list[str]:
+        """The options set here that only ortllm's own sampler applies (og.Engine and og.Generator lack them)."""
+        names = ("presence_penalty", "frequency_penalty", "min_p")
+        return [n for n in names if getattr(self, n)] + (["logit_bias"] if self.logit_bias else [])
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +47,7 @@ class GenerationOptions:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["stop"] = list(self.stop)
+        out["logit_bias"] = {str(k): v for k, v in self.logit_bias}
         return out
 
 
@@ -78,6 +90,15 @@ def validate_options(
         kwargs["repeat_penalty"] = _number("repeat_penalty", merged["repeat_penalty"], 0.0, None)
     if "min_tokens" in merged:
         kwargs["min_tokens"] = _number("min_tokens", merged["min_tokens"], 0, None, integer=True)
+    if "repeat_last_n" in merged:
+        kwargs["repeat_last_n"] = _number("repeat_last_n", merged["repeat_last_n"], -1, None, integer=True)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in merged:
+            kwargs[name] = _number(name, merged[name], -2.0, 2.0)
+    if "min_p" in merged:
+        kwargs["min_p"] = _number("min_p", merged["min_p"], 0.0, 1.0)
+    if "logit_bias" in merged:
+        kwargs["logit_bias"] = _logit_bias(merged["logit_bias"])
     if "seed" in merged:
         kwargs["seed"] = _number("seed", merged["seed"], 0, 2**63 - 1, integer=True)
     if "stop" in merged:
@@ -92,3 +113,23 @@ def validate_options(
             raise InvalidOptions(f"stop must hold at most {MAX_STOP_STRINGS} strings")
         kwargs["stop"] = tuple(stop)
     return GenerationOptions(**kwargs)
+
+
+MAX_LOGIT_BIAS = 300  # entries in one logit_bias (OpenAI's own limit)
+
+
+def _logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `logit_bias`: {"token id": bias -100..100}."""
+    if not isinstance(raw, dict):
+        raise InvalidOptions("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    if len(raw) > MAX_LOGIT_BIAS:
+        raise InvalidOptions(f"logit_bias holds at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
+    out = []
+    for key, value in raw.items():
+        token = str(key)
+        if not token.isdigit() or len(token) > 9:
+            raise InvalidOptions(
+                f"logit_bias keys must be token ids (got {token[:20]!r})", param="logit_bias"
+            )
+        out.append((int(token), float(_number(f"logit_bias[{token}]", value, -100.0, 100.0))))
+    return tuple(out)

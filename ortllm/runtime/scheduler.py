@@ -36,6 +36,7 @@ from .backends import Backend
 from .backends.engine_pool import DEFAULT_MAX_BATCH, DEFAULT_MAX_ENGINES, EnginePool
 from .backends.generator import GeneratorBackend, embed_chunk
 from .backends.native import NativeBatcher
+from .constrain import grammar_of
 from .job import POLL_S, EmbedJob, Job, Stream
 from .loaded import LoadedModel, engine_supported
 from .types import (
@@ -131,7 +132,7 @@ class Scheduler:
         elif request.messages is not None:
             if not request.messages:
                 raise InvalidOptions("messages must not be empty")
-            ids = self.model.encode(self.model.render_chat(request.messages))
+            ids = self.model.encode(self.model.render_chat(request.messages, request.tools))
         elif request.prompt is not None:
             ids = self.model.encode(request.prompt)
         else:
@@ -145,7 +146,8 @@ class Scheduler:
         """Queue a request; raises ContextOverflow, InvalidOptions or Busy before anything runs."""
         ids = self.prompt_ids(request)
         max_new = min(request.options.max_tokens, self.model.context_length - len(ids))
-        job = Job(request, ids, max_new, self.model.tokenizer.create_stream)
+        job = Job(request, ids, max_new, self.model.tokenizer.create_stream, tokens=self.model.token_table)
+        self._prepare(job)
         with self._cv:
             if self._stopping:
                 raise ModelLoadError(f"Model '{self.model.name}' is being unloaded")
@@ -156,6 +158,33 @@ class Scheduler:
             self._pending.append(job)
             self._cv.notify()
         return Stream(job, self.drop)
+
+    def _prepare(self, job: Job) -> None:
+        """Check what `job` asks of the backend that will run it (400 for what that backend cannot honour)
+        and give it its grammar: ortllm's own sampler applies it (og.Engine and og.Generator get the
+        guidance itself)."""
+        request, options = job.request, job.options
+        native = isinstance(self._backend_for(job), NativeBatcher)
+        if not native:
+            asked = options.native_only + (["logprobs"] if request.logprobs is not None else [])
+            if asked:
+                raise InvalidOptions(
+                    f"{', '.join(asked)} {'is' if len(asked) == 1 else 'are'} not supported for this request: "
+                    f"model '{self.model.name}' runs it on onnxruntime-genai ({self.batcher} batcher), "
+                    "whose sampler lacks them",
+                    param=asked[0],
+                )
+        vocab = self.model.token_table.vocab
+        wrong = next((t for t, _ in options.logit_bias if vocab and t >= vocab), None)
+        if wrong is not None:
+            raise InvalidOptions(
+                f"logit_bias names token {wrong}; the vocabulary has {vocab}", param="logit_bias"
+            )
+        if request.guidance:
+            if native:
+                job.constraint = self.model.token_table.constraint(request.guidance)
+            else:
+                grammar_of(*request.guidance)  # a grammar that cannot be compiled is a 400 here too
 
     def generate(self, request: GenerationRequest) -> Result:
         with self.submit(request) as stream:

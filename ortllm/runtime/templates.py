@@ -49,12 +49,25 @@ def model_template(model_dir: Path) -> str | None:
     return None
 
 
-def render_jinja(template: str, messages: list[dict[str, Any]], special: dict[str, str]) -> str:
-    """Render a Hugging Face style chat template in a sandbox."""
+def render_jinja(
+    template: str,
+    messages: list[dict[str, Any]],
+    special: dict[str, str],
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """Render a Hugging Face style chat template in a sandbox (`tools` as the template reads them)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
+    def tojson(
+        value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False
+    ) -> str:
+        # as transformers renders templates: plain JSON (jinja2's own tojson escapes <, > and & for HTML)
+        return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    env.filters["tojson"] = tojson
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special, **extra)

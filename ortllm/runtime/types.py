@@ -22,13 +22,16 @@ class GenerationRequest:
     """What to generate: chat `messages` or a raw `prompt` (or ready `prompt_tokens`), with options."""
 
     options: GenerationOptions = field(default_factory=GenerationOptions)
-    messages: list[dict[str, str]] | None = None
+    # chat messages as the model's template reads them (tool calls and tool results included)
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prompt_tokens: list[int] | None = None
     session_id: str | None = None
     guidance: tuple[str, str] | None = (
         None  # ("json_schema" | "regex" | "lark_grammar", text): constrained output
     )
+    tools: list[dict[str, Any]] | None = None  # function tools the chat template describes (OpenAI's shape)
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
     # whose cached keys and values this request may reuse: requests of different scopes (API keys) never
     # share a prefix cache, so one caller cannot learn from timing what another has sent; None: all share
     cache_scope: str | None = None
@@ -69,11 +72,24 @@ class Timings:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability (after penalties and constraints, before temperature) and the
+    most likely alternatives at its position, best first: (text, bytes, logprob)."""
+
+    text: str
+    raw: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+
+@dataclass
 class TokenEvent:
     """One step of a stream: a text delta, or the final event (finish_reason set, usage, timings)."""
 
     text: str = ""
     token_id: int | None = None
+    # the tokens behind `text` (a token whose text is held back, e.g. by a stop string, comes with a later one)
+    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
@@ -93,6 +109,7 @@ class Result:
     usage: Usage
     timings: Timings
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -14,10 +14,13 @@ sequence's offset, and rotates positions from it. So one onnxruntime session ove
   decode steps (a long prompt does not freeze the others' streams); a finished sequence leaves its
   tokens in its slot, and a new prompt starts in the free slot sharing its longest prefix (turn 5 of a
   chat re-reads only the new turn; `cached_prompt_tokens` reports it).
-- `sample()`: temperature, top-k, top-p, repetition penalty, min_tokens and per-request seeds in numpy.
+- `adjust()` + `pick()`: repetition penalty over the last repeat_last_n tokens, presence and frequency
+  penalties, logit_bias, min_tokens and the grammar's mask; then temperature, top-k, top-p, min-p and
+  per-request seeds, in numpy; log-probabilities from the adjusted logits.
 
-Requests with constrained output (guidance) are not handled here; the scheduler gives them to the next
-backend (og.Engine, else og.Generator).
+- Constrained output (JSON schema, regex, Lark grammars: response_format and tool calls) is decoded here
+  too, batched with everything else: a grammar's token mask (llguidance, see runtime.constrain) is applied
+  to the row's logits before sampling.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 from ortllm.errors import first_line
 
 from ..job import Job
-from ..options import GenerationOptions
+from ..sampling import adjust, pick, sample  # noqa: F401  (sample: the one-call form, for tests)
 
 log = logging.getLogger("ortllm.native")
 
@@ -48,6 +51,7 @@ WARM_SLOTS = 4  # KV slots whose memory is faulted in while idle (the first use 
 KEEP_CACHE_S = 300.0  # a finished sequence's cache outranks a fresh slot for this long (then it is fair game)
 MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompts on CPU
 _DTYPES = {1: np.float32, 10: np.float16}
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
 
 
 def inspect_decoder(path: Path, genai_cfg: dict[str, Any], ep: str) -> tuple[Any, str | None]:
@@ -304,44 +308,6 @@ def _last_position_only(model: Any) -> bytes | None:
         return None
 
 
-# ---- sampling ----------------------------------------------------------------------------------
-
-
-def sample(
-    logits: np.ndarray,
-    options: GenerationOptions,
-    history: np.ndarray,
-    generated: int,
-    eos_ids: list[int],
-    rng: np.random.Generator,
-) -> int:
-    """The next token from one row of logits (modified in place)."""
-    penalty = options.repetition_penalty
-    if penalty != 1.0 and history.size:
-        seen = logits[history]
-        logits[history] = np.where(seen > 0, seen / penalty, seen * penalty)
-    if generated < options.min_tokens and eos_ids:
-        logits[eos_ids] = -np.inf
-    if options.greedy:
-        return int(np.argmax(logits))
-    scaled = logits / options.temperature
-    k = options.top_k
-    if 0 < k < scaled.size:
-        candidates = np.argpartition(scaled, -k)[-k:]
-    else:
-        candidates = np.arange(scaled.size)
-    values = scaled[candidates]
-    order = np.argsort(-values, kind="stable")
-    candidates, values = candidates[order], values[order]
-    probs = np.exp(values - values[0])
-    probs /= probs.sum()
-    if options.top_p < 1.0:
-        cumulative = np.cumsum(probs)
-        keep = int(np.searchsorted(cumulative, options.top_p)) + 1  # the smallest set reaching top_p
-        candidates, probs = candidates[:keep], probs[:keep] / cumulative[min(keep, cumulative.size) - 1]
-    return int(candidates[min(int(np.searchsorted(np.cumsum(probs), rng.random())), candidates.size - 1)])
-
-
 # ---- the batcher -------------------------------------------------------------------------------
 
 
@@ -353,6 +319,7 @@ class _Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # tokens still to feed (prompt, then the last sample)
     generated: int = 0
+    # repeat_last_n -1 (the whole sequence): the distinct tokens seen, kept as they come
     history: set[int] = field(default_factory=set)
     history_array: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     rng: np.random.Generator | None = None
@@ -409,9 +376,9 @@ class NativeBatcher:
         return [s.job for s in self.slots if s.job is not None]
 
     def takes(self, job: Job) -> bool:
-        """Everything but constrained output and sequences longer than the largest arena this machine
-        allows (those go to og.Engine)."""
-        return not job.request.guidance and len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
+        """Everything but sequences longer than the largest arena this machine allows (those go to
+        og.Engine); constrained output too (a grammar's mask at each step, see runtime.constrain)."""
+        return len(job.prompt_ids) + job.max_new <= self.decoder.max_capacity
 
     def admit(self, job: Job) -> bool:
         """Start `job` in the free slot sharing the longest prefix with its prompt; False when full."""
@@ -465,7 +432,8 @@ class NativeBatcher:
         slot.scope = scope
         slot.pending = list(prompt[reuse:])
         slot.generated = 0
-        slot.history = set(prompt) if job.options.repetition_penalty != 1.0 else set()
+        whole = job.options.repetition_penalty != 1.0 and job.options.repeat_last_n < 0
+        slot.history = set(prompt) if whole else set()
         slot.history_array = np.fromiter(slot.history, dtype=np.int64, count=len(slot.history))
         slot.rng = np.random.default_rng(job.options.seed)
         job.cached_prompt_tokens = reuse
@@ -575,8 +543,25 @@ class NativeBatcher:
         slot = self.slots[i]
         job = slot.job
         assert job is not None and slot.rng is not None  # only a busy slot is sampled
+        options = job.options
+        constraint = job.constraint
         try:
-            token = sample(logits, job.options, slot.history_array, slot.generated, self.eos_ids, slot.rng)
+            n = options.repeat_last_n
+            if options.repetition_penalty == 1.0 or n == 0:
+                window = _NO_TOKENS
+            elif n < 0:
+                window = slot.history_array
+            else:
+                window = np.unique(np.asarray(slot.tokens[-n:], dtype=np.int64))
+            penalised = options.presence_penalty or options.frequency_penalty
+            output = np.asarray(job.token_ids, dtype=np.int64) if penalised else None
+            allowed = constraint.allowed(logits.size) if constraint is not None else None
+            if constraint is not None and allowed is not None and not allowed.any():
+                self._release(i, "error", f"constrained output failed: {constraint.error or 'no token fits'}")
+                return
+            adjust(logits, options, window, slot.generated, self.eos_ids, output=output, allowed=allowed)
+            token = pick(logits, options, slot.rng)
+            logprob = job.logprob(logits, token) if job.request.logprobs is not None else None
         except Exception as exc:
             self._release(i, "error", f"sampling failed: {first_line(exc)}")
             return
@@ -584,8 +569,10 @@ class NativeBatcher:
         if token in self._eos:
             self._release(i, "stop")
             return
+        if constraint is not None:
+            constraint.advance(token)
         try:
-            going = job.take(token)
+            going = job.take(token, logprob=logprob) and not (constraint is not None and constraint.finished)
         except Exception as exc:  # one request's failure must not stop the others
             log.exception("request failed")
             self._release(i, "error", f"generation failed: {first_line(exc)}")
@@ -600,7 +587,7 @@ class NativeBatcher:
             self._release(i, "cancelled")
             return
         slot.pending = [token]
-        if job.options.repetition_penalty != 1.0 and token not in slot.history:
+        if options.repetition_penalty != 1.0 and options.repeat_last_n < 0 and token not in slot.history:
             slot.history.add(token)
             slot.history_array = np.append(slot.history_array, token)
 
