@@ -116,7 +116,7 @@ def test_bad_requests_are_400_error_objects(client, server):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=M, messages=QUESTION, temperature=5)
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=M, messages=QUESTION, n=2)
+        client.chat.completions.create(model=M, messages=QUESTION, n=9)  # n is 1 to 8
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
             model=M, messages=QUESTION, response_format={"type": "json_schema", "json_schema": {"name": "x"}}

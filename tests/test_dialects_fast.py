@@ -255,7 +255,7 @@ def test_openai_chat_completions_models_embeddings(client: Any) -> None:
     assert [m["id"] for m in client.get("/v1/models").get_json()["data"]] == [M, E]
     r = client.post("/v1/embeddings", json={"model": E, "input": "a"})
     assert r.get_json()["data"][0]["embedding"] == [0.0, 1.0]
-    r = client.post("/v1/chat/completions", json={**body, "n": 2})
+    r = client.post("/v1/chat/completions", json={**body, "n": 9})  # n is 1 to 8
     assert r.status_code == 400 and r.get_json()["error"]["type"] == "invalid_request_error"
 
 

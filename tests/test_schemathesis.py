@@ -67,7 +67,11 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
       (16, in code) under this limit;
     - `device` is cpu and `quantization` one of the model's builds: the others answer 400 on a machine or
       model without that execution provider or build, which no schema can know in advance;
-    - model names get the installed model as an example, so the examples phase reaches past the 404.
+    - model names get the installed model as an example, so the examples phase reaches past the 404;
+    - `logit_bias` keys are token ids below 10000 (every model's vocabulary is larger); `tools` is one tool
+      with no `parameters` or an object one and `tool_choice` names no function: a bigger id, two tools of
+      one name, a schema llguidance cannot compile or a name not in `tools` are 400s no schema can state, and so is a tool
+      message without an earlier call of that id (no tool messages, then).
     """
     spec = json.loads(json.dumps(spec))
     for operations in spec["paths"].values():
@@ -87,6 +91,16 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
             props["quantization"] = {"enum": [*builds, None]}
         for field in MODEL_FIELDS & props.keys():
             props[field]["examples"] = [model]
+        if "logit_bias" in props:
+            props["logit_bias"]["anyOf"][0]["propertyNames"] = {"pattern": "^[0-9]{1,4}$"}
+        if "tools" in props:
+            tools = props["tools"]["anyOf"][0]
+            tools["maxItems"] = 1
+            function = tools["items"]["properties"]["function"]["properties"]
+            function["parameters"] = {"enum": [None, {"type": "object"}]}
+            props["tool_choice"] = {"enum": ["none", "auto", "required", None]}
+        if name == "OpenAIMessage":  # a tool message answers a call of an earlier message: a 400 otherwise
+            props["role"]["enum"].remove("tool")
     return spec
 
 

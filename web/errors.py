@@ -117,7 +117,13 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
     """First pydantic error as 'field: message' (and the field name, for OpenAI's `param`)."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    # pydantic's prefixes of a validator's own words ("Value error, ...") are not for clients
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    ctx = err.get("ctx") or {}
+    if isinstance(ctx.get("param"), str):  # a refusal written whole, naming its field (openai/protocol.py)
+        return msg, ctx["param"]
+    if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:  # OpenAI's own words for an unknown field
+        return f"Unrecognized request argument supplied: {loc}", loc
     if err["type"] == "missing":
         return f"Missing required field: {loc}", loc
     return (f"{loc}: {msg}" if loc else msg), loc or None

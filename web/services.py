@@ -13,11 +13,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
 from flask import current_app, has_request_context, request
 
+from ortllm import toolcalls
 from ortllm.conversation import ChatSession, ChatTurn, plan_turn
 from ortllm.errors import InvalidOptions, ModelLoadError, SessionStoreUnavailable
 from ortllm.runtime.embedder import not_generative
@@ -34,6 +36,7 @@ from ortllm.runtime.types import (
     RequestLimits,
     Result,
     TokenEvent,
+    TokenLogprob,
 )
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
@@ -52,10 +55,13 @@ __all__ = [
     "Result",
     "Stream",
     "TokenEvent",
+    "TokenLogprob",
+    "ToolDelta",
     "available_eps",
     "variant_ep",
     "ChatSession",
     "Services",
+    "ToolPlan",
     "make_registry",
     "services",
     "client_gone",
@@ -152,6 +158,7 @@ class Services:
         *,
         template: bool,
         system: str | None = None,
+        logprobs: int | None = None,
     ) -> tuple[Runner, Stream]:
         """Start a stateless generation: the chat template applied (`template`) or the prompt as is."""
         scheduler = self.scheduler(model)
@@ -163,6 +170,7 @@ class Services:
             options,
             messages=messages,
             prompt=None if template else prompt,
+            logprobs=logprobs,
             cache_scope=cache_scope(),
             client_gone=client_gone(),
         )
@@ -176,18 +184,48 @@ class Services:
         stream.on_final(lambda final: self.metrics.observe(model, final, failed=final.finish_reason == ERROR))
         return stream
 
+    def tool_plan(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        tools: list[Any] | None,
+        tool_choice: Any = None,
+        *,
+        parallel: bool = True,
+    ) -> ToolPlan:
+        """How a chat with OpenAI-shaped `tools` and messages (tool calls, tool results) runs on `model`: the
+        messages and tools its template reads, the grammar that enforces `tool_choice`, and the parser of
+        its answer. Every dialect with tools (OpenAI, Ollama, Responses, Messages) comes through here."""
+        runner = self.scheduler(model)
+        template = getattr(runner.model, "chat_template", None)
+        parsed = toolcalls.parse_tools(tools)
+        choice = toolcalls.parse_tool_choice(tool_choice, parsed)
+        fmt = toolcalls.detect_format(template)
+        knows = toolcalls.template_knows_tools(template)
+        offered = parsed if choice.mode != "none" else []  # "none": the model is not told of any tool
+        prepared = toolcalls.prepare_messages(fmt, messages, offered, knows)
+        # markup that is one special token of the model (Qwen's <tool_call>) is written as that token
+        table = getattr(runner.model, "token_table", None)
+        tokenizer = table.tokenizer if table is not None and offered else None
+        grammar = toolcalls.tool_grammar(fmt, offered, choice, parallel, tokenizer=tokenizer) if offered else None
+        shown = [_tool_dict(t) for t in offered] if offered and knows else None
+        return ToolPlan(fmt, prepared, shown, ("lark_grammar", grammar) if grammar else None, offered)
+
     def chat(
         self,
         model: str,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         raw_options: dict[str, Any] | None,
         *,
         session_id: str | None = None,
         system_prompt: str | None = None,
         store: bool = True,
         guidance: tuple[str, str] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        logprobs: int | None = None,
     ) -> tuple[Runner, ChatSession[Stream]]:
-        """Start a chat turn; with `store`, history comes from and goes to the session store."""
+        """Start a chat turn; with `store`, history comes from and goes to the session store. `tools`: what
+        the chat template describes (see `tool_plan`); `logprobs`: alternatives per token (None: none)."""
         scheduler = self.scheduler(model)
         self.metrics.chat_completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
@@ -208,6 +246,8 @@ class Services:
             messages=turn.messages,
             session_id=turn.session_id or None,
             guidance=guidance,
+            tools=tools,
+            logprobs=logprobs,
             cache_scope=cache_scope(),
             client_gone=gone,
         )
@@ -242,6 +282,31 @@ class Services:
             "ep_reason": getattr(loaded.model, "reason", None) if loaded else None,
             "hf_name": model.get("hf_name") or model.get("source", ""),
         }
+
+
+@dataclass
+class ToolPlan:
+    """A chat with tools, planned for one model (see Services.tool_plan)."""
+
+    format: str  # the model's tool-call convention (toolcalls.FORMATS)
+    messages: list[dict[str, Any]]  # as the model's template reads them
+    tools: list[dict[str, Any]] | None  # what the template describes (None: the messages describe them)
+    guidance: tuple[str, str] | None  # the grammar enforcing tool_choice (None: unconstrained)
+    offered: list[toolcalls.Tool]  # the tools the answer may call
+
+    def parser(self) -> toolcalls.OutputParser:
+        """A parser of one answer (each choice of a request gets its own)."""
+        return toolcalls.OutputParser(self.format, self.offered or None)
+
+
+ToolDelta = toolcalls.Delta  # one piece of a parsed answer: content, reasoning or a tool call's part
+
+
+def _tool_dict(tool: toolcalls.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
+    if tool.description:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}
 
 
 def client_gone() -> Callable[[], bool] | None:

@@ -27,6 +27,34 @@ Temperature = Annotated[
 TopP = Annotated[float, Field(description="0.0 to 1.0", json_schema_extra={"minimum": 0.0, "maximum": 1.0})]
 TopK = Annotated[int, Field(description="integer >= 0 (0 = off)", json_schema_extra={"minimum": 0}), Integral]
 RepeatPenalty = Annotated[float, Field(description=">= 0.0 (1 = off)", json_schema_extra={"minimum": 0.0})]
+RepeatLastN = Annotated[
+    int,
+    Field(
+        description="tokens repeat_penalty looks back over (0 = off, -1 = the whole context; default 64)",
+        json_schema_extra={"minimum": -1},
+    ),
+    Integral,
+]
+Penalty = Annotated[
+    float,
+    Field(description="-2.0 to 2.0, additive (OpenAI)", json_schema_extra={"minimum": -2.0, "maximum": 2.0}),
+]
+MinP = Annotated[
+    float,
+    Field(description="0.0 to 1.0 (0 = off)", json_schema_extra={"minimum": 0.0, "maximum": 1.0}),
+]
+# the runtime's bounds (ortllm.runtime.options._logit_bias): token ids as decimal keys, at most 300 of them
+LogitBias = Annotated[
+    dict[str, float],
+    Field(
+        description="token id (decimal string) -> bias -100 to 100 added to its logit",
+        json_schema_extra={
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "maxProperties": 300,
+        },
+    ),
+]
 Seed = Annotated[int, Field(json_schema_extra={"minimum": 0, "maximum": 2**63 - 1}), Integral]
 StopString = Annotated[str, Field(json_schema_extra={"minLength": 1})]
 # bounds that are server settings: openapi_spec writes [keyword, setting] as `keyword: <the setting's value>`

@@ -1,18 +1,22 @@
 """The OpenAI dialect under /v1: chat completions, completions, embeddings, models.
 
-Mapping rules: `max_completion_tokens` wins over `max_tokens`; `presence_penalty` and
-`frequency_penalty` are accepted and not applied (the runtime has a multiplicative
-`repeat_penalty`, an extension field here, as is `top_k`); `n` must be 1; `response_format`
-json_object / json_schema constrain the output with the runtime's guidance (llguidance).
+Mapping rules: `max_completion_tokens` wins over `max_tokens`; `tools`, `tool_choice` and
+`parallel_tool_calls` go through `Services.tool_plan` (the model's own template and tool-call format, a
+grammar that enforces the choice, a parser that turns the answer into `tool_calls`); `n` choices decode
+together (choice i with seed + i), usage counts the prompt once; `logprobs` come from the runtime's
+sampler; `response_format` json_object / json_schema constrain the output (llguidance). Every request
+field is honoured or refused by protocol.py (400 naming it).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import queue
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +26,7 @@ from llguidance import LLMatcher
 from ortllm.errors import InvalidOptions, ModelNotFound
 
 from ...routes import api_route
-from ...services import TokenEvent, services
+from ...services import Stream, TokenEvent, TokenLogprob, ToolDelta, services
 from ...streaming import Outcome, cancel_reason, cancelled, complete, failed, sse_response
 from ...streaming import usage_of as usage
 from . import protocol as p
@@ -31,16 +35,22 @@ bp = Blueprint("openai", __name__, url_prefix="/v1")
 TAG = "OpenAI-compatible"
 
 
-def sampling(body: p.OpenAISampling, max_tokens: int | None) -> dict[str, Any]:
+def sampling(body: p.OpenAISampling, max_tokens: int | None, choice: int = 0) -> dict[str, Any]:
+    """The runtime's options; choice i of n gets seed + i (the same seed would repeat one answer n times)."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     return {
         "temperature": body.temperature,
         "top_p": body.top_p,
         "top_k": body.top_k,
+        "min_p": body.min_p,
         "max_tokens": max_tokens,
         "stop": stop,
-        "seed": body.seed,
+        "seed": (body.seed + choice) % 2**63 if body.seed is not None else None,
         "repeat_penalty": body.repeat_penalty,
+        "repeat_last_n": body.repeat_last_n,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "logit_bias": body.logit_bias,
         "min_tokens": max_tokens if body.ignore_eos else None,
     }
 
@@ -69,6 +79,15 @@ def usage_of(event: Outcome) -> dict[str, Any]:
     return usage(event, cached=True)
 
 
+def total_usage(finals: Sequence[Outcome]) -> dict[str, Any]:
+    """The usage of n choices: the prompt counted once (the choices share its keys and values)."""
+    out = usage_of(finals[0])
+    completion = sum(usage_of(f)["completion_tokens"] for f in finals)
+    out["completion_tokens"] = completion
+    out["total_tokens"] = out["prompt_tokens"] + completion
+    return out
+
+
 def finish_reason(event: Outcome) -> str:
     """OpenAI's finish_reason of a complete answer (a cut-short one never gets one: see `ended_early`)."""
     return "length" if complete(event).finish_reason == "length" else "stop"
@@ -86,6 +105,79 @@ def ended_early(event: TokenEvent) -> dict[str, Any] | None:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
 
+def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs.content` items."""
+    return [
+        {
+            "token": e.text,
+            "logprob": e.logprob,
+            "bytes": list(e.raw),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top],
+        }
+        for e in entries
+    ]
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    """The legacy completions' `logprobs` (text offsets count from `offset`, the echoed prompt's length)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, _, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def openai_messages(body: p.ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's messages as the runtime reads them (developer = system; tool calls and results kept)."""
+    out = []
+    for m in body.messages:
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump(mode="json") for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None and m.role == "tool":
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+def merged(streams: list[Stream]) -> Generator[tuple[int, TokenEvent], None, None]:
+    """The events of several streams as they come, each with its stream's index (the n choices of one
+    request decode together); closing the iterator closes every stream."""
+    if len(streams) == 1:
+        yield from ((0, event) for event in streams[0])
+        return
+    events: queue.SimpleQueue[tuple[int, TokenEvent | None]] = queue.SimpleQueue()
+
+    def pump(index: int, stream: Stream) -> None:
+        try:
+            for event in stream:
+                events.put((index, event))
+        finally:
+            events.put((index, None))
+
+    threads = [threading.Thread(target=pump, args=(i, s), daemon=True) for i, s in enumerate(streams)]
+    for thread in threads:
+        thread.start()
+    try:
+        left = len(streams)
+        while left:
+            index, event = events.get()
+            if event is None:
+                left -= 1
+            else:
+                yield index, event
+    finally:
+        for stream in streams:
+            stream.close()
+
+
 @api_route(
     bp,
     "/chat/completions",
@@ -97,64 +189,145 @@ def ended_early(event: TokenEvent) -> dict[str, Any] | None:
     streams=True,
 )
 def chat_completions(body: p.ChatCompletionRequest) -> Response:
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-        if m.role != "tool"
-    ]
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    scheduler, chat = services().chat(
+    svc = services()
+    plan = svc.tool_plan(
         body.model,
-        messages,
-        sampling(body, max_tokens),
-        store=False,
-        guidance=guidance_of(body.response_format),
+        openai_messages(body),
+        body.tools,
+        body.tool_choice,
+        parallel=body.parallel_tool_calls is not False,
     )
-    cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
-    stream = chat.stream
-    if not body.stream:
-        result = stream.result()
-        choice = p.ChatChoice(
-            index=0, message=p.AssistantMessage(content=result.text), finish_reason=finish_reason(result)
+    guidance = guidance_of(body.response_format)
+    if guidance is not None and plan.guidance is not None:
+        raise InvalidOptions(
+            "response_format cannot be combined with tools the answer may call (use tool_choice none)",
+            param="response_format",
         )
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    chats = []
+    try:
+        for i in range(body.n):
+            scheduler, chat = svc.chat(
+                body.model,
+                plan.messages,
+                sampling(body, max_tokens, i),
+                store=False,
+                guidance=plan.guidance or guidance,
+                tools=plan.tools,
+                logprobs=top,
+            )
+            chats.append(chat)
+    except BaseException:
+        for chat in chats:
+            chat.stream.close()
+        raise
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
+    streams = [chat.stream for chat in chats]
+    parsers = [plan.parser() for _ in streams]
+    if not body.stream:
+        choices, results = [], []
+        try:
+            for index, (stream, parser) in enumerate(zip(streams, parsers, strict=True)):
+                result = stream.result()
+                results.append(result)
+                parser.feed(result.text)
+                parser.finish()
+                calls = [
+                    p.ToolCall(id=c.id, function=p.FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in parser.calls
+                ]
+                reason = finish_reason(result)
+                message = p.AssistantMessage(
+                    content=parser.content if parser.content or not calls else None,
+                    tool_calls=calls or None,
+                    reasoning_content=parser.reasoning or None,
+                    reasoning=parser.reasoning or None,
+                )
+                logprobs = (
+                    p.ChatLogprobs(content=chat_logprobs(result.logprobs))
+                    if top is not None and result.logprobs is not None
+                    else None
+                )
+                choices.append(
+                    p.ChatChoice(
+                        index=index,
+                        message=message,
+                        logprobs=logprobs,
+                        finish_reason="tool_calls" if calls and reason == "stop" else reason,
+                    )
+                )
+        finally:
+            for stream in streams:
+                stream.close()
         reply = p.ChatCompletion(
-            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(result))
+            id=cid, created=created, model=model, choices=choices, usage=p.OpenAIUsage(**total_usage(results))
         )
         return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        index: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
         out = {
             "id": cid,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}],
         }
         if include_usage:
             out["usage"] = None
         return out
 
+    def deltas(index: int, pieces: list[ToolDelta]) -> Iterator[dict[str, Any]]:
+        for d in pieces:
+            if d.kind == "content":
+                yield {"content": d.text}
+            elif d.kind == "reasoning":
+                yield {"reasoning_content": d.text, "reasoning": d.text}
+            elif d.id is not None:  # a call's first piece: its id and name
+                call = {"index": d.index, "id": d.id, "type": "function"}
+                yield {"tool_calls": [{**call, "function": {"name": d.name, "arguments": d.text}}]}
+            else:
+                yield {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
+
     def events() -> Iterator[dict[str, Any] | str]:
-        with stream:  # a client gone at the first chunk, before the stream is read, closes it too
-            yield chunk({"role": "assistant", "content": ""})
-            for event in stream:
-                if event.text:
-                    yield chunk({"content": event.text})
+        finals: list[TokenEvent | None] = [None] * len(streams)
+        held: list[list[TokenLogprob]] = [[] for _ in streams]  # logprobs waiting for a chunk to ride on
+        source = merged(streams)
+        try:  # a client gone at the first chunk, before the streams are read, closes them too
+            for index in range(len(streams)):
+                yield chunk(index, {"role": "assistant", "content": ""})
+            for index, event in source:
+                parser = parsers[index]
+                if event.logprobs:
+                    held[index].extend(event.logprobs)
+                pieces = parser.feed(event.text) if event.text else []
                 if event.done:
                     if (error := ended_early(event)) is not None:
                         yield error
                         return
-                    yield chunk({}, finish_reason(event))
-                    if include_usage:
-                        yield {
-                            "id": cid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage_of(event),
-                        }
+                    pieces += parser.finish()
+                for delta in deltas(index, pieces):
+                    logprobs = {"content": chat_logprobs(held[index])} if held[index] else None
+                    held[index] = []
+                    yield chunk(index, delta, logprobs=logprobs)
+                if event.done:
+                    finals[index] = event
+                    reason = finish_reason(event)
+                    yield chunk(index, {}, "tool_calls" if parser.calls and reason == "stop" else reason)
+            if include_usage:
+                yield {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": total_usage([f for f in finals if f is not None]),
+                }
+        finally:
+            source.close()
         yield "[DONE]"
 
     return sse_response(events())
@@ -175,43 +348,83 @@ def completions(body: p.CompletionRequest) -> Response:
     if len(prompts) != 1:
         raise InvalidOptions("prompt must be one string (batches of prompts are not supported)")
     max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
-    scheduler, stream = services().complete(
-        body.model, prompts[0], sampling(body, max_tokens), template=False
-    )
+    top = body.logprobs
+    svc = services()
+    streams: list[Stream] = []
+    try:
+        for i in range(body.n):
+            scheduler, stream = svc.complete(
+                body.model, prompts[0], sampling(body, max_tokens, i), template=False, logprobs=top
+            )
+            streams.append(stream)
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
     cid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), scheduler.model.name
     prefix = prompts[0] if body.echo else ""
     if not body.stream:
-        result = stream.result()
-        choice = p.CompletionChoice(index=0, text=prefix + result.text, finish_reason=finish_reason(result))
+        choices, results = [], []
+        try:
+            for index, stream in enumerate(streams):
+                result = stream.result()
+                results.append(result)
+                logprobs = (
+                    p.CompletionLogprobs(**completion_logprobs(result.logprobs, len(prefix)))
+                    if top is not None and result.logprobs is not None
+                    else None
+                )
+                choices.append(
+                    p.CompletionChoice(
+                        index=index,
+                        text=prefix + result.text,
+                        logprobs=logprobs,
+                        finish_reason=finish_reason(result),
+                    )
+                )
+        finally:
+            for stream in streams:
+                stream.close()
         reply = p.Completion(
-            id=cid, created=created, model=model, choices=[choice], usage=p.OpenAIUsage(**usage_of(result))
+            id=cid, created=created, model=model, choices=choices, usage=p.OpenAIUsage(**total_usage(results))
         )
         return jsonify(reply.model_dump(mode="json"))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(text: str, reason: str | None = None) -> dict[str, Any]:
+    def chunk(index: int, text: str, reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         return {
             "id": cid,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def events() -> Iterator[dict[str, Any] | str]:
-        with stream:  # a client gone at the echoed prompt, before the stream is read, closes it too
+        offsets = [len(prefix)] * len(streams)
+        finals: list[TokenEvent] = []
+        source = merged(streams)
+        try:  # a client gone at the echoed prompt, before the streams are read, closes them too
             if prefix:
-                yield chunk(prefix)
-            for event in stream:
+                for index in range(len(streams)):
+                    yield chunk(index, prefix)
+            for index, event in source:
                 if event.text:
-                    yield chunk(event.text)
+                    logprobs = None
+                    if top is not None and event.logprobs:
+                        logprobs = completion_logprobs(event.logprobs, offsets[index])
+                    offsets[index] += len(event.text)
+                    yield chunk(index, event.text, logprobs=logprobs)
                 if event.done:
                     if (error := ended_early(event)) is not None:
                         yield error
                         return
-                    yield chunk("", finish_reason(event))
-                    if include_usage:
-                        yield {**chunk(""), "choices": [], "usage": usage_of(event)}
+                    finals.append(event)
+                    yield chunk(index, "", finish_reason(event))
+            if include_usage:
+                yield {**chunk(0, ""), "choices": [], "usage": total_usage(finals)}
+        finally:
+            source.close()
         yield "[DONE]"
 
     return sse_response(events())
