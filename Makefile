@@ -89,4 +89,4 @@ format: install
 	$(BIN)/ruff check --fix ortllm converters cli web tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV014) $(VENVOPT) .cache build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV014) $(VENVOPT) .cache build *.egg-info .pytest_cache tests/js/node_modules

