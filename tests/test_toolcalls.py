@@ -543,7 +543,7 @@ def test_auto_text_cannot_look_like_a_call(smol: LLTokenizer, fmt: str) -> None:
     markup); it is never free text."""
     auto = tool_grammar(fmt, TOOLS, ToolChoice("auto"), True, tokenizer=smol)
     key = "parameters" if fmt == "llama3" else "arguments"
-    call = '{"name": "get_weather", "%s": {"city": "Paris"}}' % key
+    call = json.dumps({"name": "get_weather", key: {"city": "Paris"}})
     assert accepts(smol, auto, f"```json\n{call}\n```") and accepts(smol, auto, f"```xml\n{call}\n```")
     assert accepts(smol, auto, call)
     for fenced in ('```json\n{"foo": 1}\n```', '```xml\n{"foo": 1}\n```', '{"name": "nope"}'):
