@@ -15,7 +15,7 @@ from ortllm.runtime.types import GenerationRequest
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.web.app import create_app
-from tests.test_dialects_fast import M, FakeFacts, FakeRegistry, FakeRunner, install
+from tests.test_dialects_fast import FakeFacts, FakeRegistry, FakeRunner, M, install
 
 HERMES_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
