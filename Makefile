@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install browser run chat test test-genai014 optimum-env test-optimum lint format clean
+.PHONY: install browser node run chat test test-genai014 optimum-env test-optimum lint format clean
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ browser:  ## install Debian's chromium when missing (as root with apt; elsewhere
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium not found: install it (e.g. apt-get install chromium) or the web UI tests are skipped"; fi
 
-test: install browser  ## run the test suite (converts the default model once per run), then the 0.14 and optimum runs
+# the JavaScript client test runs the `openai` npm package under Debian's Node (no Node is ever downloaded)
+node:  ## install Debian's nodejs and npm when missing (as root with apt; elsewhere the JS test skips, or fails with CI set)
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
+	else echo "node/npm not found: install them (e.g. apt-get install nodejs npm) or the JS client test is skipped"; fi
+
+test: install browser node  ## run the test suite (converts the default model once per run), then the 0.14 and optimum runs
 	$(BIN)/python -m pytest -q -ra --ignore=tests/test_embedding_model.py $(PYTEST_ARGS)
 	$(MAKE) test-genai014
 	$(MAKE) test-optimum
