@@ -439,10 +439,10 @@ def test_worker_exception_fails_one_request_and_keeps_serving(pulled, monkeypatc
 
     real = Job.take
 
-    def flaky(self, token, eos_ids=()):
+    def flaky(self, token, eos_ids=(), logprob=None):
         if self.request.prompt == "boom":
             raise RuntimeError("injected fault")
-        return real(self, token, eos_ids)
+        return real(self, token, eos_ids, logprob)
 
     monkeypatch.setattr(Job, "take", flaky)
     app = create_app()

@@ -356,3 +356,43 @@ def test_tool_message_without_matching_call_is_400(tool_server):
     ]
     error = bad_request(tool_server, {"messages": history, "tools": [GET_WEATHER]})
     assert "tool_call_id" in f"{error['param']} {error['message']}" and "call_999" in error["message"]
+
+
+def test_streamed_chat_logprobs_follow_the_content(client):
+    stream = ask(
+        client,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=1,
+        stream=True,
+    )
+    text, tokens = "", []
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        text += choice.delta.content or ""
+        tokens += [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+    assert text and "".join(tokens) == text
+
+
+def test_completions_logprobs(tool_server):
+    small = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="any-key", max_retries=0)
+    r = small.completions.create(
+        model=DEFAULT_MODEL,
+        prompt="The capital of France is",
+        max_tokens=5,
+        temperature=0,
+        logprobs=2,
+        echo=True,
+    )
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == r.usage.completion_tokens
+    start = len("The capital of France is")  # offsets count from the echoed prompt
+    assert choice.text[start:] == "".join(lp.tokens) and lp.text_offset[0] == start
+    assert all(
+        len(top) <= 2 and max(top.values()) == pytest.approx(v)
+        for top, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    )

@@ -45,7 +45,7 @@ def sampling(body: p.OpenAISampling, max_tokens: int | None, choice: int = 0) ->
         "min_p": body.min_p,
         "max_tokens": max_tokens,
         "stop": stop,
-        "seed": (body.seed + choice) % 2**63 if body.seed is not None else None,
+        "seed": body.seed if body.seed is None or choice == 0 else (body.seed + choice) % 2**63,
         "repeat_penalty": body.repeat_penalty,
         "repeat_last_n": body.repeat_last_n,
         "presence_penalty": body.presence_penalty,
