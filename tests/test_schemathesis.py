@@ -71,7 +71,8 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
     - `logit_bias` keys are token ids below 10000 (every model's vocabulary is larger); `tools` is one tool
       with no `parameters` or an object one and `tool_choice` names no function: a bigger id, two tools of
       one name, a schema llguidance cannot compile or a name not in `tools` are 400s no schema can state, and so is a tool
-      message without an earlier call of that id (no tool messages, then).
+      message without an earlier call of that id (no tool messages, then), or an earlier call whose
+      arguments are not a JSON object's text.
     """
     spec = json.loads(json.dumps(spec))
     for operations in spec["paths"].values():
@@ -101,6 +102,8 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
             props["tool_choice"] = {"enum": ["none", "auto", "required", None]}
         if name == "OpenAIMessage":  # a tool message answers a call of an earlier message: a 400 otherwise
             props["role"]["enum"].remove("tool")
+        if name == "FunctionCall":  # a call's arguments are a JSON object's text: a 400 otherwise
+            props["arguments"] = {"type": "string", "enum": ["{}", '{"city": "Paris"}']}
     return spec
 
 

@@ -95,7 +95,7 @@ class ContentPart(Wire):
 
 
 class FunctionCall(Wire):
-    name: str
+    name: str = Field(min_length=1)
     arguments: str = Field(description="the arguments as a JSON string")
 
 
