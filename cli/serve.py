@@ -7,7 +7,7 @@ import json
 import click
 
 from ortllm.sessions import SessionStore
-from ortllm.settings import load_settings
+from ortllm.settings import DEFAULT_OLLAMA, load_settings
 
 
 @click.command()
@@ -37,6 +37,15 @@ from ortllm.settings import load_settings
 @click.option(
     "--insecure", is_flag=True, default=None, help="Allow a non-loopback host without authentication."
 )
+@click.option(
+    "--ollama",
+    "ollama",
+    is_flag=False,
+    flag_value=DEFAULT_OLLAMA,
+    default=None,
+    metavar="[HOST:]PORT",
+    help=f"Also serve Ollama's API (and /v1) here, for Ollama's clients (alone: {DEFAULT_OLLAMA}).",
+)
 @click.option("--print-config", is_flag=True, help="Print the effective settings as JSON and exit.")
 def serve(
     host: str | None,
@@ -49,9 +58,11 @@ def serve(
     api_keys: tuple[str, ...],
     rate_limit: int | None,
     insecure: bool | None,
+    ollama: str | None,
     print_config: bool,
 ) -> None:
-    """Serve models over HTTP: native /api, OpenAI /v1, SSE streaming, Swagger UI at /docs.
+    """Serve models over HTTP: native /api, OpenAI /v1, SSE streaming, Swagger UI at /docs; with
+    --ollama, Ollama's API on a second port for Ollama's clients.
 
     \b
     Settings come from config.toml, then ORTLLM_* environment variables, then these flags.
@@ -72,6 +83,7 @@ def serve(
             },
             "auth": {"api_keys": api_keys},
             "rate_limit": {"per_minute": rate_limit},
+            "ollama": {"listen": ollama},
             "insecure": insecure,
         },
     )
@@ -93,6 +105,11 @@ def serve(
     click.echo(
         f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True
     )
+    if settings.ollama.listen:
+        click.echo(
+            f"Ollama's API on http://{settings.ollama.host}:{settings.ollama.port} (and /v1 there too)",
+            err=True,
+        )
     run_server(settings)
 
 

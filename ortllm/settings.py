@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,8 +71,38 @@ class CorsSettings(_Section):
     )
 
 
+DEFAULT_OLLAMA = "127.0.0.1:11434"  # where Ollama's clients look by default
+
+
+class OllamaSettings(_Section):
+    listen: str | None = Field(
+        None,
+        description='the Ollama-compatible listener, "HOST:PORT" or "PORT" (127.0.0.1); unset: off',
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        host, _, port = value.strip().rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f'must be "HOST:PORT" or "PORT" with a port from 1 to 65535 (got {value!r})')
+        return f"{host}:{int(port)}"
+
+    @property
+    def host(self) -> str:
+        return (self.listen or DEFAULT_OLLAMA).rpartition(":")[0]
+
+    @property
+    def port(self) -> int:
+        return int((self.listen or DEFAULT_OLLAMA).rpartition(":")[2])
+
+
 class Settings(_Section):
     server: ServerSettings = ServerSettings()  # pydantic copies model defaults per instance
+    ollama: OllamaSettings = OllamaSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     cors: CorsSettings = CorsSettings()
@@ -84,6 +114,12 @@ class Settings(_Section):
         if not value.host:
             raise ValueError("server.host must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _two_listeners(self) -> Settings:
+        if self.ollama.listen and self.ollama.port == self.server.port and self.server.port != 0:
+            raise ValueError(f"ollama.listen must use another port than server.port ({self.server.port})")
+        return self
 
 
 # environment variable → (section, key); lists are comma-separated
@@ -99,6 +135,7 @@ ENV = {
     "ORTLLM_JWT_SECRET": ("auth", "jwt_secret"),
     "ORTLLM_RATE_LIMIT": ("rate_limit", "per_minute"),
     "ORTLLM_CORS_ORIGINS": ("cors", "origins"),
+    "ORTLLM_OLLAMA": ("ollama", "listen"),
 }
 LIST_KEYS = {("server", "models"), ("auth", "api_keys"), ("cors", "origins")}
 
@@ -138,4 +175,7 @@ def load_settings(
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"Invalid setting {where}: {err['msg']}") from exc
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(
+            f"Invalid setting {where}: {message}" if where else f"Invalid settings: {message}"
+        ) from exc

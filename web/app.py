@@ -14,6 +14,7 @@ from ortllm.settings import Settings, load_settings
 
 from . import docs, errors, metrics, security, ui
 from .dialects import api_v1, chat_ws, native, openai, orchestrator, sessions
+from .errors import CLIENT_PATH, OLLAMA_PREFIX
 from .services import ModelRegistry, Services, make_registry
 
 # every API dialect's blueprint: a new dialect is one package under web/dialects/ and one line here
@@ -27,6 +28,7 @@ DIALECTS = (
 )
 
 log = logging.getLogger("ortllm.web")
+LISTENER = "ortllm.listener"  # environ key: "ollama" for a request on the Ollama listener
 
 
 class ConnectionCounter:
@@ -63,6 +65,39 @@ class _ClosingBody:
             self.on_close()
 
 
+class Listeners:
+    """WSGI middleware: the listener a request came in on decides what its path means. On the Ollama
+    listener `/` and `/api/*` are the Ollama dialect's (registered under OLLAMA_PREFIX) and `/v1/*` the OpenAI
+    dialect's; on the main port OLLAMA_PREFIX does not exist. A request is on the Ollama listener when its
+    socket's local port is `ollama_port` (or, in process, when its environ says so: `ortllm.listener`)."""
+
+    def __init__(self, app: Any, ollama_port: int | None) -> None:
+        self.app = app
+        self.ollama_port = ollama_port
+
+    def on_ollama(self, environ: dict[str, Any]) -> bool:
+        if environ.get(LISTENER) is not None:
+            return bool(environ[LISTENER] == "ollama")
+        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        if self.ollama_port is None or sock is None:
+            return False
+        try:
+            return int(sock.getsockname()[1]) == self.ollama_port
+        except (OSError, IndexError, TypeError, ValueError):
+            return False
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        environ[CLIENT_PATH] = path
+        if self.on_ollama(environ):
+            environ[LISTENER] = "ollama"
+            if not (path == "/v1" or path.startswith("/v1/")):
+                environ["PATH_INFO"] = OLLAMA_PREFIX + path
+        elif path == OLLAMA_PREFIX or path.startswith(OLLAMA_PREFIX + "/"):
+            environ["PATH_INFO"] = "/main-port" + path  # a 404 in this port's shape (its client sees its path)
+        return self.app(environ, start_response)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -91,6 +126,8 @@ def create_app(
     for blueprint in (docs.bp, docs.swagger, ui.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = ConnectionCounter(app.wsgi_app, services)  # type: ignore[method-assign]
+    ollama_port = settings.ollama.port if settings.ollama.listen else None
+    app.wsgi_app = Listeners(app.wsgi_app, ollama_port)  # type: ignore[method-assign]
     for name in settings.server.models:
         registry.load(name)
     if settings.server.keep_alive > 0:

@@ -15,10 +15,16 @@ log = logging.getLogger("ortllm.web")
 
 # routes of the chat service dialect answer {"error": "..."}
 CHAT_SERVICE_PREFIXES = ("/completions", "/chat/", "/sessions", "/readiness")
+# where the Ollama dialect's routes live inside the app: the Ollama listener (web.app.ollama_listener) maps its
+# `/` and `/api/*` here, so they never meet the native dialect's `/api/*`; errors there are {"error": "..."}
+OLLAMA_PREFIX = "/_ollama"
+CLIENT_PATH = "ortllm.client_path"  # the WSGI environ key of a request's path before the listener mapped it
 
 
 def dialect_of(path: str) -> str:
     """The error-body family of a path (also the `dialect` label of /metrics, kept as dashboards know it)."""
+    if path.startswith(OLLAMA_PREFIX):
+        return "ollama"
     if path.startswith("/api/v1/"):
         return "spec"
     if path.startswith("/v1/"):
@@ -104,7 +110,7 @@ def error_response(
                 "details": SPEC_DETAILS.get(status, "") if details is None else details,
             }
         }
-    elif dialect == "rust":
+    elif dialect in ("rust", "ollama"):
         body = {"error": message}
     else:
         body = {"detail": message}
@@ -146,9 +152,10 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        path = request.environ.get(CLIENT_PATH, request.path)  # as the client sent it (see web.app.Listeners)
         messages = {
-            404: f"Not found: {request.path}",
-            405: f"Method {request.method} not allowed on {request.path}",
+            404: f"Not found: {path}",
+            405: f"Method {request.method} not allowed on {path}",
             413: "Request body too large",
             429: f"Rate limit exceeded: {exc.description}",
         }

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from ortllm.errors import InvalidOptions, MalformedJSON
 
 from . import wire as p
-from .errors import dialect_of
+from .errors import OLLAMA_PREFIX, dialect_of
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,8 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
     }
     paths: dict[str, Any] = {}
     for route in ROUTES:
+        if route.rule.startswith(OLLAMA_PREFIX):  # served on the Ollama listener, not on this port
+            continue
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", route.rule)
         names = re.findall(r"{(\w+)}", path)
         params = [{"name": n, "in": "path", "required": True, "schema": _param_schema(n)} for n in names]

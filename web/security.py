@@ -81,16 +81,21 @@ def rate_per_minute(settings: Settings) -> int:
     """The effective limit: explicit setting, else 60 whenever auth is on or the bind is not loopback."""
     if settings.rate_limit.per_minute is not None:
         return settings.rate_limit.per_minute
-    return 60 if auth_enabled(settings) or not is_loopback(settings.server.host) else 0
+    exposed = not is_loopback(settings.server.host) or (
+        settings.ollama.listen is not None and not is_loopback(settings.ollama.host)
+    )
+    return 60 if auth_enabled(settings) or exposed else 0
 
 
 def check_exposure(settings: Settings) -> None:
-    """Refuse to listen beyond this machine without authentication unless --insecure."""
-    if not is_loopback(settings.server.host) and not auth_enabled(settings) and not settings.insecure:
-        raise ConfigError(
-            f"Refusing to listen on {settings.server.host} without authentication: set --api-key "
-            "(or auth.api_keys / auth.jwt_secret), or pass --insecure to serve it open"
-        )
+    """Refuse to listen beyond this machine without authentication unless --insecure (either listener)."""
+    hosts = [settings.server.host] + ([settings.ollama.host] if settings.ollama.listen else [])
+    for host in hosts:
+        if not is_loopback(host) and not auth_enabled(settings) and not settings.insecure:
+            raise ConfigError(
+                f"Refusing to listen on {host} without authentication: set --api-key "
+                "(or auth.api_keys / auth.jwt_secret), or pass --insecure to serve it open"
+            )
 
 
 class Authenticator:

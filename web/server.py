@@ -150,6 +150,11 @@ def _serve_werkzeug(settings: Settings) -> None:
 
     app = create_app(settings)
     prepare(app)
+    if settings.ollama.listen:  # the Ollama listener: the same app on a second port, in a thread
+        from werkzeug.serving import make_server
+
+        second = make_server(settings.ollama.host, settings.ollama.port, app, threaded=True)
+        threading.Thread(target=second.serve_forever, name="ortllm-ollama-listener", daemon=True).start()
     try:
         run_simple(settings.server.host, settings.server.port, app, threaded=True, use_reloader=False)
     finally:
@@ -163,8 +168,11 @@ def _serve_gunicorn(settings: Settings) -> None:
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
+            binds = [_bind(settings.server.host, settings.server.port)]
+            if settings.ollama.listen:  # the Ollama listener: the same app (web.app.Listeners tells them apart)
+                binds.append(_bind(settings.ollama.host, settings.ollama.port))
             cfg = {
-                "bind": f"{settings.server.host}:{settings.server.port}",
+                "bind": binds,
                 "workers": 1,  # one process: the model is loaded once and shared by all threads
                 "worker_class": "gthread",
                 "threads": settings.server.threads,
@@ -186,6 +194,11 @@ def _serve_gunicorn(settings: Settings) -> None:
             return app
 
     Server().run()
+
+
+def _bind(host: str, port: int) -> str:
+    """gunicorn's address syntax ([v6]:port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _on_worker_start(worker: Any) -> None:
