@@ -130,6 +130,8 @@ def validation_message(exc: ValidationError) -> tuple[str, str | None]:
         return msg, ctx["param"]
     if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:  # OpenAI's own words for an unknown field
         return f"Unrecognized request argument supplied: {loc}", loc
+    if err["type"] == "extra_forbidden":
+        return f"{loc} is not a supported field here", loc
     if err["type"] == "missing":
         return f"Missing required field: {loc}", loc
     return (f"{loc}: {msg}" if loc else msg), loc or None

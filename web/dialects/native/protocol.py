@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ...wire import (
     ANSWERABLE,
     EmbeddingInput,
+    Integral,
     MaxTokens,
     Message,
+    MinP,
+    Penalty,
+    RepeatLastN,
     RepeatPenalty,
     Seed,
     SessionId,
@@ -25,14 +29,24 @@ from ...wire import (
 
 
 class InferenceOptions(Wire):
-    """Sampling options; ranges are checked by ortllm's one options validator."""
+    """Sampling options; ranges are checked by ortllm's one options validator. An option this dialect does not
+    know is a 400 (it would otherwise be dropped unseen)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
+    min_p: MinP | None = None
     max_tokens: MaxTokens | None = None
+    min_tokens: Annotated[int, Field(ge=0), Integral] | None = Field(
+        None, description="end-of-sequence is held back until this many tokens (benchmarks)"
+    )
     stop: StopList | None = None
     repeat_penalty: RepeatPenalty | None = None
+    repeat_last_n: RepeatLastN | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     seed: Seed | None = None
 
 
