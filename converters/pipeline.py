@@ -31,6 +31,12 @@ class Progress(Protocol):
     def log(self, line: str) -> None: ...
 
 
+class ByteProgress(Progress, Protocol):
+    """A Progress that also hears the source download's bytes (optional: `convert` asks with getattr)."""
+
+    def downloaded(self, done: int, total: int) -> None: ...
+
+
 class SilentProgress:
     def step(self, name: str) -> None:
         pass
@@ -39,6 +45,9 @@ class SilentProgress:
         pass
 
     def log(self, line: str) -> None:
+        pass
+
+    def downloaded(self, done: int, total: int) -> None:
         pass
 
 
@@ -111,7 +120,7 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
 
     cache = cache_dir()
     progress.step("fetch")
-    weights = sources.fetch(src, cache)
+    weights = sources.fetch(src, cache, getattr(progress, "downloaded", None))
     progress.done("fetch")
     hf_dir = weights.path
     if weights.gguf is not None:

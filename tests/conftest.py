@@ -272,3 +272,43 @@ def tool_server(qwen: Path, pulled: Path):
     live = LiveServer("--model", TOOL_MODEL, "--model", DEFAULT_MODEL)
     yield live
     live.stop()
+
+
+JS_DIR = REPO / "tests" / "js"
+NPM_PACKAGES = ("openai", "ollama")  # tests/js/package.json's dependencies
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """tests/js with its pinned npm packages (openai, ollama) installed (npm ci when one is missing)."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    # CI has Node and the registry: there a missing piece fails the test instead of skipping it
+    unavailable = pytest.fail if os.environ.get("CI") else pytest.skip
+    if not node or not npm:
+        unavailable("node and npm are needed for the JavaScript client tests (apt-get install nodejs npm)")
+    if not all((JS_DIR / "node_modules" / name / "package.json").is_file() for name in NPM_PACKAGES):
+        proc = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=300
+        )
+        if proc.returncode != 0:
+            unavailable(
+                f"`npm ci` in {JS_DIR} failed (is the npm registry reachable?):\n{proc.stderr[-2000:]}"
+            )
+    return JS_DIR
+
+
+class OllamaServer(LiveServer):
+    """`ortllm serve` with the Ollama listener on a second free port: `.url` the main port, `.ollama_url` it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.ollama_port = free_port()
+        self.ollama_url = f"http://127.0.0.1:{self.ollama_port}"
+        super().__init__(*args, "--ollama", f"127.0.0.1:{self.ollama_port}", env=env)
+
+
+@pytest.fixture(scope="session")
+def ollama_server(qwen: Path, pulled: Path):
+    """The real server with SmolLM2 and Qwen2.5-Coder loaded and the Ollama listener on its own port."""
+    live = OllamaServer("--model", DEFAULT_MODEL, "--model", TOOL_MODEL)
+    yield live
+    live.stop()

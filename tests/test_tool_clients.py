@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -17,7 +15,6 @@ import requests
 
 from tests.conftest import DEFAULT_MODEL, TOOL_MODEL
 
-JS_DIR = Path(__file__).parent / "js"
 PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -288,25 +285,6 @@ def test_langgraph_agent_calls_observes_answers(tool_server):
     assert any(isinstance(m, ToolMessage) and m.content == WEATHER_RESULT for m in messages)
     final = messages[-1]
     assert isinstance(final, AIMessage) and not final.tool_calls and "18" in final.content
-
-
-@pytest.fixture(scope="session")
-def node_client() -> Path:
-    """tests/js with the pinned `openai` npm package installed (npm ci when node_modules is missing)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    # CI has Node and the registry: there a missing piece fails the test instead of skipping it
-    unavailable = pytest.fail if os.environ.get("CI") else pytest.skip
-    if not node or not npm:
-        unavailable("node and npm are needed for the JavaScript client test (apt-get install nodejs npm)")
-    if not (JS_DIR / "node_modules" / "openai" / "package.json").is_file():
-        proc = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            unavailable(
-                f"`npm ci` in {JS_DIR} failed (is the npm registry reachable?):\n{proc.stderr[-2000:]}"
-            )
-    return JS_DIR
 
 
 def test_javascript_openai_package_tool_loop(tool_server, node_client):

@@ -13,7 +13,8 @@ from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
 
 from . import docs, errors, metrics, security, ui
-from .dialects import api_v1, chat_ws, native, openai, orchestrator, sessions
+from .dialects import api_v1, chat_ws, native, ollama, openai, orchestrator, sessions
+from .dialects.ollama.manage import manage_bp
 from .errors import CLIENT_PATH, OLLAMA_PREFIX
 from .services import ModelRegistry, Services, make_registry
 
@@ -21,10 +22,12 @@ from .services import ModelRegistry, Services, make_registry
 DIALECTS = (
     native.bp,
     openai.bp,
+    ollama.bp,
     chat_ws.bp,
     orchestrator.bp,
     api_v1.bp,
     sessions.bp,
+    manage_bp,
 )
 
 log = logging.getLogger("ortllm.web")
@@ -94,7 +97,9 @@ class Listeners:
             if not (path == "/v1" or path.startswith("/v1/")):
                 environ["PATH_INFO"] = OLLAMA_PREFIX + path
         elif path == OLLAMA_PREFIX or path.startswith(OLLAMA_PREFIX + "/"):
-            environ["PATH_INFO"] = "/main-port" + path  # a 404 in this port's shape (its client sees its path)
+            environ["PATH_INFO"] = (
+                "/main-port" + path
+            )  # a 404 in this port's shape (its client sees its path)
         return self.app(environ, start_response)
 
 

@@ -169,7 +169,9 @@ def _serve_gunicorn(settings: Settings) -> None:
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             binds = [_bind(settings.server.host, settings.server.port)]
-            if settings.ollama.listen:  # the Ollama listener: the same app (web.app.Listeners tells them apart)
+            if (
+                settings.ollama.listen
+            ):  # the Ollama listener: the same app (web.app.Listeners tells them apart)
                 binds.append(_bind(settings.ollama.host, settings.ollama.port))
             cfg = {
                 "bind": binds,

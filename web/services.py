@@ -8,11 +8,19 @@ it): what the dialects need from the runtime they take from here.
 from __future__ import annotations
 
 import errno
+import functools
+import json
+import math
+import os
 import select
+import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,7 +28,9 @@ from flask import current_app, has_request_context, request
 
 from ortllm import toolcalls
 from ortllm.conversation import ChatSession, ChatTurn, plan_turn
+from ortllm.converters.pipeline import ConvertRequest, Progress, convert, resolve
 from ortllm.errors import InvalidOptions, ModelLoadError, SessionStoreUnavailable
+from ortllm.runtime import templates
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.job import Stream
 from ortllm.runtime.loaded import EP_PREFERENCE, available_eps, variant_candidates, variant_ep
@@ -39,7 +49,7 @@ from ortllm.runtime.types import (
 )
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
-from ortllm.store import InstalledModel
+from ortllm.store import InstalledModel, ModelStore, validate_name
 
 from .metrics import Metrics
 from .security import cache_scope
@@ -59,9 +69,12 @@ __all__ = [
     "available_eps",
     "variant_ep",
     "ChatSession",
+    "ConvertRequest",
     "Services",
     "ToolPlan",
     "make_registry",
+    "ModelCard",
+    "model_card",
     "services",
     "client_gone",
 ]
@@ -158,8 +171,10 @@ class Services:
         template: bool,
         system: str | None = None,
         logprobs: int | None = None,
+        guidance: tuple[str, str] | None = None,
     ) -> tuple[Runner, Stream]:
-        """Start a stateless generation: the chat template applied (`template`) or the prompt as is."""
+        """Start a stateless generation: the chat template applied (`template`) or the prompt as is;
+        `guidance`: constrained output, as for `chat`."""
         scheduler = self.scheduler(model)
         self.metrics.completions.labels(scheduler.model.name).inc()
         options = self.options(scheduler, raw_options)
@@ -169,6 +184,7 @@ class Services:
             options,
             messages=messages,
             prompt=None if template else prompt,
+            guidance=guidance,
             logprobs=logprobs,
             cache_scope=cache_scope(),
             client_gone=client_gone(),
@@ -274,8 +290,160 @@ class Services:
             "hf_name": model.get("hf_name") or model.get("source", ""),
         }
 
+    # ---- model management (the Ollama dialect's pull, create, copy and delete) ----------------
+
+    @property
+    def store(self) -> ModelStore:
+        return self.registry.store
+
+    @property
+    def server_paths_allowed(self) -> bool:
+        """Whether a request may name a file or folder on this machine as a model source: only a server
+        without authentication (bound to this machine, see check_exposure) — its callers are local users who
+        can read those files anyway; with keys, callers are other people."""
+        auth = self.settings.auth
+        return not (auth.api_keys or auth.key_file or auth.jwt_secret)
+
+    def conversion(
+        self, source: str, *, name: str | None = None, precision: str | None = None, force: bool = False
+    ) -> tuple[ConvertRequest, str]:
+        """A conversion of `source` (catalog name, local path, hf:, pypi:) and the store name it installs,
+        checked before anything runs: an unknown name is a 404, a bad path or name a 400."""
+        request = ConvertRequest(source, name=name, precision=precision, force=force)
+        return request, resolve(request)[2]
+
+    def convert(self, request: ConvertRequest, progress: Progress) -> InstalledModel:
+        """Run one conversion into this server's store (slow: call it off the request thread)."""
+        return convert(request, self.store, progress)
+
+    def delete_model(self, name: str) -> str:
+        """Unload (cancelling its answers) and remove an installed model; its store name."""
+        canonical = self.registry.installed(name).name
+        self.registry.unload(canonical)
+        self.store.remove(canonical)
+        return canonical
+
+    def copy_model(self, source: str, destination: str) -> InstalledModel:
+        """Install `source` again as `destination` (hard links where the file system has them), replacing a
+        model of that name atomically: the new name lists complete or not at all."""
+        src = self.registry.installed(source)
+        dest = validate_name(destination)
+        if dest == src.name:
+            return src
+        root = self.store.root
+        staging = root / f".staging-{dest}-copy-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(src.path, staging, copy_function=_link_or_copy)
+            manifest = {**src.manifest, "name": dest, "copied_from": src.name}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            if self.store.find(dest) is not None:
+                self.registry.unload(dest)
+            target = root / dest
+            trash = root / f".trash-{dest}-{uuid.uuid4().hex[:8]}"
+            if target.exists():
+                os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.store.get(dest)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (a copy shares the files: conversions replace folders, never write into them), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
 
 ToolPlan = toolcalls.ToolPlan
+
+# fill-in-the-middle markers (prefix, suffix, middle) as tokenizers spell them: Qwen/DeepSeek style, StarCoder style
+FIM_STYLES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model's files say about it without loading it (the Ollama dialect's /api/show and /api/tags)."""
+
+    architecture: str  # genai_config's model type, e.g. llama, qwen2 (the manifest's family when it has none)
+    context_length: int
+    embedding_length: int  # hidden size
+    parameter_count: int  # weights counted in the ONNX graph (0 when it cannot be read)
+    chat_template: str | None
+    fim: tuple[str, str, str] | None  # the tokenizer's fill-in-the-middle markers, when it has them
+
+
+def model_card(model: InstalledModel) -> ModelCard:
+    """The facts of `model`'s first variant (all variants are builds of the same weights), cached per file."""
+    variant = next(iter(model.variants.values()))
+    manifest = model.path / "manifest.json"
+    return _model_card(
+        str(model.path), str(variant.path), manifest.stat().st_mtime_ns if manifest.exists() else 0
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _model_card(model_path: str, variant_path: str, _stamp: int) -> ModelCard:
+    path = Path(variant_path)
+    manifest = _json_file(Path(model_path) / "manifest.json")
+    cfg = _json_file(path / "genai_config.json").get("model") or {}
+    decoder = cfg.get("decoder") or {}
+    embed_cfg = _json_file(path / "config.json")  # embedding models keep the Hugging Face config
+    context = int(cfg.get("context_length") or embed_cfg.get("max_position_embeddings") or 0)
+    context = context or int(manifest.get("context_size") or 0)
+    hidden = int(decoder.get("hidden_size") or embed_cfg.get("hidden_size") or 0)
+    arch = str(cfg.get("type") or embed_cfg.get("model_type") or manifest.get("family") or "unknown")
+    added = {t.get("content") for t in _json_file(path / "tokenizer.json").get("added_tokens", [])}
+    fim = next((style for style in FIM_STYLES if added.issuperset(style)), None)
+    return ModelCard(arch, context, hidden, _parameter_count(path), templates.model_template(path), fim)
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _parameter_count(variant: Path) -> int:
+    """The weights in the ONNX graph: MatMulNBits count N*K each (not their packed bytes), other initializers
+    their elements; an embedding table shaped as a quantized LM head is that head untied by the builder
+    (tied models, e.g. Qwen2.5-0.5B), so it is counted once. 0 when the graph cannot be read."""
+    files = sorted(variant.glob("*.onnx"))
+    if not files:
+        return 0
+    try:
+        import onnx
+
+        graph = onnx.load(str(files[0]), load_external_data=False).graph
+    except Exception:  # a damaged or foreign file: the count is informative only
+        return 0
+    sizes = {init.name: tuple(init.dims) for init in graph.initializer}
+    packed: set[str] = set()
+    heads: set[tuple[int, int]] = set()
+    total = 0
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            total += attrs.get("N", 0) * attrs.get("K", 0)
+            heads.add((attrs.get("N", 0), attrs.get("K", 0)))
+            packed.update(node.input[1:])
+    for name, dims in sizes.items():
+        if name in packed:
+            continue
+        count = math.prod(dims) if dims else 1
+        if len(dims) == 2 and dims in heads and count > 1_000_000:
+            continue  # the untied copy of a tied embedding
+        total += count
+    return int(total)
+
+
 ToolDelta = toolcalls.Delta  # one piece of a parsed answer: content, reasoning or a tool call's part
 
 
