@@ -142,7 +142,7 @@ def test_prefix_caches_are_not_shared_between_keys(secured):
 
 def test_openai_sdk_with_a_key(secured):
     good = openai.OpenAI(base_url=secured.url + "/v1", api_key=KEY)
-    assert [m.id for m in good.models.list()] == [M]
+    assert M in [m.id for m in good.models.list()]  # (other tests may have installed more)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=secured.url + "/v1", api_key="sk-nope-0123456789").models.list()
 
@@ -305,18 +305,13 @@ def test_bad_input_is_a_clear_4xx(server, path, data, status, fragment):
     assert fragment.lower() in r.json()["detail"].lower()
 
 
-def test_unknown_fields_are_ignored(server):
-    r = requests.post(
-        server.url + "/api/generate",
-        json={
-            "model": M,
-            "prompt": "Hi",
-            "stream": False,
-            "bogus": [1],
-            "options": {"max_tokens": 2, "mirostat": 2},
-        },
-    )
-    assert r.status_code == 200
+def test_unknown_top_level_fields_are_ignored_but_unknown_options_refused(server):
+    body = {"model": M, "prompt": "Hi", "stream": False, "bogus": [1], "options": {"max_tokens": 2}}
+    assert requests.post(server.url + "/api/generate", json=body).status_code == 200
+    # a sampling option the runtime does not have would change nothing: a 400 naming it, never dropped unseen
+    body["options"]["mirostat"] = 2
+    r = requests.post(server.url + "/api/generate", json=body)
+    assert r.status_code == 400 and "options.mirostat" in r.json()["detail"]
 
 
 def test_huge_body_is_413(server):

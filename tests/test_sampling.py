@@ -189,3 +189,13 @@ def test_engine_refuses_what_its_sampler_lacks(pulled) -> None:
             sched.submit(GenerationRequest(validate_options({}), messages=QUESTION, logprobs=0))
     finally:
         sched.close()
+
+
+def test_a_tiny_repeat_penalty_keeps_logprobs_finite() -> None:
+    """repeat_penalty may be any value >= 0: one near 0 must not turn logits (and log-probabilities, which JSON
+    cannot carry as Infinity) infinite."""
+    logits = np.array([5.0, 3.0, 1.0], dtype=np.float32)
+    out = adjust(logits, opts(repeat_penalty=2.8e-72), np.array([0, 1]), 0, EOS)
+    assert np.isfinite(out).all()
+    value, top = token_logprobs(out, 0, 2)
+    assert np.isfinite(value) and all(np.isfinite(lp) for _, lp in top)

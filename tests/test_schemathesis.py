@@ -72,7 +72,8 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
       with no `parameters` or an object one and `tool_choice` names no function: a bigger id, two tools of
       one name, a schema llguidance cannot compile or a name not in `tools` are 400s no schema can state, and so is a tool
       message without an earlier call of that id (no tool messages, then), or an earlier call whose
-      arguments are not a JSON object's text.
+      arguments are not a JSON object's text; Responses input items and Anthropic content blocks, whose rules
+      depend on their type and role, are fuzzed as text.
     """
     spec = json.loads(json.dumps(spec))
     for operations in spec["paths"].values():
@@ -94,7 +95,13 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
             props[field]["examples"] = [model]
         if "logit_bias" in props:
             props["logit_bias"]["anyOf"][0]["propertyNames"] = {"pattern": "^[0-9]{1,4}$"}
-        if "tools" in props:
+        if "tools" in props and name != "ChatCompletionRequest":
+            # the Responses and Messages dialects' tools share chat's 400s (one name twice, a schema llguidance
+            # cannot compile, a choice naming no tool): chat's tools are fuzzed, theirs are left out
+            for field in ("tools", "tool_choice"):
+                props.pop(field, None)
+            schema["required"] = [r for r in schema.get("required", []) if r not in ("tools", "tool_choice")]
+        elif "tools" in props:
             tools = props["tools"]["anyOf"][0]
             tools["maxItems"] = 1
             function = tools["items"]["properties"]["function"]["properties"]
@@ -102,6 +109,10 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
             props["tool_choice"] = {"enum": ["none", "auto", "required", None]}
         if name == "OpenAIMessage":  # a tool message answers a call of an earlier message: a 400 otherwise
             props["role"]["enum"].remove("tool")
+        if name == "ResponseRequest":  # input items follow rules by type (a call output needs its call)
+            props["input"] = {"type": "string", "minLength": 1}
+        if name == "InputMessage":  # Anthropic's blocks follow rules by role (no thinking in a user turn)
+            props["content"] = {"type": "string"}
         if name == "FunctionCall":  # a call's arguments are a JSON object's text: a 400 otherwise
             props["arguments"] = {"type": "string", "enum": ["{}", '{"city": "Paris"}']}
     return spec

@@ -13,7 +13,7 @@ from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
 
 from . import docs, errors, metrics, security, ui
-from .dialects import api_v1, chat_ws, native, ollama, openai, orchestrator, sessions
+from .dialects import api_v1, chat_ws, messages, native, ollama, openai, orchestrator, responses, sessions
 from .dialects.ollama.manage import manage_bp
 from .errors import CLIENT_PATH, OLLAMA_PREFIX
 from .services import ModelRegistry, Services, make_registry
@@ -22,6 +22,8 @@ from .services import ModelRegistry, Services, make_registry
 DIALECTS = (
     native.bp,
     openai.bp,
+    responses.bp,
+    messages.bp,
     ollama.bp,
     chat_ws.bp,
     orchestrator.bp,

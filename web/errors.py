@@ -27,6 +27,8 @@ def dialect_of(path: str) -> str:
         return "ollama"
     if path.startswith("/api/v1/"):
         return "spec"
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
     if path.startswith("/v1/"):
         return "openai"
     if path.startswith(CHAT_SERVICE_PREFIXES):
@@ -41,6 +43,17 @@ OPENAI_TYPES = {
     404: "not_found_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+}
+# Anthropic's error types by status (its 529 "overloaded" is our 503: a full queue)
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
 }
 SPEC_CODES = {
     400: "INVALID_REQUEST",
@@ -101,6 +114,11 @@ def error_response(
                 "param": param,
                 "code": (code or "").lower() or None,
             }
+        }
+    elif dialect == "anthropic":
+        body = {
+            "type": "error",
+            "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message},
         }
     elif dialect == "spec":
         body = {

@@ -248,6 +248,7 @@ def openapi_spec(title: str, version: str, policy: DocPolicy | None = None) -> d
 
     error_bodies: dict[str, type[BaseModel]] = {
         "openai": p.OpenAIError,
+        "anthropic": p.AnthropicError,
         "spec": p.SpecError,
         "rust": p.RustError,
         "detail": p.DetailError,

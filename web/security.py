@@ -99,7 +99,7 @@ def check_exposure(settings: Settings) -> None:
 
 
 class Authenticator:
-    """Checks `Authorization: Bearer …` (or `?token=` on the WebSocket upgrade) before every request and
+    """Checks `Authorization: Bearer …` or `x-api-key: …` (or `?token=` on the WebSocket upgrade) before every request and
     answers 429 to a client address that keeps sending wrong credentials."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
@@ -155,12 +155,14 @@ class Authenticator:
         header = request.headers.get("Authorization", "")
         if header[:7].lower() == "bearer ":
             token = header[7:].strip()
+        elif request.headers.get("x-api-key", "").strip():  # Anthropic's SDKs and Claude Code send this
+            token = request.headers["x-api-key"].strip()
         elif request.path == WS_PATH and request.headers.get("Upgrade", "").lower() == "websocket":
             token = request.args.get("token", "")
         else:
             token = ""
         if not token:
-            message = "Missing API key: send Authorization: Bearer <key>"
+            message = "Missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)"
             if "token" in request.args:
                 message += f" (?token= is accepted only on the WebSocket upgrade {WS_PATH})"
             return unauthorized(message)

@@ -30,6 +30,7 @@ from ortllm import toolcalls
 from ortllm.conversation import ChatSession, ChatTurn, plan_turn
 from ortllm.converters.pipeline import ConvertRequest, Progress, convert, resolve
 from ortllm.errors import InvalidOptions, ModelLoadError, SessionStoreUnavailable
+from ortllm.responses_store import ResponseStore
 from ortllm.runtime import templates
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.job import Stream
@@ -92,6 +93,8 @@ class Services:
         self.settings = settings
         self.registry = registry
         self.session_store = sessions  # every owner's sessions: reach them through `sessions()`
+        # every owner's stored Responses, in the sessions' database: reach them through `responses()`
+        self.response_store = ResponseStore(sessions.path)
         self.metrics = Metrics(registry.loaded)
         self.started = time.time()
         self._connections = 0
@@ -118,10 +121,19 @@ class Services:
         rss = psutil.Process().memory_info().rss
         return f"{rss / 1e9:.1f}GB/{psutil.virtual_memory().total / 1e9:.1f}GB"
 
+    @staticmethod
+    def owner() -> str:
+        """Who this request acts for: the owner of its sessions and responses ("" when auth is off)."""
+        return cache_scope() or ""
+
     def sessions(self) -> SessionStore:
         """The calling key's (or JWT subject's) own sessions; everything stored without an owner when auth
         is off. A foreign session id is simply not found."""
         return self.session_store.scoped(cache_scope() or "")
+
+    def responses(self) -> ResponseStore:
+        """The calling key's (or JWT subject's) own stored Responses, scoped as `sessions()`."""
+        return self.response_store.scoped(cache_scope() or "")
 
     def sessions_problem(self) -> str | None:
         """Why the sessions database cannot be used right now (None when it can): /health and /readiness."""
@@ -217,6 +229,19 @@ class Services:
         tokenizer = table.tokenizer if table is not None and tools else None
         template = getattr(runner.model, "chat_template", None)
         return toolcalls.plan(template, messages, tools, tool_choice, parallel=parallel, tokenizer=tokenizer)
+
+    def count_chat_tokens(
+        self, model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
+        """The prompt tokens a chat (as `tool_plan` prepares it) takes on `model`: its own template and
+        tokenizer, the count a generation's usage reports (400 when the prompt cannot fit its context)."""
+        runner = self.scheduler(model)
+        if not isinstance(runner, Generates):
+            raise not_generative(runner.model.name)
+        prompt_ids = getattr(runner, "prompt_ids", None)  # the Scheduler's tokenization of a request
+        if prompt_ids is None:
+            raise InvalidOptions(f"Model '{runner.model.name}' cannot count prompt tokens")
+        return len(prompt_ids(GenerationRequest(messages=messages, tools=tools)))
 
     def chat(
         self,

@@ -12,7 +12,7 @@ from flask import Response
 
 from ortllm.errors import RequestCancelled
 
-from .services import CANCELLED, ERROR, Result, TokenEvent
+from .services import CANCELLED, ERROR, Result, TokenEvent, TokenLogprob
 
 # how a generation ended: its final event, or the whole Result (stream.result())
 Outcome = TokenEvent | Result
@@ -56,6 +56,22 @@ def sse_response(events: Iterable[Any]) -> Response:
     return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
+def sse_named(events: Iterable[tuple[str, Any]]) -> Response:
+    """Stream (event_name, data) pairs as SSE with `event:` lines (Anthropic's Messages, OpenAI's Responses);
+    a generator is closed when the client goes away, as in `sse_response`."""
+
+    def body() -> Iterable[str]:
+        try:
+            for name, data in events:
+                yield f"event: {name}\n" + format_event(data)
+        finally:
+            close = getattr(events, "close", None)
+            if close:
+                close()
+
+    return Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
 def complete(final: Ended) -> Ended:
     """`final`, or a 503 when the server cut the answer short (shutdown, unload): a part is not an answer."""
     if final.finish_reason == CANCELLED:
@@ -85,3 +101,16 @@ def failed(event: TokenEvent) -> bool:
 def cancelled(event: Outcome) -> bool:
     """Whether a final event ends an answer that was cut short (client, shutdown, unload or timeout)."""
     return event.finish_reason == CANCELLED
+
+
+def logprob_items(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Tokens' log-probabilities as OpenAI's `logprobs.content` items (Ollama uses the same shape)."""
+    return [
+        {
+            "token": e.text,
+            "logprob": e.logprob,
+            "bytes": list(e.raw),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top],
+        }
+        for e in entries
+    ]

@@ -104,6 +104,16 @@ class OpenAIError(Wire):
     error: OpenAIErrorObject
 
 
+class AnthropicErrorObject(Wire):
+    type: str
+    message: str
+
+
+class AnthropicError(Wire):
+    type: Literal["error"] = "error"
+    error: AnthropicErrorObject
+
+
 class SpecErrorObject(Wire):
     code: str
     message: str

@@ -138,6 +138,11 @@ class Stream:
         """The text read so far (all of it once the final event is read)."""
         return "".join(self._parts)
 
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the answer (None: end-of-sequence, max_tokens or no stop matched)."""
+        return self._job.matcher.matched
+
     def on_final(self, callback: Callable[[TokenEvent], None]) -> None:
         """Run `callback(final_event)` when the reader reads the final event (e.g. metering, storing)."""
         self._final_hooks.append(callback)

@@ -8,6 +8,8 @@ import numpy as np
 
 from .options import GenerationOptions
 
+_BIG = float(np.finfo(np.float32).max) / 4  # far above any real logit, finite after a subtraction
+
 
 def adjust(
     logits: np.ndarray,
@@ -26,7 +28,9 @@ def adjust(
     penalty = options.repetition_penalty
     if penalty != 1.0 and window.size:
         seen = logits[window]
-        logits[window] = np.where(seen > 0, seen / penalty, seen * penalty)
+        # a penalty near 0 divides by almost nothing: keep the logits finite (log-probabilities must be)
+        with np.errstate(divide="ignore", over="ignore"):
+            logits[window] = np.clip(np.where(seen > 0, seen / penalty, seen * penalty), -_BIG, _BIG)
     if (options.presence_penalty or options.frequency_penalty) and output is not None and output.size:
         ids, counts = np.unique(output, return_counts=True)
         logits[ids] -= options.presence_penalty + options.frequency_penalty * counts

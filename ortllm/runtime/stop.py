@@ -10,6 +10,7 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text (Anthropic's stop_sequence)
 
     def feed(self, delta: str) -> str:
         """Text safe to emit now; after a stop string, the rest is dropped and `stopped` is set."""
@@ -18,8 +19,10 @@ class StopMatcher:
         if not self.stops:
             return delta
         text = self.pending + delta
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, n) for n, i in enumerate(text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            cut, first = min(found)
+            self.matched = self.stops[first]
             self.stopped = True
             self.pending = ""
             return text[:cut]

@@ -30,8 +30,8 @@ from ortllm.store import InstalledModel
 
 from ...errors import OLLAMA_PREFIX
 from ...routes import api_route
-from ...services import Services, Stream, TokenEvent, TokenLogprob, ToolDelta, model_card, services
-from ...streaming import cancel_reason, cancelled, complete, failed
+from ...services import Services, Stream, TokenEvent, ToolDelta, model_card, services
+from ...streaming import cancel_reason, cancelled, complete, failed, logprob_items
 from . import protocol as p
 
 bp = Blueprint("ollama", __name__, url_prefix=OLLAMA_PREFIX)
@@ -411,19 +411,6 @@ def tool_calls(calls: Iterable[Any], start: int = 0) -> list[dict[str, Any]]:
         function = {"index": index, "name": call.name, "arguments": arguments}
         out.append({"id": call.id, "function": function})
     return out
-
-
-def logprob_items(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    """Ollama's `logprobs` items."""
-    return [
-        {
-            "token": e.text,
-            "logprob": e.logprob,
-            "bytes": list(e.raw),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top],
-        }
-        for e in entries
-    ]
 
 
 # ---- answers ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ortllm.errors import InvalidOptions, ModelNotFound
 
 from ...routes import api_route
 from ...services import Stream, TokenEvent, TokenLogprob, ToolDelta, services
-from ...streaming import Outcome, cancel_reason, cancelled, complete, failed, sse_response
+from ...streaming import Outcome, cancel_reason, cancelled, complete, failed, logprob_items, sse_response
 from ...streaming import usage_of as usage
 from . import protocol as p
 
@@ -103,19 +103,6 @@ def ended_early(event: TokenEvent) -> dict[str, Any] | None:
     else:
         return None
     return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
-
-
-def chat_logprobs(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
-    """OpenAI's `logprobs.content` items."""
-    return [
-        {
-            "token": e.text,
-            "logprob": e.logprob,
-            "bytes": list(e.raw),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top],
-        }
-        for e in entries
-    ]
 
 
 def completion_logprobs(entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
@@ -245,7 +232,7 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
                     reasoning=parser.reasoning or None,
                 )
                 logprobs = (
-                    p.ChatLogprobs(content=chat_logprobs(result.logprobs))
+                    p.ChatLogprobs(content=logprob_items(result.logprobs))
                     if top is not None and result.logprobs is not None
                     else None
                 )
@@ -310,7 +297,7 @@ def chat_completions(body: p.ChatCompletionRequest) -> Response:
                         return
                     pieces += parser.finish()
                 for delta in deltas(index, pieces):
-                    logprobs = {"content": chat_logprobs(held[index])} if held[index] else None
+                    logprobs = {"content": logprob_items(held[index])} if held[index] else None
                     held[index] = []
                     yield chunk(index, delta, logprobs=logprobs)
                 if event.done:
