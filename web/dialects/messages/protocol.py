@@ -124,7 +124,9 @@ class Thinking(Wire):
 class MessagesBase(Wire):
     """What a message request and a token count share; unknown top-level fields are a 400."""
 
-    model_config = ConfigDict(json_schema_extra={"additionalProperties": False})  # (_known_fields refuses them)
+    model_config = ConfigDict(
+        json_schema_extra={"additionalProperties": False}
+    )  # (_known_fields refuses them)
 
     # field -> why it is refused: any value but null is a 400 naming it
     REFUSED: ClassVar[dict[str, str]] = {
