@@ -54,11 +54,11 @@ def _scheduler(name: str, ep: str | None, batcher: str, api_alias: str | None = 
     try:
         registry.installed(name)
     except ModelNotFound:
-        if load_catalog().find(name) is None:
-            raise
-        from ortllm.converters.pipeline import ConvertRequest
+        from .models import _run_convert, not_installed
 
-        from .models import _run_convert
+        if load_catalog().find(name) is None:
+            raise not_installed(name) from None
+        from ortllm.converters.pipeline import ConvertRequest
 
         click.echo(f"{name} is not installed yet; pulling it first", err=True)
         _run_convert(ConvertRequest(load_catalog().get(name).name))

@@ -13,6 +13,7 @@ from rich.table import Table
 from ortllm.catalog import load_catalog
 from ortllm.converters.genai import EPS, PRECISIONS
 from ortllm.converters.pipeline import ConvertRequest, convert
+from ortllm.errors import ModelNotFound
 from ortllm.store import ModelStore
 
 from .options import option_group
@@ -47,6 +48,21 @@ class RichProgress:
         if task is not None and line.strip():
             detail = line.strip().split("\r")[-1][:60]
             self.progress.update(task, description=f"{STEP_LABELS['build']} [dim]{detail}[/]")
+
+
+def not_installed(name: str) -> ModelNotFound:
+    """The one-line error for a model that is not installed, saying how to get it: `ortllm pull NAME` for a
+    catalog model, the catalog listing for a name that is not in it."""
+    installed = ", ".join(m.name for m in ModelStore().list()) or "none"
+    entry = load_catalog().find(name)
+    if entry is None:
+        return ModelNotFound(
+            f"Unknown model '{name}': not installed (installed: {installed}) and not in the catalog; "
+            "see the models you can pull with `ortllm list --available`"
+        )
+    return ModelNotFound(
+        f"Model '{entry.name}' is not installed (installed: {installed}); get it with `ortllm pull {entry.name}`"
+    )
 
 
 def _run_convert(request: ConvertRequest) -> None:
@@ -144,6 +160,26 @@ def convert_cmd(
     _run_convert(ConvertRequest(source, name, precision, ep, backend, block_size, accuracy_level, force))
 
 
+def _catalog_table(headers: list[str], cells: list[list[str]], width: int) -> Table:
+    """The catalog as a table whose names are never cut (`smollm2-1…` at 80 columns): the first column is
+    at least as wide as the longest name, and the others share what is left, each column that needs less
+    than an even share keeping its own width and the rest folding into what remains."""
+    table = Table(title="Catalog")
+    longest = max((len(row[0].split(" ")[0]) for row in cells), default=len(headers[0]))
+    table.add_column(headers[0], min_width=max(longest, len(headers[0])), overflow="fold")
+    natural = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers) if i]
+    left = width - (len(headers) + 1) - 2 * len(headers) - max(longest, len(headers[0]))  # borders, padding
+    caps = [0] * len(natural)
+    for n, i in enumerate(sorted(range(len(natural)), key=natural.__getitem__)):
+        caps[i] = max(1, min(natural[i], left // (len(natural) - n)))
+        left -= caps[i]
+    for header, cap in zip(headers[1:], caps, strict=True):
+        table.add_column(header, max_width=cap, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
 @click.command("list")
 @click.option("--available", is_flag=True, help="List the catalog (models you can pull) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -170,19 +206,20 @@ def list_cmd(available: bool, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
-        table = Table("name", "aliases", "family", "kind", "backend", "context", "installed", title="Catalog")
-        for r in rows:
-            aliases = ", ".join(a for a in r["aliases"] if "/" not in a)
-            table.add_row(
+        cells = [
+            [
                 r["name"] + (" (default)" if r["default"] else ""),
-                aliases,
+                ", ".join(a for a in r["aliases"] if "/" not in a),
                 r["family"],
                 r["kind"],
                 r["backend"],
                 str(r["context_size"]),
                 "yes" if r["installed"] else "",
-            )
-        console.print(table)
+            ]
+            for r in rows
+        ]
+        headers = ["name", "aliases", "family", "kind", "backend", "context", "installed"]
+        console.print(_catalog_table(headers, cells, console.width))
         return
     models = ModelStore().list()
     rows = [
@@ -215,7 +252,9 @@ def list_cmd(available: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def show(name: str, as_json: bool) -> None:
     """Show an installed model's manifest: source, variants, sizes, versions."""
-    model = ModelStore().get(load_catalog().canonical(name))
+    model = ModelStore().find(load_catalog().canonical(name))
+    if model is None:
+        raise not_installed(name)
     if as_json:
         click.echo(json.dumps({**model.manifest, "path": str(model.path)}, indent=2))
         return
@@ -254,7 +293,13 @@ def show(name: str, as_json: bool) -> None:
 def rm(name: str, variant: str | None) -> None:
     """Remove an installed model (or one of its variants)."""
     canonical = load_catalog().canonical(name)
-    ModelStore().remove(canonical, variant)
+    store = ModelStore()
+    try:
+        store.remove(canonical, variant)
+    except ModelNotFound:
+        if store.find(canonical) is None:
+            raise not_installed(name) from None
+        raise  # a variant it does not have
     click.echo(f"removed {canonical}" + (f" ({variant})" if variant else ""))
 
 

@@ -96,14 +96,18 @@ def serve(
         click.echo(json.dumps(shown, indent=2))
         return
     from ortllm.web.security import check_exposure, load_keys
+    from ortllm.web.server import check_ports
     from ortllm.web.server import serve as run_server
 
     check_exposure(settings)
     load_keys(settings)  # a bad key file or a too-short key fails here, before binding
     SessionStore().check()  # a corrupt or read-only sessions database fails here, in one line, before the banner
+    check_ports(settings)  # a port in use is one line, not a banner then gunicorn's retries
 
     click.echo(
-        f"ortllm serving on http://{settings.server.host}:{settings.server.port} (docs at /docs)", err=True
+        f"ortllm serving on http://{settings.server.host}:{settings.server.port} "
+        "(a browser chat at /, API docs at /docs)",
+        err=True,
     )
     if settings.ollama.listen:
         click.echo(

@@ -7,9 +7,11 @@ even if a handler cannot be cancelled (it is named in the log)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -18,7 +20,7 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.wsgi import ClosingIterator
 
-from ortllm.settings import Settings
+from ortllm.settings import ConfigError, Settings
 
 from .errors import error_response
 from .streaming import SHUTDOWN_HOOKS, STOPPING
@@ -130,6 +132,30 @@ def _on_worker_exit(arbiter: Any, worker: Any) -> None:
     while inflight.requests and time.monotonic() < _deadline:
         time.sleep(0.05)
     _exit_now(inflight)
+
+
+def check_ports(settings: Settings) -> None:
+    """Bind each address the server will listen on (as gunicorn does, with SO_REUSEADDR) and let it go:
+    a port in use is one line naming the flag that moves it, before the banner and before gunicorn retries."""
+    listeners = [(settings.server.host, settings.server.port, "--port")]
+    if settings.ollama.listen:
+        listeners.append((settings.ollama.host, settings.ollama.port, "--ollama"))
+    for host, port, flag in listeners:
+        address = _bind(host, port)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from None
+        family, kind, proto, _, sockaddr = infos[0]
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"{address} is in use — pick another with {flag}") from None
+            reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+            raise ConfigError(f"cannot listen on {address}: {reason}") from None
 
 
 def serve(settings: Settings) -> None:
