@@ -3,9 +3,11 @@ message, usage and the error body of each dialect (each dialect's own models are
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ortllm.sessions import ID_PATTERN
 
@@ -83,6 +85,45 @@ class Wire(BaseModel):
     """Requests ignore unknown fields (clients send extras), but types are checked strictly (no "1" for 1)."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+def refusal(param: str, message: str) -> PydanticCustomError:
+    """A 400 whose message is sent as written, with `param` naming the field (web/errors.validation_message)."""
+    return PydanticCustomError("unsupported_parameter", "{message}", {"param": param, "message": message})
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return value is allowed  # True is not 1 here
+    return value == allowed and isinstance(value, (int, float)) == isinstance(allowed, (int, float))
+
+
+class RefusingRequest(Wire):
+    """A request that refuses what it does not honour, as OpenAI's APIs do: an unknown top-level field, a
+    field in REFUSED with any value but null, a field in ONLY with another value: each a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+    # field -> why it is refused: any value but null is a 400 naming the field
+    REFUSED: ClassVar[dict[str, str]] = {}
+    # field -> (the supported values, why the others are refused)
+    ONLY: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, why in cls.REFUSED.items():
+            if data.get(name) is not None:
+                raise refusal(
+                    name, f"Unsupported parameter: '{name}' is not supported by this server ({why})."
+                )
+        for name, (allowed, why) in cls.ONLY.items():
+            value = data.get(name)
+            if value is not None and not any(_same(value, a) for a in allowed):
+                shown = " or ".join(json.dumps(a) for a in allowed)
+                raise refusal(name, f"Unsupported value of '{name}': only {shown} is supported here ({why}).")
+        return data
 
 
 class Message(Wire):

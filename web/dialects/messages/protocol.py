@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from ortllm.toolcalls import MAX_TOOLS
 
-from ...wire import Integral, PositiveMaxTokens, StopList, TopK, TopP, Wire
+from ...wire import Integral, PositiveMaxTokens, StopList, TopK, TopP, Wire, refusal
 
 # blocks the models here cannot read (no vision, no files) and server-side blocks ortllm never produces
 UNREADABLE = ("image", "document", "search_result", "container_upload")
@@ -26,11 +25,6 @@ BLOCKS = {
     "user": ("text", "tool_result"),
     "assistant": ("text", "tool_use", "thinking", "redacted_thinking"),
 }
-
-
-def refusal(param: str, message: str) -> PydanticCustomError:
-    """A 400 whose message is sent as written (web/errors.validation_message), naming its field."""
-    return PydanticCustomError("unsupported_parameter", "{message}", {"param": param, "message": message})
 
 
 class CacheHint(Wire):

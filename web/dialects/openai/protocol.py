@@ -7,11 +7,9 @@ other top-level field is answered as OpenAI answers it: `Unrecognized request ar
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from typing_extensions import Required, TypedDict
 
 from ortllm.toolcalls import MAX_TOOLS
@@ -25,6 +23,7 @@ from ...wire import (
     MinP,
     Penalty,
     PositiveMaxTokens,
+    RefusingRequest,
     RepeatLastN,
     RepeatPenalty,
     Seed,
@@ -34,13 +33,9 @@ from ...wire import (
     TopK,
     TopP,
     Wire,
+    refusal,
     sent_when_set,
 )
-
-
-def refusal(param: str, message: str) -> PydanticCustomError:
-    """A 400 whose message is sent as written, with `param` naming the field (web/errors.validation_message)."""
-    return PydanticCustomError("unsupported_parameter", "{message}", {"param": param, "message": message})
 
 
 def not_supported(name: str, why: str) -> Any:
@@ -48,37 +43,8 @@ def not_supported(name: str, why: str) -> Any:
     return Field(None, description=f"not supported ({why}): any value but null is a 400")
 
 
-def _is(value: Any, allowed: Any) -> bool:
-    if isinstance(value, bool) or isinstance(allowed, bool):
-        return value is allowed  # True is not 1 here
-    return value == allowed and isinstance(value, (int, float)) == isinstance(allowed, (int, float))
-
-
-class OpenAIRequest(Wire):
+class OpenAIRequest(RefusingRequest):
     """A request of the OpenAI dialect: as OpenAI does, an unknown top-level field is a 400."""
-
-    model_config = ConfigDict(extra="forbid")
-    # field -> why it is refused: any value but null is a 400 naming the field
-    REFUSED: ClassVar[dict[str, str]] = {}
-    # field -> (the supported values, why the others are refused)
-    ONLY: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refused(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for name, why in cls.REFUSED.items():
-            if data.get(name) is not None:
-                raise refusal(
-                    name, f"Unsupported parameter: '{name}' is not supported by this server ({why})."
-                )
-        for name, (allowed, why) in cls.ONLY.items():
-            value = data.get(name)
-            if value is not None and not any(_is(value, a) for a in allowed):
-                shown = " or ".join(json.dumps(a) for a in allowed)
-                raise refusal(name, f"Unsupported value of '{name}': only {shown} is supported here ({why}).")
-        return data
 
 
 # ---- messages ------------------------------------------------------------------------------------

@@ -7,24 +7,11 @@ supplied: NAME`). Input items are checked in routes.py, which names the item at 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 
-from ...wire import MaxTokens, Seed, Temperature, TopK, TopP, Wire
-
-
-def refusal(param: str, message: str) -> PydanticCustomError:
-    """A 400 whose message is sent as written, with `param` naming the field (web/errors.validation_message)."""
-    return PydanticCustomError("unsupported_parameter", "{message}", {"param": param, "message": message})
-
-
-def _is(value: Any, allowed: Any) -> bool:
-    if isinstance(value, bool) or isinstance(allowed, bool):
-        return value is allowed  # True is not 1 here
-    return bool(value == allowed)
+from ...wire import MaxTokens, RefusingRequest, Seed, Temperature, TopK, TopP, Wire, refusal
 
 
 class TextFormat(Wire):
@@ -64,10 +51,9 @@ class ReasoningConfig(Wire):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponseRequest(Wire):
+class ResponseRequest(RefusingRequest):
     """`POST /v1/responses`."""
 
-    model_config = ConfigDict(extra="forbid")
     # field -> why it is refused: any value but null is a 400 naming the field
     REFUSED: ClassVar[dict[str, str]] = {
         "conversation": "conversations are not implemented: continue with previous_response_id",
@@ -122,19 +108,9 @@ class ResponseRequest(Wire):
 
     @model_validator(mode="before")
     @classmethod
-    def _refused(cls, data: Any) -> Any:
+    def _include_and_metadata(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        for name, why in cls.REFUSED.items():
-            if data.get(name) is not None:
-                raise refusal(
-                    name, f"Unsupported parameter: '{name}' is not supported by this server ({why})."
-                )
-        for name, (allowed, why) in cls.ONLY.items():
-            value = data.get(name)
-            if value is not None and not any(_is(value, a) for a in allowed):
-                shown = " or ".join(json.dumps(a) for a in allowed)
-                raise refusal(name, f"Unsupported value of '{name}': only {shown} is supported here ({why}).")
         include = data.get("include")
         if isinstance(include, list) and include:
             raise refusal(
