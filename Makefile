@@ -10,22 +10,42 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install browser node run chat test test-genai014 optimum-env test-optimum lint format clean
+.PHONY: install install-run browser node run chat test test-genai014 optimum-env test-optimum lint format clean
 
-$(BIN)/.installed: setup.cfg pyproject.toml
+# Two levels, a stamp each: `make run`/`make chat` install what running needs (the project and the convert
+# extra), `make install`/`make test` add the test and dev tools on top (after `make run`, only those).
+# pip shows its own progress (downloads, then one bar over the packages it installs) and each step
+# prints a line with the seconds since make started.
+START := $(shell date +%s)
+step = @echo "==> [$$(( $$(date +%s) - $(START) )) s] $(1)"
+PIP_INSTALL = $(BIN)/python -m pip install --progress-bar on
+
+$(BIN)/.installed-run: setup.cfg pyproject.toml
+	$(call step,creating $(VENV))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(BIN)/python -m pip install -q -e '.[convert,test,dev]'
+	$(call step,installing torch $(TORCH_VERSION) (CPU build; the largest download))
+	$(PIP_INSTALL) torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(call step,installing ortllm with the convert extra)
+	$(PIP_INSTALL) -e '.[convert]'
+	$(call step,installed what running needs in $(VENV))
 	touch $@
 
-install: $(BIN)/.installed  ## create .venv with the project, the convert extra and test tools
+$(BIN)/.installed: $(BIN)/.installed-run
+	$(call step,adding the test and dev tools to $(VENV))
+	$(PIP_INSTALL) -e '.[convert,test,dev]'
+	$(call step,installed the test and dev tools)
+	touch $@
 
-run: install  ## convert the default model if needed, then serve it on 127.0.0.1:8000
+install-run: $(BIN)/.installed-run  ## create .venv with the project and the convert extra (what `make run` needs)
+
+install: $(BIN)/.installed  ## create .venv with the project, the convert extra and the test and dev tools
+
+run: install-run  ## convert the default model if needed, then serve it on 127.0.0.1:8000
 	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
 	$(BIN)/ortllm serve --model $(MODEL) $(SERVE_ARGS)
 
-chat: install  ## convert the default model if needed, then chat in the terminal
+chat: install-run  ## convert the default model if needed, then chat in the terminal
 	$(BIN)/ortllm show $(MODEL) >/dev/null 2>&1 || $(BIN)/ortllm pull $(MODEL)
 	$(BIN)/ortllm chat $(MODEL)
 

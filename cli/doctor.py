@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ortllm import __version__
@@ -59,10 +60,19 @@ def cpu_features() -> dict[str, bool] | None:
 
 
 def report() -> dict[str, Any]:
-    from ortllm.runtime.loaded import available_eps, choose_variant, default_threads
+    from ortllm.runtime.loaded import (
+        batcher_choice,
+        batcher_for,
+        batcher_for_display,
+        choose_variant,
+        default_threads,
+        ep_support,
+        variant_ep,
+    )
     from ortllm.runtime.scheduler import engine_supported
 
     genai = _installed(GENAI_DISTS)
+    eps = ep_support()
     ort = _installed(ORT_DISTS)
     problems = []
     if len(genai) > 1:
@@ -70,11 +80,15 @@ def report() -> dict[str, Any]:
     if len(ort) > 1:
         problems.append(f"several onnxruntime flavours are installed ({', '.join(ort)}): keep one")
     models = []
+    requested = batcher_choice()
     for model in ModelStore().list():
         try:
             variant, reason = choose_variant(model)
             choice: dict[str, Any] = {"variant": variant.id, "reason": reason}
-        except OrtllmError as exc:
+            if model.kind != "embedding":  # the same decision `ortllm chat` and `serve` make at load
+                batcher, why, _ = batcher_for(variant.path, variant_ep(variant), requested)
+                choice.update(batcher=batcher, runtime=batcher_for_display(batcher, why))
+        except (OrtllmError, OSError, ValueError) as exc:
             choice = {"variant": None, "reason": str(exc)}
         models.append({"name": model.name, "variants": sorted(model.variants), **choice})
     convert_missing = [
@@ -88,7 +102,8 @@ def report() -> dict[str, Any]:
         "onnxruntime_genai": genai,
         "onnxruntime": ort,
         "engine_api": engine_supported(),
-        "execution_providers": available_eps(),
+        "execution_providers": [ep for ep, why in eps.items() if why is None] + ["cpu"],
+        "unavailable_providers": {ep: why for ep, why in eps.items() if why is not None},
         "cpu_threads": default_threads(),
         "cpu_features": cpu_features(),
         "convert_extra": {"usable": not convert_missing, "missing": convert_missing},
@@ -117,9 +132,11 @@ def doctor(as_json: bool) -> None:
     )
     table.add_row("onnxruntime", ", ".join(f"{k} {v}" for k, v in data["onnxruntime"].items()) or "missing")
     table.add_row(
-        "runtime path", "og.Engine (batched)" if data["engine_api"] else "og.Generator (pre-0.18 API)"
+        "genai API", "og.Engine (0.18+)" if data["engine_api"] else "og.Generator only (before 0.18)"
     )
     table.add_row("execution providers", ", ".join(data["execution_providers"]))
+    for ep, why in data["unavailable_providers"].items():
+        table.add_row(f"  not {ep}", escape(why))
     table.add_row("CPU threads", str(data["cpu_threads"]))
     features = data["cpu_features"]
     table.add_row("CPU features", ", ".join(k for k, v in features.items() if v) if features else "unknown")
@@ -131,9 +148,15 @@ def doctor(as_json: bool) -> None:
     )
     console.print(table)
     if data["models"]:
-        models = Table("model", "variants", "would run", "why")
+        models = Table("model", "variants", "would run", "why", "batched by")
         for m in data["models"]:
-            models.add_row(m["name"], ", ".join(m["variants"]), m["variant"] or "[red]none[/]", m["reason"])
+            models.add_row(
+                m["name"],
+                ", ".join(m["variants"]),
+                m["variant"] or "[red]none[/]",
+                escape(m["reason"]),
+                escape(m.get("runtime", "")),
+            )
         console.print(models)
     for problem in data["problems"]:
         console.print(f"[red]problem:[/] {problem}")

@@ -129,7 +129,7 @@ HELP = """Commands:
   /load NAME       continue session NAME
   /stats           timings of the last answer
   /exit            leave (also Ctrl-D)
-Ctrl-C stops the current answer without leaving."""
+Ctrl-C stops the current answer without leaving; at the prompt, Ctrl-C twice leaves."""
 
 
 class TerminalChat:
@@ -150,9 +150,9 @@ class TerminalChat:
     def loop(self) -> None:
         info = self.scheduler.model.info
         self.console.print(
-            f"[bold]{info.name}[/] ({info.variant} on {info.ep}, {info.batcher}) — session {self.session.id[:8]}. "
-            "Type /help for commands."
+            f"[bold]{info.name}[/] ({info.runtime}) — session {self.session.id[:8]}. Type /help for commands."
         )
+        interrupted = False  # Ctrl-C at the prompt once: a second press in a row leaves
         while True:
             try:
                 line = self.console.input("[bold green]>>> [/]")
@@ -161,7 +161,12 @@ class TerminalChat:
                 return
             except KeyboardInterrupt:
                 self.console.print()
-                return
+                if interrupted:
+                    return
+                interrupted = True
+                self.console.print("[dim]press Ctrl-C again or /exit to quit[/]")
+                continue
+            interrupted = False
             line = line.strip()
             if not line:
                 continue
@@ -238,10 +243,19 @@ class TerminalChat:
                     live.update(self._view(stream.text, chunks, started, event if event.done else None))
             except KeyboardInterrupt:
                 chat.cancel()  # the user stopped it: the turn is undone
-                for event in stream:  # read on to the final event (its timings for the status line)
+                self._drain(stream)
+                live.update(self._view(stream.text, chunks, started, self.last, stopped=True))
+
+    def _drain(self, stream: Any) -> None:
+        """Read a stopped answer on to its final event (its timings for the status line)."""
+        while stream.final is None:
+            try:
+                for event in stream:
                     if event.done:
                         self.last = event
-                live.update(self._view(stream.text, chunks, started, self.last, stopped=True))
+            except KeyboardInterrupt:  # pressed again while the answer winds down: it is stopping already
+                continue
+        self.last = stream.final
 
     def _view(
         self, text: str, chunks: int, started: float, final: TokenEvent | None, stopped: bool = False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -12,8 +14,9 @@ from rich.table import Table
 
 from ortllm.catalog import load_catalog
 from ortllm.converters.genai import EPS, PRECISIONS
-from ortllm.converters.pipeline import ConvertRequest, convert
-from ortllm.errors import ModelNotFound
+from ortllm.converters.pipeline import CACHE_PARTS, ConvertRequest, convert
+from ortllm.errors import ModelNotFound, OrtllmError
+from ortllm.paths import cache_dir
 from ortllm.store import ModelStore
 
 from .options import option_group
@@ -32,22 +35,42 @@ class RichProgress:
         self.progress = progress
         self.tasks: dict[str, TaskID] = {}
         self.started: dict[str, float] = {}
+        self.running: str | None = None
 
     def step(self, name: str) -> None:
         self.started[name] = time.monotonic()
         self.tasks[name] = self.progress.add_task(STEP_LABELS.get(name, name), total=None)
+        self.running = name
 
     def done(self, name: str) -> None:
         task = self.tasks[name]
         self.progress.update(
             task, total=1, completed=1, description=f"[green]✓[/] {STEP_LABELS.get(name, name)}"
         )
+        self.running = None
+
+    def failed(self) -> None:
+        """Mark the step that was running as failed, so no spinner stays frozen above the error."""
+        if self.running is not None:
+            task = self.tasks[self.running]
+            self.progress.update(
+                task,
+                total=1,
+                completed=1,
+                description=f"[red]✗[/] {STEP_LABELS.get(self.running, self.running)}",
+            )
+            self.progress.stop_task(task)
+            self.running = None
 
     def log(self, line: str) -> None:
         task = self.tasks.get("build")
         if task is not None and line.strip():
             detail = line.strip().split("\r")[-1][:60]
             self.progress.update(task, description=f"{STEP_LABELS['build']} [dim]{detail}[/]")
+
+
+class CacheBusy(OrtllmError):
+    """The cache is in use by a running conversion."""
 
 
 def not_installed(name: str) -> ModelNotFound:
@@ -71,12 +94,65 @@ def _run_convert(request: ConvertRequest) -> None:
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     started = time.monotonic()
     with Progress(*columns, console=console, transient=False) as progress:
-        model = convert(request, store, RichProgress(progress))
+        steps = RichProgress(progress)
+        try:
+            model = convert(request, store, steps)
+        except BaseException:
+            steps.failed()
+            raise
     took = time.monotonic() - started
     variant = max(model.variants.values(), key=lambda v: str(v.info.get("created", "")))  # the one just built
     click.echo(
         f"{model.name} ({variant.id}, {variant.size_bytes / 1e6:.0f} MB) ready in {took:.0f} s: {variant.path}"
     )
+    left = cache_usage()
+    if left:
+        parts = ", ".join(f"{CACHE_PARTS[k]} {v / 1e6:.0f} MB" for k, v in left.items())
+        click.echo(
+            f"cache: {sum(left.values()) / 1e6:.0f} MB left in {cache_dir()} ({parts}; "
+            "it makes a rebuild faster); free it with `ortllm cache clean`"
+        )
+
+
+def cache_usage() -> dict[str, int]:
+    """Bytes held by each part of the conversion cache, largest first (empty parts left out)."""
+    root = cache_dir()
+    sizes = {part: _bytes_in(root / part) for part in CACHE_PARTS if (root / part).is_dir()}
+    return dict(sorted(((k, v) for k, v in sizes.items() if v), key=lambda kv: -kv[1]))
+
+
+def _bytes_in(folder: Path) -> int:
+    """Bytes of the files under `folder`, symbolic links not followed (the hub's snapshots link its blobs)."""
+    return sum(f.lstat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+@click.group("cache")
+def cache_group() -> None:
+    """The conversion cache: downloads and dequantised weights kept to make a rebuild faster."""
+
+
+@cache_group.command("clean")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+def cache_clean(dry_run: bool) -> None:
+    """Remove the conversion cache (installed models are not touched).
+
+    \b
+    Example:
+      ortllm cache clean --dry-run
+      ortllm cache clean
+    """
+    running = [p.name for p in ModelStore().root.glob(".staging-*")]  # dead runs' are gone (clean_leftovers)
+    if running and not dry_run:
+        raise CacheBusy(f"A conversion is running ({running[0]}); run `ortllm cache clean` when it has ended")
+    root = cache_dir()
+    usage = cache_usage()
+    total = sum(usage.values())
+    if not dry_run:
+        for part in CACHE_PARTS:
+            shutil.rmtree(root / part, ignore_errors=True)
+    parts = ", ".join(f"{CACHE_PARTS[k]} {v / 1e6:.0f} MB" for k, v in usage.items()) or "it was empty"
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{verb} {total / 1e6:.0f} MB in {root} ({parts})")
 
 
 build_options = option_group(
@@ -303,4 +379,4 @@ def rm(name: str, variant: str | None) -> None:
     click.echo(f"removed {canonical}" + (f" ({variant})" if variant else ""))
 
 
-COMMANDS = [pull, convert_cmd, list_cmd, show, rm]
+COMMANDS = [pull, convert_cmd, list_cmd, show, rm, cache_group]

@@ -46,6 +46,7 @@ from ortllm.settings import DEFAULT_OLLAMA, load_settings
     metavar="[HOST:]PORT",
     help=f"Also serve Ollama's API (and /v1) here, for Ollama's clients (alone: {DEFAULT_OLLAMA}).",
 )
+@click.option("--quiet", is_flag=True, help="No access log line per request (server.access_log = false).")
 @click.option("--print-config", is_flag=True, help="Print the effective settings as JSON and exit.")
 def serve(
     host: str | None,
@@ -59,6 +60,7 @@ def serve(
     rate_limit: int | None,
     insecure: bool | None,
     ollama: str | None,
+    quiet: bool,
     print_config: bool,
 ) -> None:
     """Serve models over HTTP: native /api, OpenAI /v1, SSE streaming, Swagger UI at /docs; with
@@ -80,6 +82,7 @@ def serve(
                 "max_queue": max_queue,
                 "keep_alive": keep_alive,
                 "generate_timeout": generate_timeout,
+                "access_log": False if quiet else None,
             },
             "auth": {"api_keys": api_keys},
             "rate_limit": {"per_minute": rate_limit},
@@ -93,6 +96,10 @@ def serve(
             k.partition(":")[0] + ":***" if ":" in k else "***" for k in settings.auth.api_keys
         ]
         shown["auth"]["jwt_secret"] = "***" if settings.auth.jwt_secret else None
+        if settings.database.url:  # a database URL may carry a password
+            from ortllm.db import redact
+
+            shown["database"]["url"] = redact(settings.database.url)
         click.echo(json.dumps(shown, indent=2))
         return
     from ortllm.web.security import check_exposure, load_keys
@@ -101,7 +108,9 @@ def serve(
 
     check_exposure(settings)
     load_keys(settings)  # a bad key file or a too-short key fails here, before binding
-    SessionStore().check()  # a corrupt or read-only sessions database fails here, in one line, before the banner
+    SessionStore(
+        url=settings.database.url
+    ).check()  # a corrupt or read-only sessions database fails here, in one line, before the banner
     check_ports(settings)  # a port in use is one line, not a banner then gunicorn's retries
 
     click.echo(

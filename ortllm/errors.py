@@ -105,9 +105,11 @@ class SessionStoreUnavailable(OrtllmError):
     status = 503
     code = "SERVICE_UNAVAILABLE"
     hint = (
-        "Check the file named in the message: a corrupt one can be moved aside (an empty one is created "
-        "at the next start) or restored from a backup; generation without sessions keeps working"
+        "Check the database named in the message: a corrupt SQLite file can be moved aside (an empty one is "
+        "created at the next start) or restored from a backup; a database server that is down is retried "
+        "after Retry-After seconds; generation without sessions keeps working"
     )
+    retry_after = 5  # a database server restarting or failing over is usually back within seconds
 
 
 class GenerationTimeout(OrtllmError):

@@ -1,4 +1,4 @@
-"""Stored OpenAI Responses (`/v1/responses` with `store`), in the sessions database (`sessions.db`).
+"""Stored OpenAI Responses (`/v1/responses` with `store`), in the sessions database (ortllm.db).
 
 A stored response keeps its request, its input items and its output items, so `previous_response_id` can
 rebuild the conversation after a restart. Ownership follows ortllm.sessions: every row has an owner (an API
@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .errors import OrtllmError, SessionStoreUnavailable
+import sqlalchemy as sa
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    pk INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner TEXT NOT NULL DEFAULT '',
-    id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    status TEXT NOT NULL,
-    request TEXT NOT NULL,
-    input_items TEXT NOT NULL,
-    output_items TEXT NOT NULL,
-    usage TEXT,
-    previous_response_id TEXT,
-    UNIQUE (owner, id)
-)
-"""
+from .db import Database, upsert
+from .db import responses as R
+from .errors import OrtllmError
+
 MAX_CHAIN = 10_000  # previous_response_id links followed at most (a guard against a cycle written by hand)
 
 
@@ -62,13 +46,12 @@ class StoredResponse:
 
 
 class ResponseStore:
-    """One owner's stored responses in the SQLite file at `path` (the SessionStore's)."""
+    """One owner's stored responses in the sessions database (the SessionStore's `db`)."""
 
-    def __init__(self, path: Path, owner: str = "") -> None:
-        self.path = path
+    def __init__(self, db: Database, owner: str = "") -> None:
+        self.db = db
         self.owner = owner
-        with self._connect() as db:
-            db.execute(SCHEMA)
+        db.migrate()
 
     def scoped(self, owner: str) -> ResponseStore:
         """The same database, seen by `owner`."""
@@ -76,53 +59,32 @@ class ResponseStore:
         view.owner = owner
         return view
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
-        try:
-            db.execute("PRAGMA busy_timeout=30000")
-            yield db
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
-        finally:
-            db.close()
-
-    def _unavailable(self, exc: sqlite3.Error) -> SessionStoreUnavailable:
-        return SessionStoreUnavailable(
-            f"The sessions database {self.path} cannot store responses: {exc or type(exc).__name__}"
-        )
-
     def save(self, response: StoredResponse) -> None:
         """Insert or replace the owner's response `response.id`."""
-        row = (
-            self.owner,
-            response.id,
-            response.model,
-            response.created_at,
-            response.status,
-            json.dumps(response.request, ensure_ascii=False),
-            json.dumps(response.input_items, ensure_ascii=False),
-            json.dumps(response.output_items, ensure_ascii=False),
-            None if response.usage is None else json.dumps(response.usage),
-            response.previous_response_id,
-        )
-        with self._connect() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO responses(owner, id, model, created_at, status, request, input_items, "
-                "output_items, usage, previous_response_id) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                row,
+        with self.db.write() as conn:
+            upsert(
+                conn,
+                R,
+                ["owner", "id"],
+                owner=self.owner,
+                id=response.id,
+                model=response.model,
+                created_at=response.created_at,
+                status=response.status,
+                request=json.dumps(response.request, ensure_ascii=False),
+                input_items=json.dumps(response.input_items, ensure_ascii=False),
+                output_items=json.dumps(response.output_items, ensure_ascii=False),
+                usage=None if response.usage is None else json.dumps(response.usage),
+                previous_response_id=response.previous_response_id,
             )
 
     def find(self, response_id: str) -> StoredResponse | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT id, model, created_at, status, request, input_items, output_items, usage, "
-                "previous_response_id FROM responses WHERE owner = ? AND id = ?",
-                (self.owner, response_id),
-            ).fetchone()
+        columns = [R.c.id, R.c.model, R.c.created_at, R.c.status, R.c.request, R.c.input_items]
+        columns += [R.c.output_items, R.c.usage, R.c.previous_response_id]
+        with self.db.read() as conn:
+            row = conn.execute(
+                sa.select(*columns).where(R.c.owner == self.owner, R.c.id == response_id)
+            ).first()
         if row is None:
             return None
         rid, model, created, status, request, inputs, outputs, usage, previous = row
@@ -145,10 +107,8 @@ class ResponseStore:
         return found
 
     def delete(self, response_id: str) -> None:
-        with self._connect() as db:
-            gone = db.execute(
-                "DELETE FROM responses WHERE owner = ? AND id = ?", (self.owner, response_id)
-            ).rowcount
+        with self.db.write() as conn:
+            gone = conn.execute(R.delete().where(R.c.owner == self.owner, R.c.id == response_id)).rowcount
         if not gone:
             raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
 

@@ -1,7 +1,8 @@
-"""Chat sessions stored durably in SQLite under `$ORTLLM_HOME/sessions.db`.
+"""Chat sessions stored durably: in SQLite under `$ORTLLM_HOME/sessions.db`, or in PostgreSQL shared by
+replicas (`database.url`, see ortllm.db).
 
 A session remembers its model, system prompt and messages; it survives restarts and crashes
-(WAL journal, one short transaction per change) and is safe for concurrent writers. Every session
+(one short transaction per change) and is safe for concurrent writers, in one process or several. Every session
 has an owner (an API key's name or a JWT subject, namespaced `key:NAME` / `jwt:NAME`; "" when auth is
 off): a store handle sees only its owner's sessions, and the same id under two owners is two sessions,
 so a foreign id looks exactly like one that does not exist.
@@ -11,71 +12,38 @@ from __future__ import annotations
 
 import builtins
 import copy
+import os
 import re
-import sqlite3
+import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidOptions, SessionNotFound, SessionStoreUnavailable
-from .paths import ortllm_home
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    pk INTEGER PRIMARY KEY AUTOINCREMENT,
-    owner TEXT NOT NULL DEFAULT '',
-    id TEXT NOT NULL,
-    model TEXT,
-    system_prompt TEXT,
-    title TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE (owner, id)
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    session_pk INTEGER NOT NULL REFERENCES sessions(pk) ON DELETE CASCADE,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    created REAL NOT NULL,
-    answered INTEGER NOT NULL DEFAULT 1
-);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_pk, id);
-CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, updated);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
-# version 1 (no owners, `id` the primary key) → 2: every old session is kept, owned by nobody
-MIGRATE_1_TO_2 = (
-    """
-ALTER TABLE sessions RENAME TO sessions_v1;
-ALTER TABLE messages RENAME TO messages_v1;
-DROP INDEX IF EXISTS messages_by_session;
-"""
-    + SCHEMA
-    + """
-INSERT INTO sessions(owner, id, model, system_prompt, title, created, updated)
-    SELECT '', id, model, system_prompt, title, created, updated FROM sessions_v1;
-INSERT INTO messages(session_pk, role, content, created)
-    SELECT s.pk, m.role, m.content, m.created FROM messages_v1 m JOIN sessions s ON s.owner = '' AND s.id = m.session_id
-    ORDER BY m.id;
-DROP TABLE messages_v1;
-DROP TABLE sessions_v1;
-"""
-)
+from .db import Database, default_url, insert_ignore, upsert
+from .db import messages as M
+from .db import meta as META
+from .db import sessions as S
+from .errors import InvalidOptions, SessionNotFound
+
 ROLES = ("system", "user", "assistant")
+ORIGINS = ("ui", "api")  # the browser chat's sessions, and everything else's
+TITLE_LENGTH = 48  # an API session's title: the first line of its first question, cut to this
 MAX_ID_LENGTH = 128
 # one pattern for session ids everywhere: they travel in URLs and in the X-Session-Id header
 ID_PATTERN = re.compile(rf"[A-Za-z0-9._:@~+=-]{{1,{MAX_ID_LENGTH}}}")
-COLUMNS = (
-    "s.id, s.model, s.system_prompt, s.title, s.created, s.updated, "
-    "(SELECT COUNT(*) FROM messages m WHERE m.session_pk = s.pk)"
-)
+_COUNT = sa.select(sa.func.count()).where(M.c.session_pk == S.c.pk).scalar_subquery()
+COLUMNS = (S.c.id, S.c.model, S.c.system_prompt, S.c.title, S.c.created, S.c.updated, _COUNT, S.c.origin)
+# who runs a turn, on its pending messages (replicas share the database): a server is its host and port, so
+# a restarted server clears what its crashed predecessor left pending (configure_instance), else this process
+INSTANCE = f"{socket.gethostname()}:pid{os.getpid()}"
+# another process's pending question older than this belongs to a turn that is over (crashed or lost)
+FOREIGN_PENDING_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +55,7 @@ class Session:
     created: float
     updated: float
     message_count: int = 0
+    origin: str = "api"
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -96,14 +65,13 @@ class SessionStore:
     """CRUD over one owner's sessions and their messages. Each call opens its own short-lived connection;
     `scoped(owner)` is a handle on the same database for another owner."""
 
-    def __init__(self, path: Path | None = None, owner: str = "") -> None:
-        self.path = path or ortllm_home() / "sessions.db"
+    def __init__(self, path: Path | None = None, owner: str = "", *, url: str | None = None) -> None:
+        self.db = Database.open(url or (f"sqlite:///{path}" if path else default_url()))
+        self.path = self.db.path  # the SQLite file; None for a database server
         self.owner = owner
         self._live: set[int] = set()  # pending message ids of turns still running in this process
         self._live_lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            self._migrate(db)
+        self.db.migrate()
 
     def scoped(self, owner: str) -> SessionStore:
         """The same database, seen by `owner` (shares the running turns' bookkeeping)."""
@@ -111,68 +79,19 @@ class SessionStore:
         view.owner = owner
         return view
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version >= SCHEMA_VERSION:
-            return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            columns = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
-            for statement in _statements(MIGRATE_1_TO_2 if columns and "owner" not in columns else SCHEMA):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
-        try:
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
-            yield db
-        except sqlite3.Error as exc:
-            raise self._unavailable(exc) from exc
-        finally:
-            db.close()
-
-    def _unavailable(self, exc: sqlite3.Error) -> SessionStoreUnavailable:
-        cause = str(exc) or type(exc).__name__
-        if "not a database" in cause or "malformed" in cause:
-            todo = "move it aside (an empty one is created at the next start) or restore a backup"
-        elif "readonly" in cause or "read-only" in cause:
-            todo = "make the file and its folder writable"
-        else:
-            todo = "check the file, its folder and the free disk space"
-        return SessionStoreUnavailable(f"The sessions database {self.path} cannot be used: {cause} — {todo}")
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
     def check(self) -> None:
         """Raise SessionStoreUnavailable unless the database can be read and written (for /health)."""
-        with self._connect() as db:
-            db.execute("SELECT 1 FROM sessions LIMIT 1").fetchall()
-            db.execute("BEGIN IMMEDIATE")
+        with self.db.read() as conn:
+            conn.execute(sa.select(S.c.pk).limit(1)).all()
+        with self.db.engine.connect() as conn, self._mapped():
             try:  # a write that is rolled back: a read-only or full database fails here
-                db.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES ('health', ?)", (str(time.time()),)
-                )
+                upsert(conn, META, ["key"], key="health", value=str(time.time()))
             finally:
-                db.execute("ROLLBACK")
+                conn.rollback()
+
+    def _mapped(self) -> Any:
+        """Database errors of a block as SessionStoreUnavailable."""
+        return _Mapped(self.db)
 
     @staticmethod
     def check_id(session_id: str) -> str:
@@ -182,13 +101,13 @@ class SessionStore:
             )
         return session_id
 
-    def _pk(self, db: sqlite3.Connection, session_id: str) -> int:
-        row = db.execute(
-            "SELECT pk FROM sessions WHERE owner = ? AND id = ?", (self.owner, session_id)
-        ).fetchone()
-        if row is None:
+    def _pk(self, conn: Connection, session_id: str, *, lock: bool = False) -> int:
+        """The owner's session's row key; `lock`: hold its row until the transaction ends (PostgreSQL)."""
+        query = sa.select(S.c.pk).where(S.c.owner == self.owner, S.c.id == session_id)
+        pk = conn.execute(query.with_for_update() if lock else query).scalar()
+        if pk is None:
             raise SessionNotFound(f"Session '{session_id}' not found")
-        return int(row[0])
+        return int(pk)
 
     def create(
         self,
@@ -196,47 +115,64 @@ class SessionStore:
         system_prompt: str | None = None,
         session_id: str | None = None,
         title: str | None = None,
+        origin: str = "api",
     ) -> Session:
         """A new session (or the existing one when `session_id` is already taken by this owner)."""
         sid = self.check_id(session_id) if session_id else str(uuid.uuid4())
+        if origin not in ORIGINS:
+            raise InvalidOptions(f"origin must be one of {', '.join(ORIGINS)}")
         now = time.time()
-        with self._transaction() as db:
-            self._insert_session(db, sid, model, system_prompt, title, now)
+        with self.db.write() as conn:
+            self._insert_session(conn, sid, model, system_prompt, title, now, origin)
         return self.get(sid)
 
     def _insert_session(
         self,
-        db: sqlite3.Connection,
+        conn: Connection,
         session_id: str,
         model: str | None,
         system_prompt: str | None,
         title: str | None,
         now: float,
+        origin: str = "api",
     ) -> bool:
         """Create the owner's session `session_id` unless it exists; whether it was created."""
-        return bool(
-            db.execute(
-                "INSERT OR IGNORE INTO sessions(owner, id, model, system_prompt, title, created, updated) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (self.owner, session_id, model, system_prompt, title, now, now),
-            ).rowcount
+        return insert_ignore(
+            conn,
+            S,
+            ["owner", "id"],
+            owner=self.owner,
+            id=session_id,
+            model=model,
+            system_prompt=system_prompt,
+            title=title,
+            created=now,
+            updated=now,
+            origin=origin,
         )
 
     @staticmethod
     def _insert_messages(
-        db: sqlite3.Connection, pk: int, messages: builtins.list[dict[str, str]], now: float
+        conn: Connection, pk: int, messages: builtins.list[dict[str, str]], now: float
     ) -> None:
-        db.executemany(
-            "INSERT INTO messages(session_pk, role, content, created) VALUES (?,?,?,?)",
-            [(pk, m["role"], m["content"], now) for m in messages],
-        )
+        rows = [
+            {"session_pk": pk, "role": m["role"], "content": m["content"], "created": now}
+            | {"stopped": int(bool(m.get("stopped")))}
+            for m in messages
+        ]
+        if rows:
+            conn.execute(M.insert(), rows)
+
+    @staticmethod
+    def _touch(conn: Connection, pk: int, now: float | None = None) -> None:
+        conn.execute(S.update().where(S.c.pk == pk).values(updated=now or time.time()))
 
     def find(self, session_id: str) -> Session | None:
         self.check_id(session_id)
-        with self._connect() as db:
-            row = db.execute(
-                f"SELECT {COLUMNS} FROM sessions s WHERE s.owner = ? AND s.id = ?", (self.owner, session_id)
-            ).fetchone()
+        with self.db.read() as conn:
+            row = conn.execute(
+                sa.select(*COLUMNS).where(S.c.owner == self.owner, S.c.id == session_id)
+            ).first()
         return Session(*row) if row else None
 
     def get(self, session_id: str) -> Session:
@@ -247,25 +183,34 @@ class SessionStore:
 
     def list(self) -> builtins.list[Session]:
         """The owner's sessions, most recently updated first."""
-        with self._connect() as db:
-            rows = db.execute(
-                f"SELECT {COLUMNS} FROM sessions s WHERE s.owner = ? ORDER BY s.updated DESC", (self.owner,)
-            ).fetchall()
+        with self.db.read() as conn:
+            rows = conn.execute(
+                sa.select(*COLUMNS).where(S.c.owner == self.owner).order_by(S.c.updated.desc(), S.c.pk.desc())
+            ).all()
         return [Session(*r) for r in rows]
 
     def messages(self, session_id: str, *, answered_only: bool = False) -> builtins.list[dict[str, Any]]:
         """The stored conversation (user and assistant turns), oldest first. A question whose answer never
-        came (the server stopped, the turn failed) is marked `"unanswered": true`."""
+        came (the server stopped, the turn failed) is marked `"unanswered": true`, an answer the user
+        stopped `"stopped": true`; `answered_only` (the model's history): answered turns, no marks."""
         self.check_id(session_id)
-        with self._connect() as db:
-            pk = self._pk(db, session_id)
-            rows = db.execute(
-                "SELECT role, content, answered FROM messages WHERE session_pk = ? ORDER BY id", (pk,)
-            ).fetchall()
+        with self.db.read() as conn:
+            pk = self._pk(conn, session_id)
+            rows = conn.execute(
+                sa.select(M.c.role, M.c.content, M.c.answered, M.c.stopped)
+                .where(M.c.session_pk == pk)
+                .order_by(M.c.id)
+            ).all()
         out: builtins.list[dict[str, Any]] = []
-        for role, content, answered in rows:
+        for role, content, answered, stopped in rows:
             if answered:
-                out.append({"role": role, "content": content})
+                out.append(
+                    {
+                        "role": role,
+                        "content": content,
+                        **({"stopped": True} if stopped and not answered_only else {}),
+                    }
+                )
             elif not answered_only:
                 out.append({"role": role, "content": content, "unanswered": True})
         return out
@@ -295,12 +240,12 @@ class SessionStore:
     def _write(self, session_id: str, messages: builtins.list[dict[str, str]], *, clear: bool) -> None:
         self._check_messages(messages)
         now = time.time()
-        with self._transaction() as db:
-            pk = self._pk(db, session_id)
+        with self.db.write() as conn:
+            pk = self._pk(conn, session_id, lock=True)
             if clear:
-                db.execute("DELETE FROM messages WHERE session_pk = ?", (pk,))
-            self._insert_messages(db, pk, messages, now)
-            db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
+                conn.execute(M.delete().where(M.c.session_pk == pk))
+            self._insert_messages(conn, pk, messages, now)
+            self._touch(conn, pk, now)
 
     def start_turn(
         self,
@@ -320,32 +265,41 @@ class SessionStore:
         self._check_messages(messages)
         last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
         now = time.time()
-        with self._transaction() as db:
-            created = self._insert_session(db, session_id, model, system_prompt, None, now)
-            pk = self._pk(db, session_id)
+        with self.db.write() as conn:
+            created = self._insert_session(conn, session_id, model, system_prompt, _title_of(messages), now)
+            pk = self._pk(conn, session_id, lock=True)
             if system_prompt is not None:
-                db.execute("UPDATE sessions SET system_prompt = ? WHERE pk = ?", (system_prompt, pk))
+                conn.execute(S.update().where(S.c.pk == pk).values(system_prompt=system_prompt))
             with self._live_lock:
                 live = set(self._live)
-            if replace:
-                stale = [r[0] for r in db.execute("SELECT id FROM messages WHERE session_pk = ?", (pk,))]
-            else:
-                stale = [
-                    r[0]
-                    for r in db.execute(
-                        "SELECT id FROM messages WHERE session_pk = ? AND answered = 0", (pk,)
-                    )
-                ]
-            db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in stale if i not in live])
+            query = sa.select(M.c.id, M.c.instance, M.c.created).where(M.c.session_pk == pk)
+            if not replace:
+                query = query.where(M.c.answered == 0)
+            stale = [
+                i
+                for i, instance, created_at in conn.execute(query)
+                # this process knows its running turns; on a shared database another replica's pending
+                # question waits until it is old (an SQLite file has one server: the rest is a crash's)
+                if (
+                    i not in live
+                    if instance == INSTANCE or self.db.sqlite
+                    else replace or created_at < now - FOREIGN_PENDING_S
+                )
+            ]
+            if stale:
+                conn.execute(M.delete().where(M.c.id.in_(stale)))
             pending: builtins.list[int] = []
             for i, m in enumerate(messages):
-                cursor = db.execute(
-                    "INSERT INTO messages(session_pk, role, content, created, answered) VALUES (?,?,?,?,?)",
-                    (pk, m["role"], m["content"], now, int(i <= last_answer)),
-                )
-                if i > last_answer:
-                    pending.append(int(cursor.lastrowid or 0))
-            db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
+                answered = i <= last_answer
+                row = {"session_pk": pk, "role": m["role"], "content": m["content"], "created": now}
+                inserted = conn.execute(
+                    M.insert()
+                    .values(**row, answered=int(answered), instance=None if answered else INSTANCE)
+                    .returning(M.c.id)
+                ).scalar_one()
+                if not answered:
+                    pending.append(int(inserted))
+            self._touch(conn, pk, now)
         with self._live_lock:
             self._live.update(pending)
         return pending, created
@@ -357,14 +311,16 @@ class SessionStore:
             if reply is None:
                 return
             now = time.time()
-            with self._transaction() as db:
-                pk = self._pk(db, session_id)
-                db.executemany(
-                    "UPDATE messages SET answered = 1 WHERE id = ? AND session_pk = ?",
-                    [(i, pk) for i in pending],
-                )
-                self._insert_messages(db, pk, [{"role": "assistant", "content": reply}], now)
-                db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (now, pk))
+            with self.db.write() as conn:
+                pk = self._pk(conn, session_id, lock=True)
+                if pending:
+                    conn.execute(
+                        M.update()
+                        .where(M.c.id.in_(pending), M.c.session_pk == pk)
+                        .values(answered=1, instance=None)
+                    )
+                self._insert_messages(conn, pk, [{"role": "assistant", "content": reply}], now)
+                self._touch(conn, pk, now)
         finally:
             with self._live_lock:
                 self._live.difference_update(pending)
@@ -373,18 +329,15 @@ class SessionStore:
         """Undo a turn the client withdrew (cancelled): its pending messages go, and so does the session when
         the turn created it and nothing else was stored in it meanwhile."""
         try:
-            with self._transaction() as db:
-                pk = self._pk(db, session_id)
-                db.executemany(
-                    "DELETE FROM messages WHERE id = ? AND session_pk = ? AND answered = 0",
-                    [(i, pk) for i in pending],
-                )
-                empty = (
-                    db.execute("SELECT 1 FROM messages WHERE session_pk = ? LIMIT 1", (pk,)).fetchone()
-                    is None
-                )
+            with self.db.write() as conn:
+                pk = self._pk(conn, session_id, lock=True)
+                if pending:
+                    conn.execute(
+                        M.delete().where(M.c.id.in_(pending), M.c.session_pk == pk, M.c.answered == 0)
+                    )
+                empty = conn.execute(sa.select(M.c.id).where(M.c.session_pk == pk).limit(1)).first() is None
                 if created and empty:
-                    db.execute("DELETE FROM sessions WHERE pk = ?", (pk,))
+                    conn.execute(S.delete().where(S.c.pk == pk))
         except SessionNotFound:
             pass  # deleted meanwhile: nothing to undo
         finally:
@@ -400,14 +353,12 @@ class SessionStore:
         model: str | None = None,
     ) -> Session:
         self.check_id(session_id)
-        with self._transaction() as db:
-            pk = self._pk(db, session_id)
-            for column, value in (("title", title), ("system_prompt", system_prompt), ("model", model)):
-                if value is not None:
-                    db.execute(
-                        f"UPDATE sessions SET {column} = ?, updated = ? WHERE pk = ?",
-                        (value, time.time(), pk),
-                    )
+        changes = {k: v for k, v in (("title", title), ("system_prompt", system_prompt), ("model", model))}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        with self.db.write() as conn:
+            pk = self._pk(conn, session_id, lock=True)
+            if changes:
+                conn.execute(S.update().where(S.c.pk == pk).values(**changes, updated=time.time()))
         return self.get(session_id)
 
     def rollback(self, session_id: str, amount: int) -> int:
@@ -415,24 +366,43 @@ class SessionStore:
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
             raise InvalidOptions("amount must be a non-negative integer")
         self.check_id(session_id)
-        with self._transaction() as db:
-            pk = self._pk(db, session_id)
-            ids = [
-                r[0]
-                for r in db.execute(
-                    "SELECT id FROM messages WHERE session_pk = ? ORDER BY id DESC LIMIT ?", (pk, amount)
-                )
-            ]
-            db.executemany("DELETE FROM messages WHERE id = ?", [(i,) for i in ids])
-            db.execute("UPDATE sessions SET updated = ? WHERE pk = ?", (time.time(), pk))
+        with self.db.write() as conn:
+            pk = self._pk(conn, session_id, lock=True)
+            query = sa.select(M.c.id).where(M.c.session_pk == pk).order_by(M.c.id.desc()).limit(amount)
+            ids = list(conn.execute(query).scalars())
+            if ids:
+                conn.execute(M.delete().where(M.c.id.in_(ids)))
+            self._touch(conn, pk)
         return len(ids)
 
     def delete(self, session_id: str) -> None:
         self.check_id(session_id)
-        with self._transaction() as db:
-            db.execute("DELETE FROM sessions WHERE pk = ?", (self._pk(db, session_id),))
+        with self.db.write() as conn:
+            conn.execute(S.delete().where(S.c.pk == self._pk(conn, session_id, lock=True)))
 
 
-def _statements(script: str) -> builtins.list[str]:
-    """A schema script as single statements (executescript would commit the migration's transaction)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+def _title_of(messages: builtins.list[dict[str, str]]) -> str | None:
+    """A title for a session an API client's turn creates: the first line of its first question."""
+    first = next((m["content"] for m in messages if m["role"] == "user" and m["content"].strip()), "")
+    line = first.strip().split("\n")[0].strip()
+    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1] + "…"
+
+
+def configure_instance(name: str) -> None:
+    """Name this process's turns (`HOST:PORT` for a server), so its successor recognises them after a crash."""
+    global INSTANCE
+    INSTANCE = name
+
+
+class _Mapped:
+    """A block whose database errors become the database's SessionStoreUnavailable."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, sa.exc.SQLAlchemyError):
+            raise self.db.unavailable(exc) from exc

@@ -36,6 +36,7 @@ class ServerSettings(_Section):
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     keep_alive: float = Field(0, ge=0, description="unload a model idle this many seconds (0 = never)")
+    access_log: bool = Field(True, description="log a line per request (method, path, status, time, tokens)")
     threads: int = Field(128, ge=4, description="HTTP worker threads (each stream holds one)")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
     max_embedding_inputs: int = Field(
@@ -62,6 +63,23 @@ class AuthSettings(_Section):
 class RateLimitSettings(_Section):
     per_minute: int | None = Field(None, ge=0, description="requests per minute per key or IP; 0 = off")
     storage_uri: str = "memory://"
+
+
+class DatabaseSettings(_Section):
+    url: str | None = Field(
+        None,
+        description="sessions and stored responses: postgresql://USER:PASSWORD@HOST/DB to share them between "
+        "replicas, sqlite:///PATH for a file; unset: sessions.db under the ortllm home",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError(f"must start with postgresql:// or sqlite:/// (got {value.split(':')[0]!r}://…)")
+        return value.strip()
 
 
 class CorsSettings(_Section):
@@ -105,6 +123,7 @@ class Settings(_Section):
     ollama: OllamaSettings = OllamaSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    database: DatabaseSettings = DatabaseSettings()
     cors: CorsSettings = CorsSettings()
     insecure: bool = False
 
@@ -131,11 +150,14 @@ ENV = {
     "ORTLLM_GENERATE_TIMEOUT": ("server", "generate_timeout"),
     "ORTLLM_MAX_BODY_BYTES": ("server", "max_body_bytes"),
     "ORTLLM_KEEP_ALIVE": ("server", "keep_alive"),
+    "ORTLLM_ACCESS_LOG": ("server", "access_log"),
     "ORTLLM_API_KEYS": ("auth", "api_keys"),
     "ORTLLM_JWT_SECRET": ("auth", "jwt_secret"),
     "ORTLLM_RATE_LIMIT": ("rate_limit", "per_minute"),
     "ORTLLM_CORS_ORIGINS": ("cors", "origins"),
     "ORTLLM_OLLAMA": ("ollama", "listen"),
+    "ORTLLM_DATABASE_URL": ("database", "url"),
+    "ORTLLM_RATE_LIMIT_STORAGE": ("rate_limit", "storage_uri"),
 }
 LIST_KEYS = {("server", "models"), ("auth", "api_keys"), ("cors", "origins")}
 

@@ -57,9 +57,10 @@ def test_start_returns_existing_info_when_running(server):
     r = requests.post(f"{server.url}/models/{M}/start")
     assert r.status_code == 200
     assert r.json() == {
-        "message": f"Container for {M} already running",
+        "message": f"Container for {M} started",
         "port": server.port,
         "container_name": f"ortllm-{M}",
+        "already_running": True,
     }
 
 
@@ -72,6 +73,7 @@ def test_stop_and_start_by_hub_id(cold):
         "message": f"Container for {HF} started",
         "port": cold.port,
         "container_name": f"ortllm-{M}",
+        "already_running": False,
     }
     assert requests.get(cold.url + "/models").json() == {"models": [card(True)]}
     assert requests.get(cold.url + "/").json()["running_containers"] == [M]

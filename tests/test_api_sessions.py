@@ -8,7 +8,7 @@ import requests
 from tests.conftest import DEFAULT_MODEL
 
 M = DEFAULT_MODEL
-KEYS = {"id", "title", "model", "system_prompt", "created", "updated", "message_count"}
+KEYS = {"id", "title", "model", "system_prompt", "created", "updated", "message_count", "origin"}
 
 
 def test_create_read_rename_delete(server):

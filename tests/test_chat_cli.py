@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pexpect
 import pytest
@@ -74,3 +75,34 @@ def test_slash_commands(chat):
     chat.sendeof()  # Ctrl-D leaves
     chat.expect(pexpect.EOF)
     assert SessionStore().get("my-chat").system_prompt == "You answer in one word."
+
+
+def test_ctrl_c_at_the_prompt_asks_for_a_second_press(chat):
+    chat.sendintr()
+    chat.expect_exact("press Ctrl-C again or /exit to quit")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/help")  # still chatting: a press, then anything else, starts the count again
+    chat.expect("/reset")
+    chat.expect_exact(PROMPT)
+    chat.sendintr()
+    chat.expect_exact("press Ctrl-C again")
+    chat.expect_exact(PROMPT)
+    chat.sendintr()
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_twice_during_an_answer_keeps_the_chat(chat):
+    chat.sendline("Write a very long story about a dragon who learns to code.")
+    chat.expect("tokens")  # streaming has started
+    chat.sendintr()
+    time.sleep(0.2)  # two presses, not one coalesced signal
+    chat.sendintr()  # pressed twice in a hurry: the answer stops, the chat goes on
+    chat.expect("stopped")
+    chat.expect_exact(PROMPT)
+    chat.sendline("What is the capital of France?")
+    chat.expect("Paris")
+    chat.expect_exact(PROMPT)
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)

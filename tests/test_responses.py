@@ -169,9 +169,9 @@ def test_bad_input_is_400_and_stores_nothing(client: Any, body: dict[str, Any], 
     assert error["type"] == "invalid_request_error"
     if param:
         assert error["param"] == param
-    db = SessionStore(Path(client.application.extensions["ortllm"].session_store.path))
-    with db._connect() as conn:
-        assert conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0
+    db = client.application.extensions["ortllm"].session_store.db
+    with db.read() as conn:
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM responses").scalar() == 0
 
 
 def test_cancel_of_a_finished_response_is_400(client: Any) -> None:

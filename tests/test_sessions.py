@@ -11,6 +11,8 @@ from ortllm.runtime.options import validate_options
 from ortllm.runtime.types import CANCELLED, ERROR, GenerationRequest
 from ortllm.sessions import SessionStore
 
+from . import test_dialects_fast as fast
+
 
 @pytest.fixture
 def db(tmp_path):
@@ -219,3 +221,103 @@ def test_a_turn_the_server_could_not_finish_keeps_its_question(db, reason):
     else:
         assert chat.stream.result().finish_reason == CANCELLED
     assert store.messages("t1") == [{"role": "user", "content": "Question?", "unanswered": True}]
+
+
+# ---- origin (the web UI's sidebar), stopped answers, titles of API sessions ---------------------------
+
+
+def test_sessions_remember_their_origin_and_stopped_answers(db):
+    store = SessionStore(db)
+    ui = store.create(title="Mine", origin="ui")
+    api = store.create()
+    assert (store.get(ui.id).origin, store.get(api.id).origin) == ("ui", "api")
+    with pytest.raises(InvalidOptions, match="origin must be one of ui, api"):
+        store.create(origin="browser")
+    stopped = [
+        {"role": "user", "content": "Tell me"},
+        {"role": "assistant", "content": "Once", "stopped": True},
+    ]
+    store.append(ui.id, stopped)
+    assert store.messages(ui.id) == [
+        {"role": "user", "content": "Tell me"},
+        {"role": "assistant", "content": "Once", "stopped": True},
+    ]
+    assert store.get(ui.id).message_count == 2
+    # the model's history of the next turn carries the stopped answer without the mark
+    turn = plan_turn(store, model="m", messages=[{"role": "user", "content": "More"}], session_id=ui.id)
+    assert turn.messages == [
+        *[{"role": m["role"], "content": m["content"]} for m in stopped],
+        turn.messages[-1],
+    ]
+
+
+def test_a_session_an_api_turn_creates_is_titled_from_its_first_question(db):
+    store = SessionStore(db)
+    question = "What is the capital of France?\nAnswer in one word."
+    commit_turn(store, plan_turn(store, model="m", messages=[{"role": "user", "content": question}]), "Paris")
+    long = "x" * 80
+    commit_turn(store, plan_turn(store, model="m", messages=[{"role": "user", "content": long}]), "y")
+    titles = {s.title for s in store.list()}
+    assert titles == {"What is the capital of France?", "x" * 47 + "…"}
+    assert {s.origin for s in store.list()} == {"api"}
+
+
+def test_a_version_2_database_gains_origin_and_stopped_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "v2.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE sessions (pk INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL DEFAULT '',
+            id TEXT NOT NULL, model TEXT, system_prompt TEXT, title TEXT, created REAL NOT NULL,
+            updated REAL NOT NULL, UNIQUE (owner, id));
+        CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_pk INTEGER NOT NULL REFERENCES sessions(pk) ON DELETE CASCADE, role TEXT NOT NULL,
+            content TEXT NOT NULL, created REAL NOT NULL, answered INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        INSERT INTO sessions(owner, id, model, title, created, updated) VALUES
+            ('', 'made-in-ui', 'm', 'Trip plans', 1, 2), ('', 'made-by-curl', 'm', NULL, 1, 3);
+        INSERT INTO messages(session_pk, role, content, created) VALUES (1, 'user', 'hi', 1);
+        PRAGMA user_version = 2;
+    """)
+    old.close()
+    store = SessionStore(path)
+    assert {s.id: s.origin for s in store.list()} == {"made-in-ui": "ui", "made-by-curl": "api"}
+    assert store.messages("made-in-ui") == [{"role": "user", "content": "hi"}]
+    store.append("made-in-ui", [{"role": "assistant", "content": "he", "stopped": True}])
+    assert SessionStore(path).messages("made-in-ui")[-1] == {
+        "role": "assistant",
+        "content": "he",
+        "stopped": True,
+    }
+
+
+@pytest.fixture
+def client(tmp_path):
+    """The app on a fake model registry (tests/test_dialects_fast.py), with a fresh sessions database."""
+    fast.install(tmp_path, fast.M)
+    app = fast.create_app(
+        fast.Settings(), registry=fast.FakeRegistry(tmp_path), sessions=SessionStore(tmp_path / "s.db")
+    )
+    return app.test_client()
+
+
+def test_the_sessions_api_takes_origin_and_stopped_turns(client):
+    r = client.post("/api/sessions", json={"title": "t", "origin": "ui"})
+    assert r.status_code == 201 and r.get_json()["origin"] == "ui"
+    sid = r.get_json()["id"]
+    assert client.post("/api/sessions", json={}).get_json()["origin"] == "api"
+    r = client.post("/api/sessions", json={"origin": "browser"})
+    assert r.status_code == 400 and r.get_json()["detail"].startswith("origin: ")
+    turn = [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "Once", "stopped": True}]
+    r = client.post(f"/api/sessions/{sid}/messages", json={"messages": turn})
+    assert r.status_code == 200 and r.get_json()["message_count"] == 2
+    assert client.get(f"/api/sessions/{sid}").get_json()["messages"] == turn[:1] + [turn[1]]
+    for bad, field in (
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "assistant", "content": "x", "stopped": "yes"}]}, "messages.0.stopped"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages"),
+    ):
+        r = client.post(f"/api/sessions/{sid}/messages", json=bad)
+        assert r.status_code == 400 and r.get_json()["detail"].startswith(field), r.get_json()
+    assert client.post("/api/sessions/nope/messages", json={"messages": turn}).status_code == 404

@@ -134,7 +134,7 @@ def ui(browser):
 def seed_session(url: str, title: str, messages: list[dict[str, str]], headers: dict | None = None) -> str:
     r = requests.post(
         f"{url}/api/sessions",
-        json={"title": title, "model": DEFAULT_MODEL, "messages": messages},
+        json={"title": title, "model": DEFAULT_MODEL, "messages": messages, "origin": "ui"},
         headers=headers or {},
         timeout=10,
     )
@@ -592,3 +592,157 @@ def test_accessible_labels_focus_order_and_contrast(browser, server, theme):
         assert ui.page.evaluate("location.hash") == "#composer-input"
     finally:
         ui.close()
+
+
+# ---- from first run to daily use (issue 20) --------------------------------------------------------
+
+
+def test_the_sidebar_lists_the_ui_conversations_not_api_sessions(ui, server):
+    mine = seed_session(
+        server.url,
+        "Made in the UI",
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    )
+    empty = requests.post(f"{server.url}/api/sessions", json={"model": DEFAULT_MODEL}, timeout=10).json()[
+        "id"
+    ]
+    r = requests.post(
+        f"{server.url}/api/chat",
+        json={
+            "model": DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": "Name a fruit.\nJust one."}],
+            "stream": False,
+            "options": {"max_tokens": 8, "temperature": 0},
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    by_api = r.json()["session_id"]
+    ui.open(server.url)
+    ui.page.wait_for_selector(f'.session-item[data-id="{mine}"]')
+    listed = ui.page.eval_on_selector_all(".session-item", "els => els.map(e => e.dataset.id)")
+    assert mine in listed and by_api not in listed and empty not in listed
+    ui.shot("sidebar-ui-only")
+    # API sessions on request: titled from their first question, never the empty ones
+    ui.page.check("#show-api")
+    item = ui.page.wait_for_selector(f'.session-item[data-id="{by_api}"]')
+    assert item.inner_text().splitlines() == ["Name a fruit.", f"2 messages · {DEFAULT_MODEL} · API"]
+    assert ui.page.locator(f'.session-item[data-id="{empty}"]').count() == 0
+    ui.shot("sidebar-with-api")
+    ui.page.reload()  # the choice is remembered
+    ui.page.wait_for_selector(f'.session-item[data-id="{by_api}"]')
+    ui.page.uncheck("#show-api")
+    ui.page.wait_for_selector(f'.session-item[data-id="{by_api}"]', state="detached")
+
+
+def test_a_stopped_turn_survives_a_reload(ui, server):
+    ui.open(server.url)
+    ui.setting("max_tokens", 2048)
+    ui.setting("temperature", 0.8)
+    question = "Write a very long story about a dragon who learns to cook, with many chapters."
+    ui.send(question, wait=False)
+    ui.page.wait_for_function(
+        "() => (document.querySelector('.msg.assistant .content')?.textContent || '').length > 40"
+    )
+    ui.page.click("#stop-btn")
+    ui.wait_answer(1, timeout=15_000)
+    partial = ui.answers()[-1]
+    sid = current_session(ui)
+    item = f'.session-item[data-id="{sid}"] .session-meta'
+    ui.page.wait_for_selector(f"{item}:has-text('2 messages')")
+    stored = requests.get(f"{server.url}/api/sessions/{sid}", timeout=10).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[0]["content"] == question
+    assert stored[1]["stopped"] is True and stored[1]["content"].strip()
+    ui.page.reload()
+    ui.page.wait_for_selector("html[data-ready=true]")
+    ui.page.wait_for_selector(".msg.assistant .msg-note:has-text('Stopped.')")
+    assert ui.page.inner_text(".msg.user .content") == question
+    assert ui.answers() == [partial]
+    assert ui.page.inner_text(item).startswith("2 messages")
+    assert ui.page.locator(".msg").count() == 2
+    ui.shot("stopped-after-reload")
+    # the next question continues the conversation with the stopped turn in it
+    ui.setting("max_tokens", 8)
+    ui.send("Thanks.")
+    assert len(server_messages(server.url, sid)) == 4
+    assert ui.page.locator(".msg-note:has-text('Stopped.')").count() == 1
+
+
+def test_a_lone_trailing_fence_renders_no_empty_code_block(ui, server):
+    sid = seed_session(
+        server.url,
+        "Fences",
+        [
+            {"role": "user", "content": "code?"},
+            {"role": "assistant", "content": "Here it is:\n\n```"},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "Sure:\n```python\n"},
+            {"role": "user", "content": "real code"},
+            {"role": "assistant", "content": "```python\nprint(1)\n```\nDone.\n```"},
+        ],
+    )
+    ui.open(server.url)
+    ui.page.click(f'.session-item[data-id="{sid}"] .session-open')
+    ui.page.wait_for_selector(".msg.assistant .code-block")
+    answers = ui.page.locator(".msg.assistant")
+    assert answers.nth(0).locator(".code-block, pre").count() == 0
+    assert answers.nth(0).locator(".content").inner_text().strip() == "Here it is:"
+    assert answers.nth(1).locator(".code-block, pre").count() == 0
+    assert answers.nth(2).locator(".code-block").count() == 1  # a real block keeps its Copy button
+    assert answers.nth(2).locator(".copy-btn").count() == 1
+    assert answers.nth(2).locator(".content").inner_text().strip().endswith("Done.")
+    ui.shot("lone-fence")
+
+
+LONG_MODEL = "qwen2.5-coder-1.5b-instruct-q4-k-m"
+# how much of each element's text does not fit: select (option text) and textarea (placeholder)
+CLIPPED = """() => {
+    const clipped = (el, text) => {
+        const style = getComputedStyle(el);
+        const ctx = document.createElement('canvas').getContext('2d');
+        ctx.font = `${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+        const room = el.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+        return Math.max(0, ctx.measureText(text).width - room);
+    };
+    const select = document.getElementById('model-select');
+    const input = document.getElementById('composer-input');
+    const bar = document.querySelector('.topbar').getBoundingClientRect();
+    const rows = new Set([...document.querySelectorAll('.topbar > *')]
+        .filter(e => e.offsetParent !== null && e.getBoundingClientRect().height > 0)
+        .map(e => Math.round(e.getBoundingClientRect().top / 10)));
+    return {
+        select: clipped(select, select.selectedOptions[0].text + '    '),
+        placeholder: clipped(input, input.placeholder),
+        overflow: document.documentElement.scrollWidth - innerWidth,
+        height: bar.height,
+        rows: rows.size,
+    };
+}"""
+
+
+def test_model_names_are_whole_and_the_header_fits_a_phone(browser, server, home):
+    alias = home / "models" / LONG_MODEL
+    alias.symlink_to(home / "models" / DEFAULT_MODEL, target_is_directory=True)
+    ui = Page(browser)
+    try:
+        ui.open(server.url)
+        ui.page.select_option("#model-select", LONG_MODEL)
+        wide = ui.page.evaluate(CLIPPED)
+        assert wide["select"] == 0 and wide["placeholder"] == 0 and wide["overflow"] <= 0, wide
+        cut = ui.page.eval_on_selector_all(
+            ".session-item .session-meta",
+            "els => els.filter(e => e.scrollWidth > e.clientWidth).length",
+        )
+        assert cut == 0  # "N messages · model" whole in the sidebar
+        ui.shot("header-wide")
+        ui.page.set_viewport_size({"width": 390, "height": 844})
+        ui.page.wait_for_timeout(300)  # the sidebar slides away
+        narrow = ui.page.evaluate(CLIPPED)
+        assert narrow["placeholder"] == 0 and narrow["overflow"] <= 0, narrow
+        assert narrow["height"] <= 2 * 54 + 2, narrow  # one or two rows of the top bar
+        ui.shot("header-390")
+        ui.page.select_option("#model-select", DEFAULT_MODEL)
+        assert ui.page.evaluate(CLIPPED)["select"] == 0
+    finally:
+        ui.close()
+        alias.unlink()

@@ -123,7 +123,7 @@ def create_app(
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     registry = registry or make_registry(settings)
-    services = Services(settings, registry, sessions or SessionStore())
+    services = Services(settings, registry, sessions or SessionStore(url=settings.database.url))
     app.extensions["ortllm"] = services
     errors.register(app)
     security.install(app, settings, services.metrics)

@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from ortllm.errors import Busy, OrtllmError
+from ortllm.errors import Busy, OrtllmError, SessionStoreUnavailable
 
 log = logging.getLogger("ortllm.web")
 
@@ -159,7 +159,7 @@ def register(app: Flask) -> None:
     @app.errorhandler(OrtllmError)
     def ortllm_error(exc: OrtllmError) -> Response:
         response = error_response(exc.status, str(exc), exc.code, details=hint_of(exc), param=exc.param)
-        if isinstance(exc, Busy):
+        if isinstance(exc, (Busy, SessionStoreUnavailable)):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
 

@@ -246,6 +246,9 @@ def install(app: Flask, settings: Settings, metrics: Metrics) -> Authenticator:
         storage_uri=settings.rate_limit.storage_uri,
         headers_enabled=True,
         enabled=per_minute > 0,
+        # Redis gone: each replica counts in memory until it is back, rather than refusing every request
+        swallow_errors=True,
+        in_memory_fallback_enabled=True,
     )
     limiter.request_filter(lambda: request.path.startswith(OPEN_PREFIXES) or request.path == "/metrics")
     app.extensions["ortllm_limiter"] = limiter

@@ -20,8 +20,10 @@ from typing import Any
 from flask import Flask, Response
 from werkzeug.wsgi import ClosingIterator
 
+from ortllm.sessions import configure_instance
 from ortllm.settings import ConfigError, Settings
 
+from .access_log import AccessLog
 from .errors import error_response
 from .streaming import SHUTDOWN_HOOKS, STOPPING
 
@@ -75,6 +77,8 @@ def prepare(app: Flask) -> InFlight:
         return response
 
     app.before_request_funcs.setdefault(None, []).insert(0, refuse_while_stopping)
+    if app.extensions["ortllm"].settings.server.access_log:
+        app.wsgi_app = AccessLog(app.wsgi_app)  # type: ignore[method-assign]
     inflight = InFlight(app.wsgi_app)
     app.wsgi_app = inflight  # type: ignore[method-assign]
     return inflight
@@ -158,7 +162,20 @@ def check_ports(settings: Settings) -> None:
             raise ConfigError(f"cannot listen on {address}: {reason}") from None
 
 
+def configure_logging() -> None:
+    """ortllm's own lines on stderr beside gunicorn's: each model as it loads, the access log, warnings."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    ours = logging.getLogger("ortllm")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False  # a root handler (if any) would print each line twice
+
+
 def serve(settings: Settings) -> None:
+    configure_logging()
+    # a restarted server on this host and port takes over the turns its crashed predecessor left pending
+    configure_instance(f"{socket.gethostname()}:{settings.server.port}")
     if os.name == "posix":
         try:
             import gunicorn  # noqa: F401
@@ -173,6 +190,8 @@ def _serve_werkzeug(settings: Settings) -> None:
     from werkzeug.serving import run_simple
 
     from .app import create_app
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the access log is ours (AccessLog)
 
     app = create_app(settings)
     prepare(app)

@@ -52,6 +52,7 @@ from ortllm.sessions import SessionStore
 from ortllm.settings import Settings
 from ortllm.store import InstalledModel, ModelStore, validate_name
 
+from .access_log import count_tokens
 from .metrics import Metrics
 from .security import cache_scope
 
@@ -94,7 +95,7 @@ class Services:
         self.registry = registry
         self.session_store = sessions  # every owner's sessions: reach them through `sessions()`
         # every owner's stored Responses, in the sessions' database: reach them through `responses()`
-        self.response_store = ResponseStore(sessions.path)
+        self.response_store = ResponseStore(sessions.db)
         self.metrics = Metrics(registry.loaded)
         self.started = time.time()
         self._connections = 0
@@ -209,6 +210,7 @@ class Services:
         model = runner.model.name
         stream = runner.submit(request)
         stream.on_final(lambda final: self.metrics.observe(model, final, failed=final.finish_reason == ERROR))
+        count_tokens(stream)  # the request's access log line says how many tokens it generated
         return stream
 
     def tool_plan(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +44,39 @@ def _precision_rank(precision: str) -> int:
     )
 
 
-def available_eps() -> list[str]:
-    """Execution providers the installed onnxruntime-genai flavour can use here."""
+@functools.cache
+def ep_support() -> dict[str, str | None]:
+    """Each GPU execution provider: None when it can run here, else why not (the build, or no device)."""
     checks = {"cuda": "is_cuda_available", "dml": "is_dml_available", "webgpu": "is_webgpu_available"}
-    eps = [ep for ep, fn in checks.items() if getattr(og, fn, lambda: False)()]
-    return eps + ["cpu"]
+    why: dict[str, str | None] = {}
+    for ep, fn in checks.items():
+        if not getattr(og, fn, lambda: False)():
+            why[ep] = f"the installed onnxruntime-genai has no {ep}; it needs {EP_PACKAGES[ep]}"
+        elif ep == "cuda" and not _loads("nvcuda.dll" if os.name == "nt" else "libcuda.so.1"):
+            why[ep] = "no NVIDIA driver here (libcuda not found)"
+        elif ep == "webgpu" and sys.platform.startswith("linux") and not _gpu_device():
+            why[ep] = "no GPU device here (/dev/dri/renderD*, /dev/nvidia*)"
+        else:
+            why[ep] = None
+    return why
+
+
+def _loads(library: str) -> bool:
+    try:
+        ctypes.CDLL(library)
+    except OSError:
+        return False
+    return True
+
+
+def _gpu_device() -> bool:
+    """Whether Linux shows a GPU that WebGPU (Vulkan) could use: a DRM render node or an NVIDIA device."""
+    return any(Path("/dev/dri").glob("renderD*")) or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def available_eps() -> list[str]:
+    """Execution providers that can run here: built into the installed onnxruntime-genai, with a device."""
+    return [ep for ep, why in ep_support().items() if why is None] + ["cpu"]
 
 
 def variant_ep(variant: Variant) -> str:
@@ -106,6 +137,29 @@ def engine_supported() -> bool:
     return hasattr(og, "Engine") and hasattr(og.Engine, "create_request") and hasattr(og, "TurnOptions")
 
 
+def batcher_for(path: Path, ep: str, requested: str = "auto") -> tuple[str, str, Any]:
+    """Who batches a variant's requests (native, engine or generator), why, and the decoder graph the native
+    batcher takes (else None): the one decision `ortllm serve`, `chat` and `doctor` all report."""
+    if requested in ("engine", "generator"):
+        return requested, f"batcher {requested} requested", None
+    from .backends.native import inspect_decoder
+
+    genai_cfg = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))
+    proto, why = inspect_decoder(path, genai_cfg, ep)
+    if why is None:
+        return "native", "ortllm batches it on plain onnxruntime", proto
+    return ("engine" if engine_supported() else "generator"), why, None
+
+
+BATCHER_NAMES = {"native": "native batcher", "engine": "og.Engine", "generator": "og.Generator"}
+
+
+def batcher_for_display(batcher: str, reason: str) -> str:
+    """How listings say who batches: `native batcher`, or `og.Engine (why not native)`."""
+    name = BATCHER_NAMES.get(batcher, batcher)
+    return name if batcher in ("native", "onnxruntime") else f"{name} ({reason})"
+
+
 def batcher_choice() -> str:
     """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
     return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
@@ -130,6 +184,12 @@ class ModelInfo:
     context_length: int
     threads: int | None
     batcher: str  # who batches its requests: native, engine, generator (onnxruntime for embedding models)
+    batcher_reason: str = ""  # why that batcher (why not native, when it is not)
+
+    @property
+    def runtime(self) -> str:
+        """One line for logs and listings: `cpu-int4 on cpu, native batcher`."""
+        return f"{self.variant} on {self.ep}, {batcher_for_display(self.batcher, self.batcher_reason)}"
 
 
 class LoadedModel:
@@ -178,7 +238,7 @@ class LoadedModel:
         )
         # the vocabulary as llguidance sees it: constrained output and log-probabilities (built on first use)
         self.token_table = TokenTable(self.path / "tokenizer.json", vocab, self.eos_token_ids)
-        log.info("loaded %s (%s) on %s: %s", self.name, self.variant.id, self.ep, self.reason)
+        log.info("loaded %s %s (%s)", self.name, self.info.runtime, self.reason)
 
     def _load(self, variant: Variant, threads: int | None) -> None:
         self.variant = variant
@@ -208,19 +268,17 @@ class LoadedModel:
             raise self._load_error(exc) from exc
 
     def _native_decoder(self) -> Any:
-        if self.batcher in ("engine", "generator"):
-            return None
-        from .backends.native import NativeDecoder, inspect_decoder
-
-        genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
-        proto, why = inspect_decoder(self.path, genai_cfg, self.ep)
-        if why:
+        self.batcher_used, self.batcher_reason, proto = batcher_for(self.path, self.ep, self.batcher)
+        if self.batcher_used != "native":
             if self.batcher == "native":
                 raise ModelLoadError(
-                    f"Model '{self.name}' ({self.variant.id}) cannot use the native batcher: {why}"
+                    f"Model '{self.name}' ({self.variant.id}) cannot use the native batcher: "
+                    f"{self.batcher_reason}"
                 )
-            log.info("%s runs on onnxruntime-genai: %s", self.name, why)
             return None
+        from .backends.native import NativeDecoder
+
+        genai_cfg = json.loads((self.path / "genai_config.json").read_text(encoding="utf-8"))
         return NativeDecoder(self.path, genai_cfg, threads=self.threads, proto=proto)
 
     def _load_error(self, exc: BaseException) -> ModelLoadError:
@@ -247,9 +305,15 @@ class LoadedModel:
 
     @property
     def info(self) -> ModelInfo:
-        batcher = "native" if self.native is not None else "engine" if engine_supported() else "generator"
         return ModelInfo(
-            self.name, self.variant.id, self.ep, self.reason, self.context_length, self.threads, batcher
+            self.name,
+            self.variant.id,
+            self.ep,
+            self.reason,
+            self.context_length,
+            self.threads,
+            self.batcher_used,
+            self.batcher_reason,
         )
 
     @property

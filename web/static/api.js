@@ -77,6 +77,7 @@ export const api = {
   createSession: (body) => request("POST", "/api/sessions", body),
   updateSession: (id, body) => request("PATCH", `/api/sessions/${encodeURIComponent(id)}`, body),
   deleteSession: (id) => request("DELETE", `/api/sessions/${encodeURIComponent(id)}`),
+  appendMessages: (id, messages) => request("POST", `/api/sessions/${encodeURIComponent(id)}/messages`, { messages }),
   rollback: (id, amount) => request("POST", `/chat/history/${encodeURIComponent(id)}/rollback`, { amount }),
 };
 

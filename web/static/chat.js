@@ -12,7 +12,7 @@ import {
   updateControls,
 } from "./messages.js";
 import { loadModels } from "./models.js";
-import { adoptSession, branchSession, ensureSession, loadSessions, renderBranchNote } from "./sessions.js";
+import { adoptSession, branchSession, ensureSession, loadSessions, renderBranchNote, STOPPED } from "./sessions.js";
 import { stopSequences, systemPrompt } from "./settings.js";
 import { $, state } from "./state.js";
 import { finalStats, liveStats, setStats } from "./stats.js";
@@ -82,7 +82,8 @@ function finishAnswer(s, info) {
   if (info.error) {
     assistant.error = info.error;
   } else if (reason === "cancelled") {
-    assistant.note = "Stopped.";
+    assistant.note = STOPPED;
+    assistant.stopped = true;
   } else if (reason === "length") {
     assistant.note = "Stopped at the max tokens limit.";
   }
@@ -93,9 +94,25 @@ function finishAnswer(s, info) {
   refreshActions();
   scrollToEnd();
   if (info.error) showBanner(`The answer failed: ${info.error}`);
-  loadSessions().then(renderBranchNote);
+  const saved = reason === "cancelled" && !info.error ? saveStopped(s) : Promise.resolve();
+  saved.then(loadSessions).then(renderBranchNote);
   loadModels();
   if (document.activeElement === document.body || document.activeElement === $("stop-btn")) $("composer-input").focus();
+}
+
+/** Keep a stopped turn (the question and the partial answer, marked stopped): the server drops it. */
+async function saveStopped({ user, assistant }) {
+  const id = state.current?.id;
+  if (!id) return;
+  try {
+    await api.appendMessages(id, [
+      { role: "user", content: user.content },
+      { role: "assistant", content: assistant.content, stopped: true },
+    ]);
+    user.stored = assistant.stored = true;
+  } catch (err) {
+    showBanner(`Could not keep the stopped answer: ${err.message}`);
+  }
 }
 
 export function stop() {
@@ -211,4 +228,10 @@ export function bindComposer() {
     send(text);
   });
   $("stop-btn").addEventListener("click", stop);
+  // the long placeholder is cut on a phone: a short one there
+  const narrow = matchMedia("(max-width: 600px)");
+  const full = input.placeholder;
+  const fit = () => (input.placeholder = narrow.matches ? "Send a message…" : full);
+  narrow.addEventListener("change", fit);
+  fit();
 }

@@ -38,11 +38,33 @@ const PURIFY = {
   ALLOW_DATA_ATTR: false,
 };
 
+const FENCE = /^ {0,3}(`{3,}|~{3,})(.*)$/;
+
+/** `text` without a code fence opened at its end with nothing in it (a lone trailing ```): no empty block. */
+export function dropEmptyTrailingFence(text) {
+  const lines = text.split("\n");
+  let open = -1;
+  let fence = "";
+  lines.forEach((line, i) => {
+    const m = FENCE.exec(line);
+    if (!m) return;
+    if (open < 0) {
+      if (m[1][0] === "`" && m[2].includes("`")) return; // inline code, not a fence (CommonMark)
+      open = i;
+      fence = m[1];
+    } else if (m[1][0] === fence[0] && m[1].length >= fence.length && !m[2].trim()) {
+      open = -1;
+    }
+  });
+  if (open < 0 || lines.slice(open + 1).some((l) => l.trim())) return text;
+  return lines.slice(0, open).join("\n");
+}
+
 /** Sanitised HTML for a markdown text. */
 export function toSafeHtml(text) {
   let html;
   try {
-    html = marked.parse(text || "");
+    html = marked.parse(dropEmptyTrailingFence(text || ""));
   } catch {
     html = `<p>${escapeHtml(text)}</p>`;
   }

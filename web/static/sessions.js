@@ -1,5 +1,6 @@
 // Conversations are server sessions: the sidebar list, open, new, rename, delete, and branching
 // (a new session holding the history before an edited message, linked to the one it came from).
+// The sidebar lists the sessions made here (origin "ui"); API clients' sessions only on request.
 import { api, ApiError } from "./api.js";
 import { hideBanner, showBanner } from "./banner.js";
 import { ICONS } from "./icons.js";
@@ -7,6 +8,8 @@ import { renderMessages } from "./messages.js";
 import { selectModel } from "./models.js";
 import { showSettings, systemPrompt } from "./settings.js";
 import { $, state, store } from "./state.js";
+
+export const STOPPED = "Stopped.";
 
 export function sessionTitle(s) {
   return (s && (s.title || "").trim()) || "Untitled chat";
@@ -39,11 +42,18 @@ export async function loadSessions() {
   renderSessions();
 }
 
+/** Whether the sidebar lists session `s`: made here, the open one, or (when asked) an API client's with messages. */
+function listed(s) {
+  if (s.origin !== "api" || state.current?.id === s.id) return true;
+  return store.get("showApi", false) && (s.message_count ?? 0) > 0;
+}
+
 export function renderSessions() {
   const list = $("session-list");
   list.replaceChildren();
-  $("session-empty").hidden = state.sessions.length > 0;
-  for (const s of state.sessions) {
+  const shown = state.sessions.filter(listed);
+  $("session-empty").hidden = shown.length > 0;
+  for (const s of shown) {
     const li = document.createElement("li");
     li.className = "session-item";
     li.dataset.id = s.id;
@@ -59,7 +69,7 @@ export function renderSessions() {
     const meta = document.createElement("span");
     meta.className = "session-meta";
     const count = s.message_count ?? 0;
-    meta.textContent = `${count} message${count === 1 ? "" : "s"}${s.model ? ` · ${s.model}` : ""}`;
+    meta.textContent = `${count} message${count === 1 ? "" : "s"}${s.model ? ` · ${s.model}` : ""}${s.origin === "api" ? " · API" : ""}`;
     open.append(title, meta);
     open.addEventListener("click", () => openSession(s.id));
     const rename = iconButton("pencil", `Rename conversation ${sessionTitle(s)}`, () => startRename(li, s));
@@ -156,6 +166,12 @@ export function bindSidebar() {
     $("sidebar-toggle").setAttribute("aria-expanded", String(open));
   });
   $("new-chat").addEventListener("click", newChat);
+  const showApi = $("show-api");
+  showApi.checked = store.get("showApi", false);
+  showApi.addEventListener("change", () => {
+    store.set("showApi", showApi.checked);
+    renderSessions();
+  });
 }
 
 // ---- the open conversation -------------------------------------------------------------------
@@ -205,7 +221,7 @@ export async function openSession(id, { quiet = false } = {}) {
   state.current = { id: session.id, title: session.title, model: session.model, system_prompt: session.system_prompt };
   state.messages = (session.messages || [])
     .filter((m) => m.role === "user" || m.role === "assistant")
-    .map((m) => ({ role: m.role, content: m.content, stored: true }));
+    .map((m) => ({ role: m.role, content: m.content, stored: true, ...(m.stopped ? { stopped: true, note: STOPPED } : {}) }));
   selectModel(session.model);
   store.set("session", session.id);
   hideBanner();
@@ -230,7 +246,7 @@ export function newChat() {
 /** Before the first question of a new chat: create its session (titled after `text`) on the server. */
 export async function ensureSession(text) {
   if (state.current) return;
-  const body = { title: titleFrom(text), model: state.model };
+  const body = { title: titleFrom(text), model: state.model, origin: "ui" };
   const system = systemPrompt();
   if (system) body.system_prompt = system;
   try {
@@ -261,9 +277,10 @@ export async function branchSession(index, text) {
   const history = state.messages
     .slice(0, index)
     .filter((m) => m.stored)
-    .map((m) => ({ role: m.role, content: m.content }));
+    .map((m) => ({ role: m.role, content: m.content, ...(m.stopped ? { stopped: true } : {}) }));
   const parent = state.current;
-  const body = { title: branchTitle(parent ? sessionTitle(parent) : titleFrom(text)), model: state.model, messages: history };
+  const title = branchTitle(parent ? sessionTitle(parent) : titleFrom(text));
+  const body = { title, model: state.model, messages: history, origin: "ui" };
   const system = systemPrompt();
   if (system) body.system_prompt = system;
   let session;
@@ -279,7 +296,7 @@ export async function branchSession(index, text) {
     store.set("branches", branches);
   }
   state.current = { id: session.id, title: session.title ?? body.title, model: session.model, system_prompt: session.system_prompt };
-  state.messages = history.map((m) => ({ ...m, stored: true }));
+  state.messages = history.map((m) => ({ ...m, stored: true, ...(m.stopped ? { note: STOPPED } : {}) }));
   state.sessions.unshift({ ...session, title: state.current.title, message_count: history.length });
   store.set("session", session.id);
   showConversation();

@@ -29,6 +29,7 @@ class TGIStarted(Wire):
     message: str
     port: int
     container_name: str
+    already_running: bool  # the model was loaded before this call (the seed: "returns existing info")
 
 
 class TGIGenerateRequest(Wire):

@@ -62,12 +62,13 @@ def get_model(model_id: str) -> Response:
 def start(model_id: str) -> Response:
     svc = services()
     name = svc.registry.installed(model_id).name
-    state = "already running" if svc.registry.is_loaded(name) else "started"
+    already_running = svc.registry.is_loaded(name)
     svc.registry.load(name)
     started = p.TGIStarted(
-        message=f"Container for {model_id} {state}",
+        message=f"Container for {model_id} started",
         port=svc.settings.server.port,
         container_name=container_name(name),
+        already_running=already_running,
     )
     return jsonify(started.model_dump(mode="json"))
 

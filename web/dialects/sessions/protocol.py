@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ...wire import (
@@ -12,12 +14,31 @@ from ...wire import (
 )
 
 
+class StoredMessage(Message):
+    stopped: bool = Field(False, description="an answer the user stopped part way (shown marked so)")
+
+
 class SessionCreate(Wire):
     title: str | None = None
     model: str | None = None
     system_prompt: str | None = None
-    messages: list[Message] = Field(
+    origin: Literal["ui", "api"] = Field(
+        "api", description="`ui`: made in the browser chat (listed in its sidebar); `api`: any other client"
+    )
+    messages: list[StoredMessage] = Field(
         default_factory=list, description="seed the history (branch a conversation)"
+    )
+
+
+class AppendedMessage(Wire):
+    role: Literal["user", "assistant"] = Field(description="the system prompt is set with PATCH")
+    content: str
+    stopped: bool = Field(False, description="an answer the user stopped part way (shown marked so)")
+
+
+class SessionAppend(Wire):
+    messages: list[AppendedMessage] = Field(
+        min_length=1, description="added at the end, e.g. a stopped turn: the question and the partial answer"
     )
 
 
@@ -34,6 +55,7 @@ class SessionObject(Wire):
     created: float
     updated: float
     message_count: int
+    origin: Literal["ui", "api"]
 
 
 class SessionList(Wire):
@@ -44,6 +66,7 @@ class SessionMessage(Wire):
     role: Role
     content: str
     unanswered: bool | None = sent_when_set("true on a question whose answer never came")
+    stopped: bool | None = sent_when_set("true on an answer the user stopped part way")
 
 
 class SessionWithMessages(SessionObject):

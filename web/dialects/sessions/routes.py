@@ -5,6 +5,7 @@ Errors are `{"detail": ...}`."""
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
+from werkzeug.exceptions import MethodNotAllowed
 
 from ...routes import api_route
 from ...services import services
@@ -35,7 +36,7 @@ def create_session(body: p.SessionCreate) -> tuple[Response, int]:
     messages = [m.model_dump() for m in body.messages]
     systems = [m["content"] for m in messages if m["role"] == "system"]
     system = body.system_prompt if body.system_prompt is not None else (systems[-1] if systems else None)
-    session = store.create(model=body.model, system_prompt=system, title=body.title)
+    session = store.create(model=body.model, system_prompt=system, title=body.title, origin=body.origin)
     conversation = [m for m in messages if m["role"] != "system"]
     if conversation:
         store.append(session.id, conversation)
@@ -46,9 +47,25 @@ def create_session(body: p.SessionCreate) -> tuple[Response, int]:
     bp, "/<path:session_id>", tag=TAG, summary="A session with its messages", response=p.SessionWithMessages
 )
 def get_session(session_id: str) -> Response:
+    _not_messages(session_id)
     store = services().sessions()
     session = p.SessionWithMessages(**store.get(session_id).as_dict(), messages=store.messages(session_id))
     return jsonify(session.model_dump(mode="json"))
+
+
+@api_route(
+    bp,
+    "/<path:session_id>/messages",
+    ("POST",),
+    tag=TAG,
+    summary="Add messages at the end (a stopped turn: the question and the partial answer)",
+    body=p.SessionAppend,
+    response=p.SessionObject,
+)
+def append_messages(body: p.SessionAppend, session_id: str) -> Response:
+    store = services().sessions()
+    store.append(session_id, [m.model_dump() for m in body.messages])
+    return jsonify(p.SessionObject(**store.get(session_id).as_dict()).model_dump(mode="json"))
 
 
 @api_route(
@@ -61,11 +78,19 @@ def get_session(session_id: str) -> Response:
     response=p.SessionObject,
 )
 def update_session(body: p.SessionPatch, session_id: str) -> Response:
+    _not_messages(session_id)
     session = services().sessions().update(session_id, title=body.title, system_prompt=body.system_prompt)
     return jsonify(p.SessionObject(**session.as_dict()).model_dump(mode="json"))
 
 
 @api_route(bp, "/<path:session_id>", ("DELETE",), tag=TAG, summary="Delete a session (204)")
 def delete_session(session_id: str) -> Response:
+    _not_messages(session_id)
     services().sessions().delete(session_id)
     return Response(status=204)
+
+
+def _not_messages(session_id: str) -> None:
+    """`/<id>/messages` with another method than POST: 405, not the path rule's "bad session id" 400."""
+    if session_id.endswith("/messages"):
+        raise MethodNotAllowed(valid_methods=["POST"])
