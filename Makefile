@@ -10,7 +10,7 @@ MODEL ?= smollm2-135m
 # test downloads and the dequantised GGUF are cached here between runs (safe to delete)
 export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 
-.PHONY: install install-run browser node run chat test test-genai014 optimum-env test-optimum lint format clean
+.PHONY: install install-run browser node services run chat test test-genai014 optimum-env test-optimum lint format clean
 
 # Two levels, a stamp each: `make run`/`make chat` install what running needs (the project and the convert
 # extra), `make install`/`make test` add the test and dev tools on top (after `make run`, only those).
@@ -56,6 +56,14 @@ browser:  ## install Debian's chromium when missing (as root with apt; elsewhere
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "chromium not found: install it (e.g. apt-get install chromium) or the web UI tests are skipped"; fi
 
+# the replicas tests start their own PostgreSQL, Redis and HAProxy on loopback (Debian packages, never downloaded)
+services:  ## install Debian's postgresql, redis-server and haproxy when missing (as root with apt; elsewhere those tests skip)
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && command -v redis-server >/dev/null && \
+	{ command -v haproxy >/dev/null || test -x /usr/sbin/haproxy; } || \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server haproxy; \
+	else echo "postgresql/redis-server/haproxy not found: install them or the replicas tests are skipped"; fi
+
 # the JavaScript client test runs the `openai` npm package under Debian's Node (no Node is ever downloaded)
 node:  ## install Debian's nodejs and npm when missing (as root with apt; elsewhere the JS test skips, or fails with CI set)
 	@command -v node >/dev/null && command -v npm >/dev/null || \
@@ -63,7 +71,7 @@ node:  ## install Debian's nodejs and npm when missing (as root with apt; elsewh
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; \
 	else echo "node/npm not found: install them (e.g. apt-get install nodejs npm) or the JS client test is skipped"; fi
 
-test: install browser node  ## run the test suite (converts the default model once per run), then the 0.14 and optimum runs
+test: install browser node services  ## run the test suite (converts the default model once per run), then the 0.14 and optimum runs
 	$(BIN)/python -m pytest -q -ra --ignore=tests/test_embedding_model.py $(PYTEST_ARGS)
 	$(MAKE) test-genai014
 	$(MAKE) test-optimum

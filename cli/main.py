@@ -58,9 +58,10 @@ def clean_leftovers() -> None:
 
 
 def _register() -> None:
-    from . import bench, doctor, generate, models, serve
+    from . import bench, doctor, generate, models, serve, sessions
 
-    for command in models.COMMANDS + generate.COMMANDS + serve.COMMANDS + bench.COMMANDS + doctor.COMMANDS:
+    groups = (models, generate, serve, bench, doctor, sessions)
+    for command in [c for group in groups for c in group.COMMANDS]:
         cli.add_command(command)
 
 

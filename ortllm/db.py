@@ -295,7 +295,8 @@ def legacy_sqlite(conn: Connection) -> None:
 def insert_ignore(conn: Connection, table: sa.Table, keys: list[str], **values: Any) -> bool:
     """INSERT unless a row with the same `keys` exists (both dialects); whether a row was inserted."""
     statement = _dialect_insert(conn, table).values(**values).on_conflict_do_nothing(index_elements=keys)
-    return bool(conn.execute(statement).rowcount)
+    # the inserted row's key comes back, none when skipped (rowcount is -1 where RETURNING is implicit)
+    return conn.execute(statement.returning(*table.primary_key.columns)).first() is not None
 
 
 def upsert(conn: Connection, table: sa.Table, keys: list[str], **values: Any) -> None:
@@ -309,3 +310,40 @@ def _dialect_insert(conn: Connection, table: sa.Table) -> Any:
     from sqlalchemy.dialects import postgresql, sqlite
 
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+
+
+def copy_database(source: Database, target: Database) -> dict[str, int]:
+    """Copy every session (all owners, with their messages) and stored response from `source` into an
+    empty `target` (SQLite → PostgreSQL when replicas start sharing one); the rows copied per table."""
+    source.migrate()
+    target.migrate()
+    copied = {"sessions": 0, "messages": 0, "responses": 0}
+    try:
+        with source.engine.connect() as src, target.engine.begin() as dst:
+            for table in (sessions, responses):
+                if dst.execute(sa.select(sa.func.count()).select_from(table)).scalar():
+                    raise SessionStoreUnavailable(
+                        f"The database {target.shown} already holds {table.name}: copy into an empty one"
+                    )
+            for row in src.execute(sa.select(sessions).order_by(sessions.c.pk)).mappings():
+                values = {k: v for k, v in row.items() if k != "pk"}
+                pk = dst.execute(sessions.insert().values(**values).returning(sessions.c.pk)).scalar_one()
+                query = sa.select(messages).where(messages.c.session_pk == row["pk"]).order_by(messages.c.id)
+                rows = [
+                    {k: v for k, v in m.items() if k != "id"} | {"session_pk": pk}
+                    for m in src.execute(query).mappings()
+                ]
+                if rows:
+                    dst.execute(messages.insert(), rows)
+                copied["sessions"] += 1
+                copied["messages"] += len(rows)
+            rows = [
+                {k: v for k, v in r.items() if k != "pk"}
+                for r in src.execute(sa.select(responses).order_by(responses.c.pk)).mappings()
+            ]
+            if rows:
+                dst.execute(responses.insert(), rows)
+            copied["responses"] = len(rows)
+    except sa.exc.SQLAlchemyError as exc:
+        raise target.unavailable(exc) from exc
+    return copied

@@ -300,8 +300,9 @@ class SessionStore:
                 if not answered:
                     pending.append(int(inserted))
             self._touch(conn, pk, now)
-        with self._live_lock:
-            self._live.update(pending)
+            # live before the commit: a turn that takes the session's lock next must not clear these
+            with self._live_lock:
+                self._live.update(pending)
         return pending, created
 
     def finish_turn(self, session_id: str, pending: builtins.list[int], reply: str | None) -> None:

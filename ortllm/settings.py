@@ -37,6 +37,13 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     keep_alive: float = Field(0, ge=0, description="unload a model idle this many seconds (0 = never)")
     access_log: bool = Field(True, description="log a line per request (method, path, status, time, tokens)")
+    trusted_proxies: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="balancers in front that set X-Forwarded-For (HAProxy: 1): rate limits and logs then see "
+        "the client's address, not the balancer's; 0 = the header is ignored (a client could forge it)",
+    )
     threads: int = Field(128, ge=4, description="HTTP worker threads (each stream holds one)")
     max_tokens_limit: int = Field(8192, ge=1, description="largest max_tokens a request may ask for")
     max_embedding_inputs: int = Field(
@@ -151,6 +158,7 @@ ENV = {
     "ORTLLM_MAX_BODY_BYTES": ("server", "max_body_bytes"),
     "ORTLLM_KEEP_ALIVE": ("server", "keep_alive"),
     "ORTLLM_ACCESS_LOG": ("server", "access_log"),
+    "ORTLLM_TRUSTED_PROXIES": ("server", "trusted_proxies"),
     "ORTLLM_API_KEYS": ("auth", "api_keys"),
     "ORTLLM_JWT_SECRET": ("auth", "jwt_secret"),
     "ORTLLM_RATE_LIMIT": ("rate_limit", "per_minute"),

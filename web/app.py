@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ortllm.sessions import SessionStore
 from ortllm.settings import Settings, load_settings
@@ -135,6 +136,9 @@ def create_app(
     app.wsgi_app = ConnectionCounter(app.wsgi_app, services)  # type: ignore[method-assign]
     ollama_port = settings.ollama.port if settings.ollama.listen else None
     app.wsgi_app = Listeners(app.wsgi_app, ollama_port)  # type: ignore[method-assign]
+    if settings.server.trusted_proxies:  # the client's address from X-Forwarded-For, as many hops as trusted
+        hops = settings.server.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     for name in settings.server.models:
         registry.load(name)
     if settings.server.keep_alive > 0:

@@ -77,7 +77,7 @@ def readiness() -> Response:
     loaded = svc.registry.loaded()
     if not loaded:
         return error_response(503, "Not ready: no model is loaded yet")
-    problem = svc.sessions_problem()
+    problem = svc.sessions_fatal()
     if problem:
         return error_response(503, f"Not ready: {problem}")
     ready = p.Readiness(

@@ -149,7 +149,7 @@ class StatusMessage(Wire):
 
 class Health(Wire):
     status: str
-    detail: str | None = sent_when_set("why the server is unhealthy (only then)")
+    detail: str | None = sent_when_set("why the server is unhealthy or degraded (only then)")
     model_loaded: bool
     models_loaded: list[str]
     memory_usage: str

@@ -59,16 +59,17 @@ def root() -> Response:
     bp,
     "/health",
     tag="health",
-    summary="Health check (always open; 503 when the sessions database is unusable)",
+    summary='Health check (always open; 503 when the local sessions database is unusable, "degraded" when a shared one is away)',
     response=p.Health,
 )
 def health() -> Response:
     svc = services()
     svc.metrics.health_checks.inc()
     problem = svc.sessions_problem()
+    fatal = problem if problem and svc.sessions_fatal() else None
     loaded = svc.registry.loaded()
     health = p.Health(
-        status="unhealthy" if problem else "healthy",
+        status="unhealthy" if fatal else "degraded" if problem else "healthy",
         detail=problem,
         model_loaded=bool(loaded),
         models_loaded=sorted(loaded),
@@ -77,7 +78,7 @@ def health() -> Response:
         uptime=round(time.time() - svc.started, 1),
         timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    return send(health, 503 if problem else 200)
+    return send(health, 503 if fatal else 200)
 
 
 @api_route(bp, "/api/models", tag=TAG, summary="List installed models", response=p.ModelList)
