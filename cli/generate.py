@@ -11,11 +11,12 @@ import click
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.prompt import Confirm
 from rich.text import Text
 
 from ortllm.catalog import load_catalog
 from ortllm.conversation import ChatSession, plan_turn
-from ortllm.errors import ModelNotFound
+from ortllm.errors import ContextOverflow, ModelNotFound
 from ortllm.runtime.embedder import not_generative
 from ortllm.runtime.loaded import BATCHERS
 from ortllm.runtime.options import validate_options
@@ -31,6 +32,8 @@ generation_options = option_group(
     click.option("--top-p", type=float, help="Nucleus sampling, 0 to 1."),
     click.option("--top-k", type=int, help="Top-k sampling, 0 disables."),
     click.option("--max-tokens", type=int, help="Most tokens to generate."),
+    click.option("--ctx", "num_ctx", type=int,
+                 help="Context window (prompt + answer), at most the model's; default: the model's."),
     click.option("--repeat-penalty", type=float, help="Repetition penalty (1 = off)."),
     click.option("--seed", type=int, help="Random seed for reproducible sampling."),
     click.option("--stop", multiple=True, help="Stop sequence (repeatable)."),
@@ -42,7 +45,8 @@ generation_options = option_group(
 
 
 def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:
-    raw = {k: kw.get(k) for k in ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed")}
+    names = ("temperature", "top_p", "top_k", "max_tokens", "repeat_penalty", "seed", "num_ctx")
+    raw = {k: kw.get(k) for k in names}
     raw["stop"] = list(kw["stop"]) if kw.get("stop") else None
     return validate_options(raw, defaults)
 
@@ -222,15 +226,21 @@ class TerminalChat:
     def answer(self, text: str) -> None:
         """One turn, ended by conversation.py's rule: a complete answer is stored; Ctrl-C withdraws the
         question; a failed answer leaves it stored, unanswered."""
-        turn = plan_turn(
-            self.sessions,
-            model=self.scheduler.model.name,
-            messages=[{"role": "user", "content": text}],
-            session_id=self.session.id,
-        )
-        stream = self.scheduler.submit(
-            GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id)
-        )
+        while True:
+            turn = plan_turn(
+                self.sessions,
+                model=self.scheduler.model.name,
+                messages=[{"role": "user", "content": text}],
+                session_id=self.session.id,
+            )
+            try:
+                stream = self.scheduler.submit(
+                    GenerationRequest(self.options, messages=turn.messages, session_id=turn.session_id)
+                )
+                break
+            except ContextOverflow as exc:
+                if not self._drop_oldest(exc):
+                    return
         chat = ChatSession.begin(self.sessions, turn, stream)  # the question is kept if the process dies
         chunks = 0
         started = time.monotonic()
@@ -245,6 +255,26 @@ class TerminalChat:
                 chat.cancel()  # the user stopped it: the turn is undone
                 self._drain(stream)
                 live.update(self._view(stream.text, chunks, started, self.last, stopped=True))
+
+    def _drop_oldest(self, overflow: ContextOverflow) -> bool:
+        """The conversation outgrew the context: offer to drop its oldest turn (never silently); whether to
+        try again."""
+        stored = self.sessions.messages(self.session.id, answered_only=True)
+        first_answer = next((i for i, m in enumerate(stored) if m["role"] == "assistant"), None)
+        if first_answer is None:  # the question alone is too long: nothing older to drop
+            self.console.print(f"[red]{overflow}[/]: shorten the question, or use a larger --ctx")
+            return False
+        self.console.print(f"[yellow]{overflow}[/]: the conversation no longer fits.")
+        try:
+            drop = Confirm.ask("Drop the oldest turn and continue?", default=True, console=self.console)
+        except (KeyboardInterrupt, EOFError):
+            drop = False
+        if not drop:
+            self.console.print("[dim]not sent; /reset starts a new conversation[/]")
+            return False
+        self.sessions.replace(self.session.id, stored[first_answer + 1 :])
+        self.console.print("[dim]dropped the oldest turn[/]")
+        return True
 
     def _drain(self, stream: Any) -> None:
         """Read a stopped answer on to its final event (its timings for the status line)."""

@@ -359,3 +359,19 @@ def test_openapi_and_docs_list_every_route(server):
     docs = requests.get(server.url + "/docs/")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "cdn" not in docs.text.lower() and "unpkg" not in docs.text.lower()
+
+
+def test_num_ctx_bounds_the_request_and_never_truncates(server):
+    def generate(options):
+        body = {"model": M, "prompt": "Once upon a time, in a land far away,", "stream": False, "raw": True}
+        return requests.post(server.url + "/api/generate", json=body | {"options": options}, timeout=60)
+
+    short = generate({"num_ctx": 5, **GREEDY})
+    assert short.status_code == 400 and short.json()["detail"] == "Prompt too long for context window (5 tokens)"
+    capped = generate({"num_ctx": 16, "max_tokens": 100, "min_tokens": 100, **GREEDY})
+    assert capped.ok, capped.text
+    usage = capped.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 16  # the answer stops at the window
+    too_big = generate({"num_ctx": 10**6})
+    assert too_big.status_code == 400 and "num_ctx must be at most 8192" in too_big.json()["detail"]
+    assert generate({"num_ctx": 0}).status_code == 400

@@ -106,3 +106,42 @@ def test_ctrl_c_twice_during_an_answer_keeps_the_chat(chat):
     chat.expect_exact(PROMPT)
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
+
+
+def test_a_chat_that_outgrows_its_context_offers_to_drop_the_oldest_turn(pulled):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "ortllm.cli.main", "chat", "smollm2-135m", "--temperature", "0", "--max-tokens", "30", "--ctx", "100"],
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"}, encoding="utf-8", timeout=60, dimensions=(40, 120),
+    )  # fmt: skip
+    try:
+        child.expect_exact(PROMPT)
+        question = "Name one colour. " * 7
+        child.sendline(question + "First.")
+        child.expect("tok/s")
+        child.expect_exact(PROMPT)
+        child.sendline(question + "Second.")  # with the first turn before it, no longer fits 100 tokens
+        child.expect(r"Prompt too long for context window \(100 tokens\)")
+        child.expect("Drop the oldest turn and continue")
+        child.sendline("y")
+        child.expect("dropped the oldest turn")
+        child.expect("tok/s")  # answered once room was made
+        child.expect_exact(PROMPT)
+        child.sendline("x" * 2000)
+        child.expect("Drop the oldest turn and continue")
+        child.sendline("n")  # declined: nothing is dropped or sent
+        child.expect("not sent")
+        child.expect_exact(PROMPT)
+        child.sendline("/reset")
+        child.expect_exact(PROMPT)
+        child.sendline("x" * 2000)  # the question alone is too long: a clear line, the chat goes on
+        child.expect("shorten the question, or use a larger --ctx")
+        child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    first = next(s for s in SessionStore().list() if s.message_count)  # the conversation before /reset
+    asked = [m["content"] for m in SessionStore().messages(first.id) if m["role"] == "user"]
+    assert [q[-7:] for q in asked] == ["Second."]

@@ -34,7 +34,7 @@ KEY = KEYS["alice"]
 # rightly lists GET there and GET is not a 405. Hub ids (the orchestrator dialect's) hold a slash; model
 # names and session ids do not, so a plain `<name>` converter would end the ambiguity for all but
 # /models/{id}/start|stop.
-AMBIGUOUS_PATHS = r"^/(api/models|models)/\{\w+\}/(load|unload|start|stop)$|^/chat/history/\{\w+\}/rollback$"
+AMBIGUOUS_PATHS = r"^/(api/models|models)/\{\w+\}/(load|unload|start|stop)$|^/chat/history/\{\w+\}/rollback$|^/api/sessions/\{\w+\}/messages$"
 MODEL_FIELDS = {"model", "model-name", "model_id"}
 TOKEN_FIELDS = {"max_tokens", "max-token", "max_new_tokens", "max_completion_tokens"}
 
@@ -72,7 +72,7 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
       with no `parameters` or an object one and `tool_choice` names no function: a bigger id, two tools of
       one name, a schema llguidance cannot compile or a name not in `tools` are 400s no schema can state, and so is a tool
       message without an earlier call of that id (no tool messages, then), or an earlier call whose
-      arguments are not a JSON object's text; Responses input items and Anthropic content blocks, whose rules
+      arguments are not a JSON object's text; `num_ctx` is the model's context or a large part of it; Responses input items and Anthropic content blocks, whose rules
       depend on their type and role, are fuzzed as text.
     """
     spec = json.loads(json.dumps(spec))
@@ -87,6 +87,8 @@ def fuzzable(spec: dict[str, Any], model: str, builds: list[str]) -> dict[str, A
             if (props[field].get("default") or 0) > MAX_TOKENS or name == "CompletionRequest":
                 props[field] = {"type": "integer", "minimum": 1, "maximum": MAX_TOKENS}
                 schema["required"] = sorted({*schema.get("required", []), field})
+        if "num_ctx" in props:  # a window smaller than the prompt is a 400 no schema can state
+            props["num_ctx"] = {"enum": [None, 2048, 8192]}
         if "device" in props:
             props["device"] = {"type": "string", "enum": ["cpu"]}
         if "quantization" in props:

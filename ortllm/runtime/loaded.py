@@ -232,6 +232,7 @@ class LoadedModel:
         self.has_hidden_states = str(built_with.get("include_hidden_states", "")).lower() == "true"
         self._template = templates.model_template(self.path)
         self._special = self._special_tokens()
+        self._bos = _leading_bos(self.path, genai_cfg)
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
         vocab = (
             self.native.vocab if self.native is not None else int(genai_cfg["model"].get("vocab_size") or 0)
@@ -322,7 +323,10 @@ class LoadedModel:
 
     def encode(self, text: str) -> list[int]:
         with self.lock:
-            return [int(t) for t in self.tokenizer.encode(text)]
+            ids = [int(t) for t in self.tokenizer.encode(text)]
+        if self._bos is not None and ids[:1] != [self._bos]:  # og's tokenizer never adds it itself
+            ids.insert(0, self._bos)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         import numpy as np
@@ -361,10 +365,11 @@ class LoadedModel:
             templates.BUILTIN.get(family, templates.BUILTIN["none"]), clean, self._special
         )
 
-    def check_fits(self, prompt_len: int) -> None:
-        """A prompt must leave room for at least one generated token."""
-        if prompt_len + 1 > self.context_length:
-            raise ContextOverflow(f"Prompt too long for context window ({self.context_length} tokens)")
+    def check_fits(self, prompt_len: int, context: int | None = None) -> None:
+        """A prompt must leave room for at least one generated token in `context` (default: the model's)."""
+        context = context or self.context_length
+        if prompt_len + 1 > context:
+            raise ContextOverflow(f"Prompt too long for context window ({context} tokens)")
 
     def _special_tokens(self) -> dict[str, str]:
         cfg_path = self.path / "tokenizer_config.json"
@@ -374,6 +379,17 @@ class LoadedModel:
             value = cfg.get(key)
             out[key] = value.get("content", "") if isinstance(value, dict) else (value or "")
         return out
+
+
+def _leading_bos(path: Path, genai_cfg: dict[str, Any]) -> int | None:
+    """The BOS id every prompt must start with (tokenizer_config's add_bos_token, e.g. Gemma), else None."""
+    cfg_path = path / "tokenizer_config.json"
+    try:
+        wants = json.loads(cfg_path.read_text(encoding="utf-8")).get("add_bos_token") is True
+    except (OSError, ValueError):
+        return None
+    bos = genai_cfg["model"].get("bos_token_id")
+    return int(bos) if wants and isinstance(bos, int) else None
 
 
 def _as_list(value: Any) -> list[int]:

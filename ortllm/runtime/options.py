@@ -28,6 +28,7 @@ class GenerationOptions:
     frequency_penalty: float = 0.0
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (0: off)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias -100..100) added to the logits
+    num_ctx: int = 0  # this request's context (prompt + answer), at most the model's; 0: the model's own
 
     @property
     def native_only(self) -> list[str]:
@@ -99,6 +100,8 @@ def validate_options(
         kwargs["min_p"] = _number("min_p", merged["min_p"], 0.0, 1.0)
     if "logit_bias" in merged:
         kwargs["logit_bias"] = _logit_bias(merged["logit_bias"])
+    if "num_ctx" in merged:
+        kwargs["num_ctx"] = _number("num_ctx", merged["num_ctx"], 1, None, integer=True)
     if "seed" in merged:
         kwargs["seed"] = _number("seed", merged["seed"], 0, 2**63 - 1, integer=True)
     if "stop" in merged:

@@ -139,13 +139,23 @@ class Scheduler:
             raise InvalidOptions("a prompt or messages are required")
         if not ids:
             raise InvalidOptions("prompt must not be empty")
-        self.model.check_fits(len(ids))
+        self.model.check_fits(len(ids), self.context_of(request))
         return ids
+
+    def context_of(self, request: GenerationRequest) -> int:
+        """The request's context: its `num_ctx`, which may not exceed the model's own length (400 when it does)."""
+        asked = request.options.num_ctx
+        if asked > self.model.context_length:
+            raise InvalidOptions(
+                f"num_ctx must be at most {self.model.context_length} (the model's context length)",
+                param="num_ctx",
+            )
+        return asked or self.model.context_length
 
     def submit(self, request: GenerationRequest) -> Stream:
         """Queue a request; raises ContextOverflow, InvalidOptions or Busy before anything runs."""
         ids = self.prompt_ids(request)
-        max_new = min(request.options.max_tokens, self.model.context_length - len(ids))
+        max_new = min(request.options.max_tokens, self.context_of(request) - len(ids))
         job = Job(request, ids, max_new, self.model.tokenizer.create_stream, tokens=self.model.token_table)
         self._prepare(job)
         with self._cv:

@@ -48,6 +48,11 @@ class InferenceOptions(Wire):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: Seed | None = None
+    num_ctx: Annotated[int, Field(ge=1), Integral] | None = Field(
+        None,
+        description="this request's context window (prompt + answer), at most the model's; a longer prompt is a "
+        "400, never truncated",
+    )
 
 
 class ChatRequest(Wire):

@@ -2,7 +2,7 @@
 `/api/ps`, `/api/chat`, `/api/generate`, `/api/embed`, `/api/embeddings` (Ollama's API, field by field).
 
 Choices where ortllm differs from Ollama (documented in the README): `num_ctx` above the model's context is
-clamped to it (as Ollama does), below it bounds `num_predict` -1/-2 only (ortllm never truncates a prompt);
+clamped to it (as Ollama does), below it bounds the request (a longer prompt is a 400: ortllm never truncates);
 an absent `num_predict` is the model's own `max_tokens` parameter when its manifest sets one, else Ollama's -1
 (up to the context, at most server.max_tokens_limit); `template` overrides and `context` arrays are refused;
 `think: false` drops the reasoning a model writes (templates are not told to skip it); chat is stateless.
@@ -304,6 +304,7 @@ def runtime_options(
         if num_ctx > card_context:
             log.debug("num_ctx %d above the model's context %d: clamped", num_ctx, card_context)
         context = min(num_ctx, card_context)
+        out["num_ctx"] = context  # the request's window: a longer prompt is a 400 (Ollama would cut it)
     limit = min(context, services().settings.server.max_tokens_limit)
     if "num_predict" in out:
         n = out.pop("num_predict")
