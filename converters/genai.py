@@ -22,6 +22,7 @@ from ortllm.errors import (
 )
 
 from . import child
+from .embeddings import quantise_embeddings
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 EPS = ("cpu", "cuda", "dml", "webgpu")
@@ -38,6 +39,9 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 # at ~95% of its decode speed; the only plan within 1.1x the source GGUF's size that clearly helps.
 INT4_DEFAULTS = {"matmul_mixed_precision": "mixed_layers:int8"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# bump when a change alters what a conversion builds: it is kept in the manifest, and cached test models
+# built by another recipe are converted again (tests/conftest.py's import_prebuilt)
+RECIPE = "2-quantised-embeddings"
 
 
 def check_options(precision: str, ep: str, block_size: int | None, accuracy_level: int | None) -> None:
@@ -136,6 +140,8 @@ def build(
     # terminal reaches only ortllm, which stops it below
     cmd = child.command(
         os.getpid(),
+        # the builder, run by a shim that translates the transformers 5 configs it cannot read
+        "ortllm.converters.builder_compat",
         "onnxruntime_genai.models.builder",
         "-i",
         str(hf_dir),
@@ -170,12 +176,39 @@ def build(
             raise
     if code != 0 or not (out_dir / "genai_config.json").is_file():
         raise ConversionFailed(f"The genai builder failed: {_last_error(log_path)} (full log: {log_path})")
+    _keep_special_token_flags(hf_dir, out_dir)
+    info: dict[str, object] = {"recipe": RECIPE}
+    bits = {"int4": 4, "int8": 8}.get(precision)
+    # GatherBlockQuantized runs 8-bit tables on the CPU EP; the builder itself emits only 4-bit ones elsewhere
+    if bits is not None and (bits == 4 or ep == "cpu"):
+        try:
+            info["embeddings"] = quantise_embeddings(out_dir, bits, block_size or 32)
+        except Exception as exc:
+            raise ConversionFailed(
+                f"Quantising the embedding table failed: {exc} (full log: {log_path})"
+            ) from exc
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"token embedding table: {info['embeddings']}\n")
     return {
+        **info,
         "block_size": block_size or 32,
         "accuracy_level": accuracy_level if accuracy_level is not None else (4 if ep == "cpu" else 0),
         "extra_options": options,
         "build_seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _keep_special_token_flags(hf_dir: Path, out_dir: Path) -> None:
+    """Carry add_bos_token/add_eos_token over: the builder's tokenizer_config.json drops them (Gemma needs BOS)."""
+    try:
+        source = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        target_path = out_dir / "tokenizer_config.json"
+        target = json.loads(target_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    flags = {k: source[k] for k in ("add_bos_token", "add_eos_token") if k in source and k not in target}
+    if flags:
+        target_path.write_text(json.dumps({**target, **flags}, indent=2), encoding="utf-8")
 
 
 def own_group() -> dict[str, Any]:

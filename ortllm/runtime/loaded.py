@@ -227,6 +227,9 @@ class LoadedModel:
             genai_cfg["model"].get("context_length") or installed.get("context_size") or 2048
         )
         self.eos_token_ids = _as_list(genai_cfg["model"].get("eos_token_id"))
+        # sliding-window attention (Gemma 2/3): og.Engine and og.Generator refuse a KV cache below the window
+        window = genai_cfg["model"].get("decoder", {}).get("sliding_window") or {}
+        self.kv_floor = min(int(window.get("window_size") or 0), self.context_length)
         # the builder's include_hidden_states option adds a `hidden_states` output (recorded in the manifest)
         built_with = self.variant.info.get("extra_options", {})
         self.has_hidden_states = str(built_with.get("include_hidden_states", "")).lower() == "true"

@@ -171,7 +171,10 @@ class EnginePool:
         try:
             opts = og.RequestOptions()
             # total length = prompt + max_tokens: never the config's default, which sizes a full KV cache
-            opts.set_max_session_tokens(len(job.prompt_ids) + job.max_new)
+            # (at least the sliding window of Gemma 2/3, which og refuses to go below)
+            opts.set_max_session_tokens(
+                max(len(job.prompt_ids) + job.max_new, getattr(self.model, "kv_floor", 0))
+            )
             request = batch.engine.create_request(options=opts)
             turn = og.TurnOptions(request)
             turn.set_max_generated_tokens(job.max_new)

@@ -88,7 +88,8 @@ class GeneratorBackend:
         o = job.options
         params = og.GeneratorParams(self.model.model)
         search: dict[str, Any] = {
-            "max_length": len(job.prompt_ids) + job.max_new,
+            # at least the sliding window (og refuses less); the loop below stops at max_new itself
+            "max_length": max(len(job.prompt_ids) + job.max_new, getattr(self.model, "kv_floor", 0)),
             "min_length": len(job.prompt_ids) + min(o.min_tokens, job.max_new),
             "do_sample": not o.greedy,
             "repetition_penalty": o.repetition_penalty,
@@ -113,6 +114,9 @@ class GeneratorBackend:
                     job.finish(STOP)
                     return
                 hit_eos = True
+                break
+            if len(job.token_ids) >= job.max_new:
+                break
         job.finish(STOP if hit_eos else LENGTH)
 
 
