@@ -367,7 +367,9 @@ def test_num_ctx_bounds_the_request_and_never_truncates(server):
         return requests.post(server.url + "/api/generate", json=body | {"options": options}, timeout=60)
 
     short = generate({"num_ctx": 5, **GREEDY})
-    assert short.status_code == 400 and short.json()["detail"] == "Prompt too long for context window (5 tokens)"
+    assert (
+        short.status_code == 400 and short.json()["detail"] == "Prompt too long for context window (5 tokens)"
+    )
     capped = generate({"num_ctx": 16, "max_tokens": 100, "min_tokens": 100, **GREEDY})
     assert capped.ok, capped.text
     usage = capped.json()["usage"]

@@ -135,7 +135,9 @@ def test_options_map_to_the_runtime(client: Any, registry: FakeRegistry) -> None
         client, "/api/generate", {"model": M, "prompt": "Hi", "options": {"num_ctx": 100, "num_predict": -1}}
     )
     assert registry.get(M).requests[-1].options.max_tokens == 100
-    assert registry.get(M).requests[-1].options.num_ctx == 100  # the window bounds the prompt too (400 if longer)
+    assert (
+        registry.get(M).requests[-1].options.num_ctx == 100
+    )  # the window bounds the prompt too (400 if longer)
     post(client, "/api/generate", {"model": M, "prompt": "Hi", "options": {"seed": -1}})
     assert registry.get(M).requests[-1].options.seed is None
 
