@@ -34,7 +34,7 @@ def quantise_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
         codes = (np.clip(np.rint(chunk / scale), -qmax, qmax - 1) + qmax).astype(np.uint8)
         codes = codes.reshape(len(chunk), padded)
         if bits == 4:
-            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+            codes = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
         data[start : start + len(chunk)] = codes
         scales[start : start + len(chunk)] = scale[..., 0]
     return data, scales
@@ -88,7 +88,9 @@ def quantise_embeddings(out_dir: Path, bits: int, block_size: int) -> str:
     )
     added = [new]
     result = new.outputs[0]
-    result.dtype = gather.outputs[0].dtype
+    dtype = gather.outputs[0].dtype
+    assert dtype is not None  # the builder's graphs type every value
+    result.dtype = dtype
     if padded != cols:  # the padded columns of the last block are sliced off again
         consts = [
             ir.Value(name=f"{QUANTIZED_GATHER}/{label}", const_value=ir.tensor(np.array([v], dtype=np.int64)))
@@ -98,7 +100,7 @@ def quantise_embeddings(out_dir: Path, bits: int, block_size: int) -> str:
             graph.register_initializer(value)
         added.append(ir.node("Slice", [result, *consts], name="/model/embed_tokens/Slice"))
         result = added[-1].outputs[0]
-        result.dtype = gather.outputs[0].dtype
+        result.dtype = dtype
     result.shape = gather.outputs[0].shape
     graph.insert_after(gather, added)
     old_name = gather.outputs[0].name
