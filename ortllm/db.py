@@ -9,6 +9,7 @@ be reached is a `SessionStoreUnavailable` (503 with Retry-After) rather than a h
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,8 +80,6 @@ CONNECT_TIMEOUT_S = 5  # a database that does not answer fails the request in se
 
 def default_url(home: Path | None = None) -> str:
     """`ORTLLM_DATABASE_URL`, else the SQLite file under the ortllm home."""
-    import os
-
     return os.environ.get("ORTLLM_DATABASE_URL") or f"sqlite:///{(home or ortllm_home()) / 'sessions.db'}"
 
 
@@ -218,24 +217,36 @@ class Database:
                     conn.commit()
 
     @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Database errors of the block as SessionStoreUnavailable (503 with Retry-After)."""
+        try:
+            yield
+        except sa.exc.SQLAlchemyError as exc:
+            raise self.unavailable(exc) from exc
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         """A connection for reads (autocommit: readers never hold the write lock)."""
         self.migrate()
-        try:
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise self.unavailable(exc) from exc
+        with self.errors(), self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """One transaction, committed when the block ends and rolled back if it raises."""
         self.migrate()
-        try:
-            with self.engine.begin() as conn:
+        with self.errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def rolled_back(self) -> Iterator[Connection]:
+        """A transaction that is always rolled back: proves the database takes writes (health checks)."""
+        self.migrate()
+        with self.errors(), self.engine.connect() as conn:
+            try:
                 yield conn
-        except sa.exc.SQLAlchemyError as exc:
-            raise self.unavailable(exc) from exc
+            finally:
+                conn.rollback()
 
 
 # PRAGMA user_version of sessions.db files written before the Alembic migrations
@@ -318,32 +329,29 @@ def copy_database(source: Database, target: Database) -> dict[str, int]:
     source.migrate()
     target.migrate()
     copied = {"sessions": 0, "messages": 0, "responses": 0}
-    try:
-        with source.engine.connect() as src, target.engine.begin() as dst:
-            for table in (sessions, responses):
-                if dst.execute(sa.select(sa.func.count()).select_from(table)).scalar():
-                    raise SessionStoreUnavailable(
-                        f"The database {target.shown} already holds {table.name}: copy into an empty one"
-                    )
-            for row in src.execute(sa.select(sessions).order_by(sessions.c.pk)).mappings():
-                values = {k: v for k, v in row.items() if k != "pk"}
-                pk = dst.execute(sessions.insert().values(**values).returning(sessions.c.pk)).scalar_one()
-                query = sa.select(messages).where(messages.c.session_pk == row["pk"]).order_by(messages.c.id)
-                rows = [
-                    {k: v for k, v in m.items() if k != "id"} | {"session_pk": pk}
-                    for m in src.execute(query).mappings()
-                ]
-                if rows:
-                    dst.execute(messages.insert(), rows)
-                copied["sessions"] += 1
-                copied["messages"] += len(rows)
+    with target.errors(), source.engine.connect() as src, target.engine.begin() as dst:
+        for table in (sessions, responses):
+            if dst.execute(sa.select(sa.func.count()).select_from(table)).scalar():
+                raise SessionStoreUnavailable(
+                    f"The database {target.shown} already holds {table.name}: copy into an empty one"
+                )
+        for row in src.execute(sa.select(sessions).order_by(sessions.c.pk)).mappings():
+            values = {k: v for k, v in row.items() if k != "pk"}
+            pk = dst.execute(sessions.insert().values(**values).returning(sessions.c.pk)).scalar_one()
+            query = sa.select(messages).where(messages.c.session_pk == row["pk"]).order_by(messages.c.id)
             rows = [
-                {k: v for k, v in r.items() if k != "pk"}
-                for r in src.execute(sa.select(responses).order_by(responses.c.pk)).mappings()
+                {k: v for k, v in m.items() if k != "id"} | {"session_pk": pk}
+                for m in src.execute(query).mappings()
             ]
             if rows:
-                dst.execute(responses.insert(), rows)
-            copied["responses"] = len(rows)
-    except sa.exc.SQLAlchemyError as exc:
-        raise target.unavailable(exc) from exc
+                dst.execute(messages.insert(), rows)
+            copied["sessions"] += 1
+            copied["messages"] += len(rows)
+        rows = [
+            {k: v for k, v in r.items() if k != "pk"}
+            for r in src.execute(sa.select(responses).order_by(responses.c.pk)).mappings()
+        ]
+        if rows:
+            dst.execute(responses.insert(), rows)
+        copied["responses"] = len(rows)
     return copied

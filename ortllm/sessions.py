@@ -83,15 +83,8 @@ class SessionStore:
         """Raise SessionStoreUnavailable unless the database can be read and written (for /health)."""
         with self.db.read() as conn:
             conn.execute(sa.select(S.c.pk).limit(1)).all()
-        with self.db.engine.connect() as conn, self._mapped():
-            try:  # a write that is rolled back: a read-only or full database fails here
-                upsert(conn, META, ["key"], key="health", value=str(time.time()))
-            finally:
-                conn.rollback()
-
-    def _mapped(self) -> Any:
-        """Database errors of a block as SessionStoreUnavailable."""
-        return _Mapped(self.db)
+        with self.db.rolled_back() as conn:  # a read-only or full database fails this write
+            upsert(conn, META, ["key"], key="health", value=str(time.time()))
 
     @staticmethod
     def check_id(session_id: str) -> str:
@@ -393,17 +386,3 @@ def configure_instance(name: str) -> None:
     """Name this process's turns (`HOST:PORT` for a server), so its successor recognises them after a crash."""
     global INSTANCE
     INSTANCE = name
-
-
-class _Mapped:
-    """A block whose database errors become the database's SessionStoreUnavailable."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, sa.exc.SQLAlchemyError):
-            raise self.db.unavailable(exc) from exc

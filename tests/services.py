@@ -49,9 +49,12 @@ class Postgres:
         self.url = f"postgresql://ortllm@127.0.0.1:{self.port}/ortllm"
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "ortllm", "--no-sync")
         self.start()
-        self._run(
-            str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "ortllm", "ortllm"
-        )
+        self.createdb("ortllm")
+
+    def createdb(self, name: str) -> str:
+        """A new empty database in this cluster; its URL."""
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "ortllm", name)
+        return self.url.rsplit("/", 1)[0] + "/" + name
 
     def _run(self, *args: str) -> None:
         proc = subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=120)
@@ -104,3 +107,11 @@ class Redis:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+
+def haproxy_exe() -> str:
+    """Debian's haproxy (skips the test when it is not installed)."""
+    exe = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if exe is None:
+        pytest.skip("haproxy is not installed: apt-get install haproxy (make test does, as root)")
+    return exe

@@ -26,6 +26,8 @@ from ortllm.settings import ENV, load_settings
 from ortllm.web.metrics import Metrics
 from ortllm.web.server import EXIT_DEADLINE_S, GRACEFUL_TIMEOUT_S
 
+from .services import haproxy_exe
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "kubernetes"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
@@ -331,16 +333,9 @@ def test_docker_build_context_builds_the_package(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- HAProxy
 
 
-def _haproxy() -> str:
-    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if haproxy is None:
-        pytest.skip("haproxy not installed (Debian: apt-get install haproxy)")
-    return haproxy
-
-
 def test_haproxy_config_is_valid() -> None:
     result = subprocess.run(
-        [_haproxy(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30
+        [haproxy_exe(), "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -375,7 +370,7 @@ class _Replica:
 
 @pytest.fixture()
 def balancer(tmp_path: Path) -> Iterator[tuple[str, list[_Replica]]]:
-    haproxy = _haproxy()
+    haproxy = haproxy_exe()
     replicas = [_Replica(f"replica{n}") for n in (1, 2, 3)]
     # a third replica, added as the configuration says, so that losing one leaves two to share its keys
     text = HAPROXY_CFG.read_text()

@@ -142,6 +142,17 @@ def test_ps(client: ollama.Client) -> None:
         assert m.expires_at and m.context_length and m.context_length > 0
 
 
+def test_num_ctx_bounds_the_request_and_never_cuts_the_prompt(client: ollama.Client) -> None:
+    prompt = "Once upon a time, in a land far away, there lived"
+    capped = client.generate(model=DEFAULT_MODEL, prompt=prompt, raw=True, options={"num_ctx": 16, **GREEDY})
+    assert capped.prompt_eval_count + capped.eval_count == 16  # the answer stops at the window
+    with pytest.raises(ollama.ResponseError) as info:  # Ollama would cut the prompt silently
+        client.generate(model=DEFAULT_MODEL, prompt=prompt, raw=True, options={"num_ctx": 5})
+    assert (
+        info.value.status_code == 400 and "Prompt too long for context window (5 tokens)" in info.value.error
+    )
+
+
 def test_chat_non_streamed_and_streamed_agree(client: ollama.Client) -> None:
     whole = client.chat(model=DEFAULT_MODEL, messages=QUESTION, options=GREEDY, stream=False)
     assert whole.message.role == "assistant" and whole.message.content and whole.model == DEFAULT_MODEL

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from ortllm.sessions import SessionStore
 
 from .conftest import DEFAULT_MODEL as M
 from .conftest import REPO, LiveServer, free_port, ortllm
-from .services import Postgres, Redis
+from .services import Postgres, Redis, haproxy_exe
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -52,13 +51,6 @@ def replicas(pulled: Path, pg: Postgres, redis: Redis) -> Iterator[list[LiveServ
     yield pair
     for live in pair:
         live.stop()
-
-
-def haproxy_exe() -> str:
-    exe = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if exe is None:
-        pytest.skip("haproxy is not installed: apt-get install haproxy (make test does, as root)")
-    return exe
 
 
 class Balancer:
@@ -339,23 +331,7 @@ def test_sessions_copy_moves_every_session_to_postgres(tmp_path: Path, pg: Postg
             "c1", [{"role": "user", "content": f"hi {owner}"}, {"role": "assistant", "content": "hello"}]
         )
         store.create(session_id="c2")
-    target = pg.url.rsplit("/", 1)[0] + "/copy"
-    created = subprocess.run(
-        [
-            *pg.as_user,
-            str(pg.bin / "createdb"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(pg.port),
-            "-U",
-            "ortllm",
-            "copy",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert created.returncode == 0, created.stderr
+    target = pg.createdb("copy")
     proc = ortllm("sessions", "copy", target, "--from", f"sqlite:///{tmp_path / 'old.db'}")
     assert proc.returncode == 0, proc.stderr
     assert "copied 4 sessions (4 messages) and 0 stored responses" in proc.stdout
@@ -372,19 +348,8 @@ def test_sessions_copy_moves_every_session_to_postgres(tmp_path: Path, pg: Postg
     )
 
 
-def createdb(pg: Postgres, name: str) -> str:
-    """A new empty database in the test cluster; its URL."""
-    made = subprocess.run(
-        [*pg.as_user, str(pg.bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "ortllm", name],
-        capture_output=True,
-        text=True,
-    )
-    assert made.returncode == 0, made.stderr
-    return pg.url.rsplit("/", 1)[0] + "/" + name
-
-
 def test_replicas_starting_together_migrate_once(pg: Postgres) -> None:
-    url = createdb(pg, "together")
+    url = pg.createdb("together")
     code = f"from ortllm.db import Database; Database({url!r}).migrate(); print('ok')"
     procs = [
         subprocess.Popen(
@@ -403,7 +368,7 @@ def test_the_store_behaves_the_same_on_postgres(pg: Postgres) -> None:
     from ortllm.errors import SessionNotFound
     from ortllm.responses_store import ResponseStore, StoredResponse
 
-    store = SessionStore(url=createdb(pg, "same"))
+    store = SessionStore(url=pg.createdb("same"))
     alice, bob = store.scoped("key:alice"), store.scoped("key:bob")
     alice.create(session_id="s", system_prompt="Be brief.", origin="ui")
     alice.append("s", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])

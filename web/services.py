@@ -144,12 +144,12 @@ class Services:
             return str(exc)
         return None
 
-    def sessions_fatal(self) -> str | None:
-        """The sessions database's problem when it makes this server unhealthy: a local SQLite file's. A shared
-        database server that is away affects every replica alike: restarting or unrouting this one helps
-        nothing, so /health says "degraded" (200) and generation without sessions goes on."""
-        problem = self.sessions_problem()
-        return problem if problem and self.session_store.db.sqlite else None
+    @property
+    def sessions_shared(self) -> bool:
+        """Whether sessions live in a database server shared by replicas. When it is away every replica is hit
+        alike: restarting or unrouting this one helps nothing, so /health says "degraded" (200) and /readiness
+        stays ready, while a local SQLite file's problem makes this server unhealthy (503)."""
+        return not self.session_store.db.sqlite
 
     # ---- generation --------------------------------------------------------------------------
 

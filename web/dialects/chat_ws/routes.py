@@ -77,8 +77,8 @@ def readiness() -> Response:
     loaded = svc.registry.loaded()
     if not loaded:
         return error_response(503, "Not ready: no model is loaded yet")
-    problem = svc.sessions_fatal()
-    if problem:
+    problem = svc.sessions_problem()
+    if problem and not svc.sessions_shared:
         return error_response(503, f"Not ready: {problem}")
     ready = p.Readiness(
         status="ready",

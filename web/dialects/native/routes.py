@@ -66,7 +66,7 @@ def health() -> Response:
     svc = services()
     svc.metrics.health_checks.inc()
     problem = svc.sessions_problem()
-    fatal = problem if problem and svc.sessions_fatal() else None
+    fatal = problem if problem and not svc.sessions_shared else None
     loaded = svc.registry.loaded()
     health = p.Health(
         status="unhealthy" if fatal else "degraded" if problem else "healthy",
