@@ -12,16 +12,19 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ORTLLM_HOME=/tmp/ortllm-home
 PY=${PY:-python3}
 SITE=/tmp/site
+EP=${EP:-cuda}   # EP=cpu SKIP_INSTALL=1 runs the same steps on a CPU machine, to check the script itself
 step() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 run() { local t=$1; shift; timeout "$t" "$@" >>"$OUT/steps.log" 2>&1; echo "   rc=$?" | tee -a "$OUT/steps.log"; }
 
+WHEELS=$(cd "$WHEELS" && pwd) TOKENIZER=$(cd "$TOKENIZER" && pwd)
+if [ -z "${SKIP_INSTALL:-}" ]; then
 step "install wheels and ortllm into $SITE"
 # one pip call: a second --target install neither adds to nor (with --upgrade) keeps the first one's bin/
-WHEELS=$(cd "$WHEELS" && pwd) TOKENIZER=$(cd "$TOKENIZER" && pwd)
 run 300 $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target $SITE \
   "$WHEELS"/*.whl .
 # the checkout's own ortllm/ folder must not shadow the installed package (cli/ is mapped into it)
 export PYTHONPATH=$SITE PATH=$SITE/bin:$PATH PYTHONSAFEPATH=1
+fi
 cd /tmp
 # onnxruntime-gpu finds CUDA, cuBLAS and cuDNN in the image's nvidia-* wheels
 SP=$($PY -c "import site; print(site.getsitepackages()[0])")
@@ -47,7 +50,8 @@ big = transformers.LlamaConfig(
     head_dim=64, vocab_size=base.vocab_size, max_position_embeddings=8192, tie_word_embeddings=True,
     bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
 )
-for name, cfg in (("smol-rand", base), ("llama1b-rand", big)):
+import os
+for name, cfg in (("smol-rand", base), ("llama1b-rand", big))[: 1 if os.environ.get("SKIP_1B") else 2]:
     dst = Path("/tmp/src") / name
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
     model.save_pretrained(dst)
@@ -57,9 +61,8 @@ for name, cfg in (("smol-rand", base), ("llama1b-rand", big)):
     print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")
 EOF
 
-step "ortllm convert --ep cuda"
-run 240 ortllm convert /tmp/src/smol-rand --name smol-rand --ep cuda
-run 300 ortllm convert /tmp/src/llama1b-rand --name llama1b-rand --ep cuda
+step "ortllm convert --ep $EP (135M shape)"
+run 240 ortllm convert /tmp/src/smol-rand --name smol-rand --ep $EP
 run 30 ortllm list
 run 30 ortllm show smol-rand
 
@@ -83,8 +86,12 @@ curl -s http://127.0.0.1:8765/v1/chat/completions -H 'content-type: application/
 kill -TERM $SERVER; wait $SERVER
 cat "$OUT"/models.json "$OUT"/chat.json "$OUT"/tools.json "$OUT"/schema.json >>"$OUT/steps.log"
 
-step "ortllm bench engine"
-run 150 ortllm bench engine smol-rand --pp 512 --tg 128 --batch 1,8 --reps 2 --out "$OUT/bench-smol.json"
-run 240 ortllm bench engine llama1b-rand --pp 512 --tg 128 --batch 1,8 --reps 2 --out "$OUT/bench-1b.json"
+step "ortllm bench engine (135M shape)"
+run 150 ortllm bench engine smol-rand --pp 512 --tg 128 --batch 1,8 --reps 2 --json "$OUT/bench-smol.json"
+if [ -z "${SKIP_1B:-}" ]; then
+step "ortllm convert --ep $EP and bench engine (1B shape)"
+run 200 ortllm convert /tmp/src/llama1b-rand --name llama1b-rand --ep $EP
+run 150 ortllm bench engine llama1b-rand --pp 512 --tg 128 --batch 1,8 --reps 2 --json "$OUT/bench-1b.json"
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv >>"$OUT/steps.log" 2>&1
 step "done"
