@@ -86,6 +86,25 @@ curl -s http://127.0.0.1:8765/v1/chat/completions -H 'content-type: application/
 kill -TERM $SERVER; wait $SERVER
 cat "$OUT"/models.json "$OUT"/chat.json "$OUT"/tools.json "$OUT"/schema.json >>"$OUT/steps.log"
 
+if [ -n "${GGUF:-}" ]; then
+# a real model, so a tool call can complete (random weights never close a string)
+step "a real GGUF on $EP: convert, serve, tool calls"
+run 240 ortllm convert "$GGUF" --name real --ep $EP
+ortllm serve --model real --port 8766 >"$OUT/serve-real.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 120); do curl -fs http://127.0.0.1:8766/readiness >/dev/null 2>&1 && break; sleep 1; done
+for choice in '"auto"' '"required"' '{"type":"function","function":{"name":"get_weather"}}'; do
+  curl -s http://127.0.0.1:8766/v1/chat/completions -H 'content-type: application/json' \
+    -d "{\"model\":\"real\",\"messages\":[{\"role\":\"user\",\"content\":\"What is the weather in Paris, in celsius?\"}],\"tools\":$TOOLS,\"tool_choice\":$choice,\"max_tokens\":96,\"temperature\":0}" >>"$OUT/tools-real.json"
+  echo >>"$OUT/tools-real.json"
+done
+curl -s http://127.0.0.1:8766/v1/chat/completions -H 'content-type: application/json' \
+  -d '{"model":"real","messages":[{"role":"user","content":"What is the capital of France? One word."}],"max_tokens":16,"temperature":0}' >>"$OUT/tools-real.json"
+kill -TERM $SERVER; wait $SERVER
+cat "$OUT/tools-real.json" >>"$OUT/steps.log"
+run 150 ortllm bench engine real --pp 512 --tg 128 --batch 1,8 --reps 3 --json "$OUT/bench-real.json"
+fi
+
 step "ortllm bench engine (135M shape)"
 run 150 ortllm bench engine smol-rand --pp 512 --tg 128 --batch 1,8 --reps 2 --json "$OUT/bench-smol.json"
 if [ -z "${SKIP_1B:-}" ]; then

@@ -162,7 +162,15 @@ class EnginePool:
 
     # ---- one turn's life -----------------------------------------------------------------------
 
-    def _begin_turn(self, batch: _Batch, job: Job) -> None:
+    def _restart(self, batch: _Batch, error: str) -> None:
+        """Fail every turn `batch` holds and give it a fresh og.Engine: after a failed turn og says the Engine
+        "is no longer healthy" and refuses every later request (seen on CUDA, a guidance error)."""
+        for turn in list(batch.turns.values()):
+            self._turns.pop(id(turn.request), None)
+            turn.job.finish(ERROR, error)
+        batch.reset(self.model.model)
+
+    def _begin_turn(self, batch: _Batch, job: Job, retry: bool = True) -> None:
         job.started = time.monotonic()
         if job.cancelled.is_set():
             job.finish(CANCELLED)
@@ -201,6 +209,12 @@ class EnginePool:
                 # the static (CPU) Engine has no per-turn seeds: seeded requests run on the Generator path
                 self._engine_seeds = False
                 self.fallback.run(job)
+            elif retry and "no longer healthy" in str(exc):
+                log.warning(
+                    "%s: og.Engine unhealthy, starting a fresh one: %s", self.model.name, first_line(exc)
+                )
+                self._restart(batch, f"generation failed: {first_line(exc)}")
+                self._begin_turn(batch, job, retry=False)
             else:
                 job.finish(ERROR, f"could not start generation: {first_line(exc)}")
         except Exception as exc:
@@ -212,10 +226,7 @@ class EnginePool:
             events = list(batch.engine.run(batch.buffer))
         except Exception as exc:  # the step failed: fail what it held, start a fresh Engine, keep serving
             log.exception("engine step failed for %s", self.model.name)
-            for turn in list(batch.turns.values()):
-                self._turns.pop(id(turn.request), None)
-                turn.job.finish(ERROR, f"generation failed: {first_line(exc)}")
-            batch.reset(self.model.model)
+            self._restart(batch, f"generation failed: {first_line(exc)}")
             return
         for event in events:
             owner = batch.turns.get(id(event.request))
@@ -266,7 +277,11 @@ class EnginePool:
         job = turn.job
         reason_name = getattr(event.finish_reason, "name", str(event.finish_reason))
         if failed or reason_name == "FAILED":
-            job.finish(ERROR, f"generation failed ({getattr(event.error_code, 'name', event.error_code)})")
+            error = f"generation failed ({getattr(event.error_code, 'name', event.error_code)})"
+            job.finish(ERROR, error)
+            # a failed turn leaves og's Engine unhealthy: its other turns fail with it, the next ones get a new one
+            log.warning("%s: a turn failed (%s); starting a fresh og.Engine", self.model.name, error)
+            self._restart(turn.batch, error)
         elif job.matcher.stopped or reason_name in ("EOS", "STOP_STRING"):
             job.finish(STOP)
         elif reason_name == "CANCELLED":
