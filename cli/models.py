@@ -361,6 +361,24 @@ def show(name: str, as_json: bool) -> None:
             f"accuracy level {info.get('accuracy_level')}, built {info.get('created')} "
             f"in {info.get('build_seconds')} s with {versions}"
         )
+        if info.get("embeddings"):
+            console.print(f"    token embedding table: {info['embeddings']}")
+        grid = info.get("grid")
+        if isinstance(grid, dict):
+            console.print(f"    source grid: {grid_summary(grid)}")
+        elif str(info.get("source_weights", "")).lower().endswith(".gguf"):
+            console.print("    source grid: every matrix re-quantised from the GGUF's dequantised weights")
+
+
+def grid_summary(grid: dict) -> str:
+    """'1 matrix kept exactly (Q8_0), 150 re-quantised (Q4_1: 150)' from a build's grid report."""
+    exact = grid.get("exact", 0)
+    types = ", ".join(f"{k}" for k in grid.get("exact_types", {}))
+    requantised = grid.get("requantised", {})
+    total = sum(requantised.values())
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(requantised.items()))
+    kept = f"{exact} {'matrix' if exact == 1 else 'matrices'} kept exactly" + (f" ({types})" if types else "")
+    return f"{kept}, {total} re-quantised" + (f" ({detail})" if detail else "")
 
 
 @click.command()

@@ -23,6 +23,7 @@ from ortllm.errors import (
 
 from . import child
 from .embeddings import quantise_embeddings
+from .grid import keep_source_grid
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 EPS = ("cpu", "cuda", "dml", "webgpu")
@@ -41,7 +42,7 @@ INT4_DEFAULTS = {"matmul_mixed_precision": "mixed_layers:int8"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # bump when a change alters what a conversion builds: it is kept in the manifest, and cached test models
 # built by another recipe are converted again (tests/conftest.py's import_prebuilt)
-RECIPE = "2-quantised-embeddings"
+RECIPE = "3-source-grid"
 
 
 def check_options(precision: str, ep: str, block_size: int | None, accuracy_level: int | None) -> None:
@@ -122,8 +123,14 @@ def build(
     extra: dict[str, str] | None = None,
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
+    gguf: Path | dict[str, str] | None = None,
 ) -> dict[str, object]:
-    """Run the builder on a Hugging Face folder; return the build options used (for the manifest)."""
+    """Run the builder on a Hugging Face folder; return the build options used (for the manifest).
+
+    With `gguf` (the folder was dequantised from it), an int4 CPU build keeps the GGUF's own Q4_0/Q8_0 blocks
+    exactly (converters/grid.py) and the GGUF's per-tensor choice of widths replaces the builder's int8 picks.
+    """
+    keep_grid = gguf is not None and precision == "int4" and ep == "cpu" and block_size in (None, 32)
     options: dict[str, str] = {"hf_token": "false"}
     if include_hidden_states:
         options["include_hidden_states"] = "true"
@@ -133,7 +140,7 @@ def build(
         options["accuracy_level"] = str(accuracy_level)
     if trust_remote_code:
         options["hf_remote"] = "true"
-    if precision == "int4":
+    if precision == "int4" and not keep_grid:
         options.update(INT4_DEFAULTS)
     options.update(extra or {})
     # the builder dies with this process (even on kill -9) and, in its own process group, a Ctrl-C in the
@@ -189,6 +196,14 @@ def build(
             ) from exc
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"token embedding table: {info['embeddings']}\n")
+    if keep_grid:
+        assert gguf is not None
+        try:
+            info["grid"] = keep_source_grid(out_dir, hf_dir, gguf)
+        except Exception as exc:
+            raise ConversionFailed(f"Keeping the GGUF's grid failed: {exc} (full log: {log_path})") from exc
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"source grid: {info['grid']}\n")
     return {
         **info,
         "block_size": block_size or 32,

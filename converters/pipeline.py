@@ -189,6 +189,7 @@ def _convert_fetched(
                 extra=request.extra,
                 log_path=log_path,
                 on_line=progress.log,
+                gguf=weights.gguf,
             )
         else:
             from .optimum import build as optimum_build
