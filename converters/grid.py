@@ -192,16 +192,23 @@ def _reshare(
 
     data = gather.inputs[0]
     producer = data.producer() if data is not None else None
-    if producer is not None and producer.op_type == "Reshape" and producer.inputs[0] is old_b:
+    reshaped = producer is not None and producer.op_type == "Reshape" and producer.inputs[0] is old_b
+    if not (reshaped or data is old_b):
+        return  # an untied model's embedding has tables of its own
+    if reshaped:
+        assert producer is not None
         shape = np.array([codes.shape[0], codes.shape[1] * codes.shape[2]], dtype=np.int64)
         shape_val = ir.Value(
             name=f"{b_val.name}/shape", const_value=ir.tensor(shape, name=f"{b_val.name}/shape")
         )
         graph.register_initializer(shape_val)
+        old_shape = producer.inputs[1]
         producer.replace_input_with(0, b_val)
         producer.replace_input_with(1, shape_val)
         producer.outputs[0].shape = ir.Shape(shape.tolist())
-    elif data is old_b:
+        if old_shape is not None and not old_shape.uses() and old_shape.name in graph.initializers:
+            graph.initializers.pop(old_shape.name)
+    else:
         gather.replace_input_with(0, b_val)
     if gather.inputs[2] is old_s:
         gather.replace_input_with(2, s_val)

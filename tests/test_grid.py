@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,11 @@ def test_blocks_off_a_symmetric_grid_are_left_to_re_quantisation():
     assert exact_codes(round_trip(weight, Q.Q4_1), 4) is None  # Q4_1 carries a float offset per block
 
 
-@pytest.fixture(scope="module")
-def q4_0_model(pulled, tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny Llama whose linear weights are Q4_0 blocks and whose tied embedding is Q8_0, as a GGUF holds them."""
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def q4_0_model(request, pulled, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A tiny Llama whose linear weights are Q4_0 blocks and whose LM head is Q8_0, as a GGUF holds them: tied
+    to the embedding, or untied beside a Q4_K embedding (re-quantised into a table of its own)."""
+    tied = request.param
     import torch
     import transformers
 
@@ -56,19 +59,19 @@ def q4_0_model(pulled, tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=tied,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("proj.weight"):
                 param.copy_(torch.from_numpy(round_trip(param.numpy(), Q.Q4_0)))
-            elif name == "model.embed_tokens.weight":
+            elif name == ("model.embed_tokens.weight" if tied else "lm_head.weight"):
                 param.copy_(torch.from_numpy(round_trip(param.numpy(), Q.Q8_0)))
     model.save_pretrained(src)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(pulled / "cpu-int4" / f, src / f)
-    types = {"token_embd.weight": "Q8_0"}
+    types = {"token_embd.weight": "Q8_0"} if tied else {"token_embd.weight": "Q4_K", "output.weight": "Q8_0"}
     for i in range(2):
         for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
             types[f"blk.{i}.{t}.weight"] = "Q4_0"
@@ -102,7 +105,9 @@ def test_a_q4_0_model_keeps_every_matrix_on_its_source_grid(q4_0_model):
         attrs = {a.name: a.i for a in node.attribute}
         module = node.input[1].split(".MatMul.")[0]
         if module == "lm_head":
-            expected = weights["model.embed_tokens.weight"]
+            expected = weights[
+                "model.embed_tokens.weight" if "lm_head.weight" not in weights else "lm_head.weight"
+            ]
             assert attrs["bits"] == 8
         else:
             layer, part = module.split(".")[2], module.split(".", 3)[3]
@@ -115,6 +120,16 @@ def test_a_q4_0_model_keeps_every_matrix_on_its_source_grid(q4_0_model):
         assert np.array_equal(got, expected), module
         checked += 1
     assert checked == 11
+    # and it runs: one forward pass through onnxruntime (a mis-wired embedding fails to load)
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fidelity import onnx_inputs
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    (logits,) = session.run(["logits"], onnx_inputs(session, out, ids))
+    assert logits.shape[-1] == 49152 and np.isfinite(logits).all()
 
 
 def test_the_converted_test_model_shows_which_matrices_kept_their_grid(pulled):
