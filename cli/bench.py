@@ -54,6 +54,40 @@ def _ratio(ours: float, peer: float) -> str:
     return f"{ours / peer:.2f}×" if peer else "–"
 
 
+def _synthetic(shape: str, console: Console) -> Path:
+    """The cached random-weight model of `shape`, converted into the store as `bench-<shape>` once."""
+    import subprocess
+    import sys
+
+    from ortllm.store import ModelStore
+
+    store = ModelStore()
+    default = store.find(load_catalog().default)
+    if default is None:
+        raise click.ClickException(
+            f"--synthetic takes its tokenizer from `{load_catalog().default}`: pull it first"
+        )
+    tokenizer_dir = next(iter(default.variants.values())).path
+    with console.status(f"making the random-weight {shape} model"):
+        hf_dir = b.synthetic_model(shape, tokenizer_dir)
+    if store.find(f"bench-{shape}") is None:
+        with console.status(f"ortllm convert {hf_dir}"):
+            cmd = [
+                sys.executable,
+                "-m",
+                "ortllm.cli.main",
+                "convert",
+                str(hf_dir),
+                "--name",
+                f"bench-{shape}",
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise click.ClickException(f"converting the {shape} model failed: {last}")
+    return hf_dir
+
+
 with_compare = option_group(
     click.option(
         "--compare", type=click.Choice(["llama-cpp"]), help="Measure llama.cpp on the same GGUF too."
@@ -86,6 +120,11 @@ def bench() -> None:
 @click.option(
     "--api", "api_alias", type=click.Choice(BATCHERS), hidden=True, help="The old name of --batcher."
 )
+@click.option(
+    "--synthetic",
+    type=click.Choice(sorted(b.SHAPES)),
+    help="Bench a seeded random-weight model of this shape (made, converted and cached on first use).",
+)
 @with_compare
 def engine(
     model: str | None,
@@ -96,6 +135,7 @@ def engine(
     threads: int | None,
     batcher: str,
     api_alias: str | None,
+    synthetic: str | None,
     compare: str | None,
     llama_dir: str | None,
     gguf: str | None,
@@ -108,70 +148,93 @@ def engine(
 
     console = Console()
     batcher = api_alias or batcher  # --api: the old name of --batcher, kept for one release
+    if synthetic and (model or gguf):
+        raise click.UsageError("--synthetic makes its own model and GGUFs: drop MODEL and --gguf")
+    binaries = b.find_llama_cpp(llama_dir) if compare else None  # a missing peer fails before any work
+    hf_dir = _synthetic(synthetic, console) if synthetic else None
     registry = ModelRegistry(batcher=None if batcher == "auto" else batcher, threads=threads)
-    name = model or load_catalog().default
+    name = f"bench-{synthetic}" if synthetic else model or load_catalog().default
     scheduler = registry.get(name)
     if not isinstance(scheduler, Scheduler):  # an embedding model: no tokens to time
         registry.close()
         raise not_generative(scheduler.model.name)
     installed = scheduler.model.installed
-    with console.status("measuring memory bandwidth"):
-        bandwidth = b.memory_bandwidth_gbs()
-    weights = b.weight_bytes(scheduler.model.path)
+    sizes = b.decode_bytes(scheduler.model.path)
     with console.status(f"benchmarking {scheduler.model.name} (pp{pp}, tg{tg}, batches {batches})"):
         ours = b.engine_bench(scheduler, pp=pp, tg=tg, batches=_ints(batches), reps=reps)
+    on_cpu = (
+        scheduler.model.ep == "cpu"
+    )  # a GPU decodes from its own memory: the host's bandwidth says nothing
+    bandwidth = {"read_gbs": 0.0, "copy_gbs": 0.0, "threads": 0}
+    if on_cpu:
+        with console.status("measuring memory bandwidth"):  # after the bench: its 2 GiB stay out of peak RSS
+            bandwidth = b.memory_bandwidth_gbs(threads=scheduler.model.threads or 1)
+    ep = scheduler.model.ep
     registry.close()
-    ceiling = bandwidth * 1e9 / weights
+    # decode streams weights and KV read-only, so read bandwidth bounds it (copy is shown as a cross-check)
+    context = 16 + tg / 2  # the tg run's 16-token prompt plus, on average, half its generated tokens
+    ceiling = b.decode_ceiling(bandwidth["read_gbs"], sizes, context) if on_cpu else 0.0
+    tg_mean = ours[f"tg{tg}_tok_s"]["mean"]
     result: dict[str, Any] = {
         "model": installed.name,
         "variant": scheduler.model.variant.id,
         "machine": _machine(),
         "ortllm": ours,
-        "memory_bandwidth_gbs": round(bandwidth, 1),
-        "weight_mb": round(weights / 1e6, 1),
-        "decode_ceiling_tok_s": round(ceiling, 1),
+        "memory_bandwidth_gbs": bandwidth["read_gbs"],
+        "memory_copy_gbs": bandwidth["copy_gbs"],
+        "weight_mb": round(sizes["weights"] / 1e6, 1),
+        "kv_kb_per_context_token": round(sizes["kv_per_context_token"] / 1e3, 1),
+        "decode_ceiling_tok_s": round(ceiling, 1) if on_cpu and tg_mean <= ceiling else None,
     }
-    peer: dict[str, Any] = {}
-    if compare:
-        binaries = b.find_llama_cpp(llama_dir)
-        with console.status("running llama-bench"):
-            peer = b.llama_bench(
-                binaries,
-                _gguf_of(installed, gguf),
-                pp=pp,
-                tg=tg,
-                threads=ours["threads"] or psutil.cpu_count(logical=False) or 1,
-                reps=reps,
-            )
-        result["llama_cpp"] = peer
+    peers: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
+    if binaries:
+        peer_threads = ours["threads"] or psutil.cpu_count(logical=False) or 1
+        try:
+            with console.status("converting to GGUF with llama.cpp's own tools"):
+                ggufs = b.peer_ggufs(hf_dir, binaries) if hf_dir else {"llama.cpp": _gguf_of(installed, gguf)}
+        except b.PeerFailed as exc:
+            ggufs, failures = {}, [str(exc)]
+        for label, path in ggufs.items():
+            try:
+                with console.status(f"running llama-bench on {path.name}"):
+                    peers[label] = b.llama_bench(
+                        binaries, path, pp=pp, tg=tg, threads=peer_threads, reps=reps
+                    )
+            except b.PeerFailed as exc:
+                failures.append(f"{label}: {exc}")
+        result["llama_cpp"] = {**peers, **({"failures": failures} if failures else {})}
+    blank = [""] * (2 * len(peers))
     table = Table(
         "metric",
         "ortllm",
-        *(["llama.cpp", "ratio"] if peer else []),
+        *[c for label in peers for c in (label, "ratio")],
         title=f"{installed.name} ({scheduler.model.variant.id}, {ours['batcher']}, {ours['threads']} threads)",
     )
     for key in (f"pp{pp}_tok_s", f"tg{tg}_tok_s"):
         row = [key, f"{ours[key]['mean']:.1f} ± {ours[key]['sd']:.1f}"]
-        if peer:
+        for peer in peers.values():
             row += [
                 f"{peer[key]['mean']:.1f} ± {peer[key]['sd']:.1f}",
                 _ratio(ours[key]["mean"], peer[key]["mean"]),
             ]
         table.add_row(*row)
-    table.add_row(
-        "TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *(["", ""] if peer else [])
-    )
+    table.add_row("TTFT (16-token prompt)", f"{ours['ttft_s']['mean'] * 1000:.0f} ms", *blank)
     for size, agg in ours["batch_aggregate_tok_s"].items():
-        table.add_row(
-            f"{size} concurrent, aggregate tok/s",
-            f"{agg['mean']:.1f} ± {agg['sd']:.1f}",
-            *(["", ""] if peer else []),
-        )
-    table.add_row("peak RSS", f"{ours['peak_rss_mb']:.0f} MB", *(["", ""] if peer else []))
+        table.add_row(f"{size} concurrent, aggregate tok/s", f"{agg['mean']:.1f} ± {agg['sd']:.1f}", *blank)
+    table.add_row("peak RSS", f"{ours['peak_rss_mb']:.0f} MB", *blank)
     console.print(table)
+    for line in failures:
+        console.print(f"[red]peer failed[/red] {line}")
+    if not on_cpu:
+        console.print(f"no decode ceiling: the model runs on {ep}, not from this host's memory")
+        _write(result, out)
+        return
     console.print(
-        f"memory bandwidth {bandwidth:.1f} GB/s, {weights / 1e6:.0f} MB of weights per token → decode "
-        f"ceiling {ceiling:.0f} tok/s; tg reached {ours[f'tg{tg}_tok_s']['mean'] / ceiling:.0%} of it"
+        f"memory bandwidth: read {bandwidth['read_gbs']:.1f} GB/s, copy {bandwidth['copy_gbs']:.1f} GB/s "
+        f"({bandwidth['threads']} threads, the ceiling uses read); per token {sizes['weights'] / 1e6:.0f} MB "
+        f"of weights + {sizes['kv_per_context_token'] * context / 1e6:.1f} MB of KV → decode ceiling "
+        f"{ceiling:.0f} tok/s; {b.ceiling_note(tg_mean, ceiling)}"
     )
     _write(result, out)
 

@@ -64,20 +64,77 @@ def peak_rss_mb() -> float:
     return peak / 1e6
 
 
-def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
-    """Sustained read bandwidth (GB/s): the best of several sums over an array larger than the caches."""
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 4, threads: int = 1) -> dict[str, float]:
+    """Read and copy bandwidth (GB/s) over `size_mb` MiB, far larger than the caches: the best of `repeats`."""
+    from concurrent.futures import ThreadPoolExecutor
+
     data = np.ones(size_mb * (1 << 20) // 8, dtype=np.float64)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best / 1e9
+    target = np.empty_like(data)
+    parts = np.array_split(data, max(1, threads))
+    dests = np.array_split(target, max(1, threads))
+
+    def best(fn: Any) -> float:
+        fastest = float("inf")
+        with ThreadPoolExecutor(len(parts)) as pool:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                list(pool.map(fn, range(len(parts))))
+                fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+    read = data.nbytes / best(lambda i: parts[i].sum()) / 1e9  # numpy releases the GIL: threads overlap
+    copy = 2 * data.nbytes / best(lambda i: np.copyto(dests[i], parts[i])) / 1e9  # bytes read + written
+    return {"read_gbs": round(read, 1), "copy_gbs": round(copy, 1), "threads": len(parts)}
 
 
-def weight_bytes(model_dir: Path) -> int:
-    """Bytes of weights a decode step reads (the ONNX graph and its external data)."""
-    return sum(f.stat().st_size for f in model_dir.glob("*.onnx*"))
+# Inputs that read one row per token, not the whole tensor: embeddings' Gather, GQA's cos/sin caches.
+_ROW_READERS = {"Gather", "GatherBlockQuantized", "GroupQueryAttention"}
+
+
+def decode_bytes(model_dir: Path) -> dict[str, int]:
+    """Bytes one decode step reads: weights from the graph's real initializer sizes, and KV per context token."""
+    import onnx
+
+    weights = kv_per_token = 0
+    config = model_dir / "genai_config.json"
+    decoder = json.loads(config.read_text())["model"]["decoder"] if config.exists() else {}
+    for path in sorted(model_dir.glob("*.onnx")):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        consumers: dict[str, set[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
+        for t in graph.initializer:
+            if consumers.get(t.name, set()) - _ROW_READERS:  # read in full by a MatMul or a norm each step
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                weights += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+        for value in graph.input:
+            if value.name.startswith("past_key_values."):  # [batch, kv_heads, seq, head_dim]
+                tensor = value.type.tensor_type
+                dims = tensor.shape.dim  # the head dim is often symbolic: genai_config.json knows it
+                kv_heads = dims[1].dim_value or decoder["num_key_value_heads"]
+                head_dim = dims[3].dim_value or decoder["head_size"]
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+                kv_per_token += kv_heads * head_dim * itemsize
+    return {"weights": weights, "kv_per_context_token": kv_per_token}
+
+
+def decode_ceiling(read_gbs: float, sizes: dict[str, int], context: float) -> float:
+    """Tokens/s if every decode step only streamed its weights and KV cache at `read_gbs`."""
+    return read_gbs * 1e9 / (sizes["weights"] + sizes["kv_per_context_token"] * context)
+
+
+def ceiling_note(tg_tok_s: float, ceiling: float) -> str:
+    """The share of the ceiling reached, or why the figure would be meaningless."""
+    if ceiling <= 0 or tg_tok_s <= 0:
+        return "no decode ceiling: nothing measured"
+    share = tg_tok_s / ceiling
+    if share > 1:
+        return (
+            f"tg ran at {share:.0%} of the computed ceiling: impossible, so the bandwidth probe "
+            "under-measures on this machine (no ceiling reported)"
+        )
+    return f"tg reached {share:.0%} of the ceiling"
 
 
 def prompt_of(model: Any, n_tokens: int) -> list[int]:
@@ -118,6 +175,7 @@ def engine_bench(
 
     for _ in range(warmup):
         run(short_prompt, 8)
+        run(long_prompt, 1)  # the first long prefill pays one-off costs (a GPU's kernel tuning, KV pages)
     pp_stat, ttft_stat, tg_stat = Stat(), Stat(), Stat()
     for _ in range(reps):
         r = run(long_prompt, 1)
@@ -294,14 +352,121 @@ def find_llama_cpp(path: str | None) -> Path:
     )
 
 
+class PeerFailed(Exception):
+    """A llama.cpp tool that crashed or failed: reported as one line, the rest of the bench goes on."""
+
+
+def run_peer(cmd: list[str], env: dict[str, str] | None = None) -> str:
+    """Run one peer tool; its stdout, or PeerFailed naming the tool and its exit status or signal."""
+    import signal
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode == 0:
+        return proc.stdout
+    tool = Path(cmd[1] if cmd[0] == sys.executable else cmd[0]).name
+    if proc.returncode < 0:
+        how = f"was killed by signal {signal.Signals(-proc.returncode).name}"
+    else:
+        last = (proc.stderr.strip().splitlines() or [""])[-1][:200]
+        how = f"exited with status {proc.returncode}" + (f": {last}" if last else "")
+    raise PeerFailed(f"{tool} {how}")
+
+
 def llama_bench(binaries: Path, gguf: Path, *, pp: int, tg: int, threads: int, reps: int) -> dict[str, Any]:
+    """llama-bench's pp/tg tokens/s on `gguf` (it generates exactly `tg` tokens, ignoring EOS)."""
     cmd = [str(binaries / "llama-bench"), "-m", str(gguf), "-p", str(pp), "-n", str(tg), "-t", str(threads),
            "-r", str(reps), "-o", "json"]  # fmt: skip
-    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    rows = json.loads(run_peer(cmd))
     out = {}
     for row in rows:
         key = f"pp{row['n_prompt']}_tok_s" if row["n_prompt"] else f"tg{row['n_gen']}_tok_s"
         out[key] = {"mean": round(row["avg_ts"], 3), "sd": round(row["stddev_ts"], 3), "n": reps}
+    return out
+
+
+# ---- a random-weight model of a real model's shape (the speed of a size, without a download) ----------
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3.2-1B's shape: 1.07 B parameters with SmolLM2's 49k vocabulary
+    "llama-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64},
+    # small enough for the test suite
+    "llama-tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+}  # fmt: skip
+PEER_QUANTS = ("Q4_0", "Q4_K_M")
+
+
+def bench_cache() -> Path:
+    """Where synthetic models and their GGUFs are kept (`$ORTLLM_BENCH_CACHE`, else ~/.cache/ortllm/bench)."""
+    import platformdirs
+
+    env = os.environ.get("ORTLLM_BENCH_CACHE")
+    path = Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("ortllm")) / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def synthetic_config(shape: str, tokenizer_dir: Path) -> Any:
+    """A LlamaConfig of `shape` with the vocabulary and special tokens of the model in `tokenizer_dir`."""
+    import transformers
+
+    model = json.loads((tokenizer_dir / "genai_config.json").read_text())["model"]
+    eos = model["eos_token_id"]
+    return transformers.LlamaConfig(
+        **SHAPES[shape],
+        vocab_size=model["vocab_size"],
+        bos_token_id=model["bos_token_id"],
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
+
+
+def synthetic_model(shape: str, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A Hugging Face folder (seeded random fp16 weights, safetensors, tokenizer files), made once and cached."""
+    target = bench_cache() / shape / "hf"
+    if (target / "model.safetensors").exists():
+        return target
+    import torch  # only when making it: importing torch costs seconds and memory
+    import transformers
+
+    staging = target.with_name(f"hf.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        synthetic_config(shape, tokenizer_dir), dtype=torch.float16
+    )
+    model.save_pretrained(staging, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, staging / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # complete or absent: an interrupted run leaves no half-written model behind
+    return target
+
+
+def peer_ggufs(hf_dir: Path, binaries: Path) -> dict[str, Path]:
+    """`hf_dir` as GGUF through the peer's own convert_hf_to_gguf.py (f16), then Q4_0 and Q4_K_M; cached."""
+    f16 = hf_dir.parent / "model-f16.gguf"
+    if not f16.exists():
+        script = binaries / "convert_hf_to_gguf.py"
+        if not script.exists():
+            raise PeerFailed(f"{script} not found: run benchmarks/build_peer.sh")
+        partial = f16.with_suffix(".tmp")
+        cmd = [sys.executable, str(script), str(hf_dir), "--outtype", "f16", "--outfile", str(partial)]
+        # gguf-py and pydeps (sentencepiece) sit beside the script: benchmarks/build_peer.sh puts them there
+        run_peer(cmd, env={"PYTHONPATH": os.pathsep.join(str(binaries / d) for d in ("gguf-py", "pydeps"))})
+        partial.rename(f16)
+    out = {}
+    for quant in PEER_QUANTS:
+        path = hf_dir.parent / f"model-{quant}.gguf"
+        if not path.exists():
+            partial = path.with_suffix(".tmp")
+            run_peer([str(binaries / "llama-quantize"), str(f16), str(partial), quant])
+            partial.rename(path)
+        out[quant] = path
     return out
 
 
