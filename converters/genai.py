@@ -106,7 +106,22 @@ def check_architecture(hf_dir: Path) -> str:
             f"Architecture {arch} is not supported by the genai builder; "
             "convert it with --backend optimum (its own environment: make optimum-env)"
         )
+    why = _cannot_build(arch, config)
+    if why:
+        raise UnsupportedArchitecture(f"{arch} cannot be converted by the genai builder: {why}")
     return arch
+
+
+def _cannot_build(arch: str, config: dict[str, Any]) -> str | None:
+    """Why the 0.18 builder, although it dispatches on `arch`, cannot build this config (None if it can)."""
+    if arch == "GraniteMoeHybridForCausalLM":
+        mamba = [t for t in config.get("layer_types") or [] if t not in ("attention", "full_attention")]
+        if mamba:  # its Granite class builds attention layers only (fails on `None.q_proj` otherwise)
+            return f"it builds attention layers only, and this model has {len(mamba)} Mamba layers"
+    if arch == "GptOssForCausalLM" and not config.get("quantization_config"):
+        # the builder reads the experts' original MXFP4 blocks; a dequantised save has none
+        return "it reads the original MXFP4 checkpoint, and these weights are dequantised"
+    return None
 
 
 def build(

@@ -83,3 +83,43 @@ def test_a_failed_turn_gets_a_fresh_engine_and_the_next_request_is_answered(engi
     second = ask(engine_sched)  # before the fix: "could not start generation: ... no longer healthy", forever
     assert second.finish_reason != ERROR and "Paris" in second.text
     assert Unhealthy.made == 2
+
+
+def test_an_engine_that_refuses_the_model_fails_the_request_instead_of_hanging(pulled, monkeypatch):
+    """og.Engine 0.18 refuses some model types ("Expected a decoder-only model", LFM2): the request must fail
+    with that reason, and the worker must live on for the next one."""
+    import threading
+
+    from ortllm.runtime.backends import engine_pool
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler, engine_supported
+    from ortllm.store import ModelStore
+
+    if not engine_supported():
+        pytest.skip("needs the 0.18 Engine")
+
+    class Refusing:
+        create_request = REAL_ENGINE.create_request  # the 0.18 API, as far as engine_supported() looks
+
+        def __init__(self, model: Any) -> None:
+            raise RuntimeError("Expected a decoder-only model\nwith a C++ trace")
+
+    monkeypatch.setattr(engine_pool.og, "Engine", Refusing)
+    scheduler = Scheduler(LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="engine"), batcher="engine")
+    try:
+        errors: list[str] = []
+
+        def two_requests() -> None:
+            for _ in range(2):
+                try:
+                    ask(scheduler)
+                except GenerationFailed as exc:
+                    errors.append(str(exc))
+
+        worker = threading.Thread(target=two_requests, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the request hung"  # before the fix: the worker died, the caller waited
+        assert errors == ["could not start generation: Expected a decoder-only model"] * 2
+    finally:
+        scheduler.close()

@@ -148,7 +148,14 @@ def batcher_for(path: Path, ep: str, requested: str = "auto") -> tuple[str, str,
     proto, why = inspect_decoder(path, genai_cfg, ep)
     if why is None:
         return "native", "ortllm batches it on plain onnxruntime", proto
+    model_type = str(genai_cfg.get("model", {}).get("type", ""))
+    if model_type in ENGINE_REFUSES:
+        return "generator", f"{why}; og.Engine does not decode {model_type} models", None
     return ("engine" if engine_supported() else "generator"), why, None
+
+
+# model types og.Engine 0.18 refuses ("Expected a decoder-only model"): og.Generator runs them
+ENGINE_REFUSES = frozenset({"lfm2", "lfm2_moe"})
 
 
 BATCHER_NAMES = {"native": "native batcher", "engine": "og.Engine", "generator": "og.Generator"}

@@ -360,7 +360,7 @@ class Scheduler:
                 call()
             if self._stopping and not admit and not any(b.busy for b in self.backends):
                 return
-            unplaced = [job for job, backend in admit if not backend.admit(job)]
+            unplaced = [job for job, backend in admit if not self._admit(job, backend)]
             if unplaced:
                 with self._cv:
                     stopping = self._stopping  # close() already emptied the queue: do not refill it
@@ -379,6 +379,17 @@ class Scheduler:
                     backend.warm_up()  # idle: e.g. fault in a cold KV slot, a few ms at a time
                     warmed = True
             self._embed_turn(generating=bool(self._running()))
+
+    def _admit(self, job: Job, backend: Backend) -> bool:
+        """Hand `job` to `backend`; False when it has no room. A backend that fails to take the job (e.g.
+        og.Engine refusing the model) fails that job alone: it is neither queued nor running, so a crash here
+        would leave its caller waiting forever."""
+        try:
+            return backend.admit(job)
+        except Exception as exc:
+            log.exception("could not start a request on %s", self.model.name)
+            job.finish(ERROR, f"could not start generation: {first_line(exc)}")
+            return True
 
     def _embed_turn(self, generating: bool) -> None:
         """One slice of the first embeddings request, unless others generating have not yet had their
