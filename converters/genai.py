@@ -214,7 +214,12 @@ def build(
     if keep_grid:
         assert gguf is not None
         try:
-            info["grid"] = keep_source_grid(out_dir, hf_dir, gguf)
+            # the goal for a converted GGUF: at most 1.1x its size (an int8 table may not fit)
+            budget = int(1.1 * gguf.stat().st_size) if isinstance(gguf, Path) else None
+            grid = keep_source_grid(out_dir, hf_dir, gguf, budget)
+            info["grid"] = grid
+            if grid["lm_head"] and "shared" in str(info.get("embeddings", "")):
+                info["embeddings"] = "int8 (the GGUF's Q8_0, exact), shared with the LM head"
         except Exception as exc:
             raise ConversionFailed(f"Keeping the GGUF's grid failed: {exc} (full log: {log_path})") from exc
         with open(log_path, "a", encoding="utf-8") as log:

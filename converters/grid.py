@@ -96,10 +96,13 @@ def _sources(module: str, tied: bool) -> tuple[list[str], list[str]] | None:
     return hf, gg
 
 
-def keep_source_grid(out_dir: Path, hf_dir: Path, gguf: Path | dict[str, str]) -> dict[str, Any]:
+def keep_source_grid(
+    out_dir: Path, hf_dir: Path, gguf: Path | dict[str, str], budget: int | None = None
+) -> dict[str, Any]:
     """Rewrite out_dir/model.onnx's MatMulNBits from Q4_0/Q8_0 sources to the exact source grid; report per
     matrix which kept its grid (`exact`) and which were re-quantised (with their source type). `gguf` is the
-    GGUF file or its tensor types (`source_types`)."""
+    GGUF file or its tensor types (`source_types`). A matrix that would take the folder above `budget` bytes
+    (an int8 Q8_0 table is twice its int4 form, and its fp32 scales twice the GGUF's fp16) stays int4."""
     import onnx_ir as ir
     from safetensors import safe_open
 
@@ -114,6 +117,7 @@ def keep_source_grid(out_dir: Path, hf_dir: Path, gguf: Path | dict[str, str]) -
             where.update({k: f for k in sf.keys()})  # noqa: SIM118 (safe_open has no __iter__)
     exact: list[str] = []
     requantised: Counter[str] = Counter()
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     nodes = {n.name: n for n in graph}
     for node in list(graph):
         if node.op_type != "MatMulNBits":
@@ -132,6 +136,11 @@ def keep_source_grid(out_dir: Path, hf_dir: Path, gguf: Path | dict[str, str]) -
         if packed is None:
             requantised[f"{kind} (off-grid blocks)"] += 1
             continue
+        extra = sum(a.nbytes for a in packed) - sum(_nbytes(v) for v in node.inputs[1:3])
+        if budget is not None and size + extra > budget:
+            requantised[f"{kind} (over the size budget)"] += 1
+            continue
+        size += extra
         _replace(graph, node, packed, bits, module, nodes)
         exact.append(module)
     if exact:
@@ -140,9 +149,14 @@ def keep_source_grid(out_dir: Path, hf_dir: Path, gguf: Path | dict[str, str]) -
         "exact": len(exact),
         "exact_types": dict(Counter(_kind_of(m, types, tied) for m in exact)),
         "requantised": dict(requantised),
+        "lm_head": "lm_head" in exact,
     }
     (out_dir / "grid.json").write_text(json.dumps({**report, "exact_matrices": exact}, indent=1))
     return report
+
+
+def _nbytes(value: Any) -> int:
+    return value.const_value.nbytes if value is not None and value.const_value is not None else 0
 
 
 def _kind_of(module: str, types: dict[str, str], tied: bool) -> str:

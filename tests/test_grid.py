@@ -137,6 +137,9 @@ def test_the_converted_test_model_shows_which_matrices_kept_their_grid(pulled):
     manifest = json.loads((pulled / "manifest.json").read_text())
     grid = next(iter(manifest["variants"].values()))["grid"]
     assert grid["exact"] == 1 and grid["exact_types"] == {"Q8_0": 1} and grid["requantised"] == {"Q4_1": 150}
+    assert next(iter(manifest["variants"].values()))["embeddings"] == (
+        "int8 (the GGUF's Q8_0, exact), shared with the LM head"
+    )
     shown = ortllm("show", DEFAULT_MODEL, check=True).stdout
     assert "source grid: 1 matrix kept exactly (Q8_0), 150 re-quantised (Q4_1: 150)" in " ".join(
         shown.split()
