@@ -334,11 +334,11 @@ def test_a_failed_step_fails_its_rows_and_the_batcher_keeps_serving(sched, monke
     real = batcher_of(sched).decoder.step
     calls = {"n": 0}
 
-    def flaky(ids, lengths, first=0):
+    def flaky(ids, lengths, first=0, counts=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected failure\nwith a C++ trace")
-        return real(ids, lengths, first)
+        return real(ids, lengths, first, counts)
 
     monkeypatch.setattr(batcher_of(sched).decoder, "step", flaky)
     stream = sched.submit(GenerationRequest(opts(max_tokens=20, min_tokens=20), messages=QUESTION))
@@ -352,7 +352,12 @@ def test_constrained_output_goes_to_the_engine(sched):
 
     if not engine_supported():
         pytest.skip("needs the 0.18 Engine")
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
     request = GenerationRequest(
         opts(max_tokens=30), messages=QUESTION, guidance=("json_schema", json.dumps(schema))
     )
@@ -401,3 +406,128 @@ def test_the_decoder_computes_logits_for_the_last_position_only(sched):
     batcher_of(sched).slots = [native._Slot() for _ in batcher_of(sched).slots]
     got = sched.call(lambda: decoder.step(ids, np.asarray([0]), 0)[0].copy())
     assert np.abs(got - expected).max() < 1e-3
+
+
+# ---- several prompts in one pass (onnxruntime 1.32's query_seqlens) -------------------------------
+
+PROMPTS = [
+    "Name three colours.",
+    "Summarise in one sentence: " + "The river floods every spring and the town rebuilds. " * 6,
+    "Explain in two sentences why the sky is blue, for a child who asked at breakfast.",
+    "List the planets of the solar system in order from the sun, separated by commas.",
+]
+
+
+@pytest.fixture(scope="module")
+def old_sched(pulled):
+    """A batcher on the one-row-per-chunk path (as with onnxruntime < 1.32): the reference."""
+    from ortllm.runtime.loaded import LoadedModel
+    from ortllm.runtime.scheduler import Scheduler
+    from ortllm.store import ModelStore
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(native, "ragged_supported", lambda: False)
+    try:
+        scheduler = Scheduler(
+            LoadedModel(ModelStore().get(DEFAULT_MODEL), batcher="native"), batcher="native"
+        )
+    finally:
+        patch.undo()
+    yield scheduler
+    scheduler.close()
+
+
+def together(scheduler, requests: list[GenerationRequest]) -> list[list[int]]:
+    """Submit `requests` between two steps (the batcher admits them at once); their greedy tokens."""
+    streams = scheduler.call(lambda: [scheduler.submit(r) for r in requests])
+    return [s.result().token_ids for s in streams]
+
+
+def request(text: str, max_tokens: int = 12) -> GenerationRequest:
+    return GenerationRequest(
+        opts(max_tokens=max_tokens, min_tokens=max_tokens), messages=[{"role": "user", "content": text}]
+    )
+
+
+@pytest.fixture
+def passes(sched, monkeypatch) -> list[tuple[int, int, int, list[int], list[int], int]]:
+    """Every forward pass of `sched`'s decoder: (rows, new tokens, first slot, past lengths, valid counts,
+    decoding rows); small chunks so prompts take several passes; no cache from earlier tests."""
+    batcher = batcher_of(sched)
+    decoder = batcher.decoder
+    real = decoder.step
+    seen: list[tuple[int, int, int, list[int], list[int], int]] = []
+
+    def spy(ids, lengths, first=0, counts=None):
+        valid = [ids.shape[1]] * ids.shape[0] if counts is None else [int(c) for c in counts]
+        seen.append((ids.shape[0], ids.shape[1], first, [int(n) for n in lengths], valid, batcher.decoding))
+        return real(ids, lengths, first, counts)
+
+    monkeypatch.setattr(decoder, "step", spy)
+    monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 48)
+    monkeypatch.setattr(native, "PREFILL_CHUNK", 48)
+    sched.call(lambda: setattr(batcher_of(sched), "slots", [native._Slot() for _ in batcher_of(sched).slots]))
+    return seen
+
+
+def test_prompt_chunks_share_a_pass_exactly_when_onnxruntime_can(sched, old_sched):
+    """On whenever GroupQueryAttention takes query_seqlens (onnxruntime 1.32), off when told it cannot."""
+    import onnxruntime as ort
+
+    recent = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 32)
+    assert batcher_of(sched).decoder.ragged == native.ragged_supported() == recent
+    assert not batcher_of(old_sched).decoder.ragged
+
+
+def test_prompts_of_different_lengths_share_a_pass_and_answer_as_alone(sched, old_sched, passes):
+    if not batcher_of(sched).decoder.ragged:
+        pytest.skip("needs onnxruntime >= 1.32 (GroupQueryAttention query_seqlens)")
+    expected = [old_sched.generate(request(p)).token_ids for p in PROMPTS]
+    assert together(sched, [request(p) for p in PROMPTS]) == expected
+    # several rows in one pass, with past context and of different valid lengths
+    ragged = [p for p in passes if p[0] > 1 and p[1] > 1 and max(p[3]) > 0 and len(set(p[4])) > 1]
+    assert ragged, passes
+
+
+def test_a_reused_prefix_and_a_fresh_prompt_share_a_pass(sched, old_sched, passes):
+    if not batcher_of(sched).decoder.ragged:
+        pytest.skip("needs onnxruntime >= 1.32 (GroupQueryAttention query_seqlens)")
+    head = "Summarise in one sentence: " + "The river floods every spring and the town rebuilds. " * 6
+    follow = [head, head + " Then say why.", PROMPTS[3]]
+    expected = [old_sched.generate(request(p)).token_ids for p in follow[1:]]
+    sched.generate(request(head))  # cached in a free slot
+    del passes[:]
+    streams = sched.call(lambda: [sched.submit(request(p)) for p in follow[1:]])
+    results = [s.result() for s in streams]
+    assert [r.token_ids for r in results] == expected
+    assert results[0].usage.cached_prompt_tokens > 60  # the head was not read again
+    first = next(p for p in passes if p[0] > 1)
+    # both rows in the first pass: the reused head's tail after 60+ cached tokens, the other prompt's chunk
+    assert first[0] == 2 and max(first[3]) > 60, passes
+
+
+def test_decoding_rows_ride_along_in_a_prefill_pass(sched, old_sched, passes, monkeypatch):
+    """Prompt chunks of one token per row join the decoding rows' pass (exactly the numbers of separate
+    passes); both batchers feed prompts one token at a time here, so their answers must agree."""
+    if not batcher_of(sched).decoder.ragged:
+        pytest.skip("needs onnxruntime >= 1.32 (GroupQueryAttention query_seqlens)")
+    monkeypatch.setattr(native, "PREFILL_CHUNK", 2)  # two rows of one token each
+    monkeypatch.setattr(native, "PREFILL_CHUNK_IDLE", 2)
+    long = request(PROMPTS[0], max_tokens=80)
+    late = [request("Name a colour."), request("What is two plus two?")]
+    expected = [old_sched.generate(r).token_ids for r in (long, *late)]
+    running = sched.submit(long)
+    deadline = time.monotonic() + 30
+    while not batcher_of(sched).decoding and time.monotonic() < deadline:
+        time.sleep(0.01)
+    answers = together(sched, late)  # while the first one decodes
+    assert [running.result().token_ids, *answers] == expected
+    mixed = [p for p in passes if p[2] == 0 and 0 < p[5] < p[0]]
+    assert mixed, passes  # decoding rows and prompt tokens in one pass
+
+
+def test_the_one_row_path_serves_concurrent_prompts_without_query_seqlens(old_sched):
+    """onnxruntime < 1.32 (the capability flag off): one prompt chunk per pass, the same answers."""
+    alone = [old_sched.generate(request(p)).token_ids for p in PROMPTS[:3]]
+    batcher_of(old_sched).slots = [native._Slot() for _ in batcher_of(old_sched).slots]
+    assert together(old_sched, [request(p) for p in PROMPTS[:3]]) == alone

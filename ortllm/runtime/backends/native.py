@@ -11,7 +11,8 @@ sequence's offset, and rotates positions from it. So one onnxruntime session ove
   together occupy slots `0..B-1`, so a step binds a contiguous prefix of every buffer.
 - `NativeDecoder`: the session and its bindings; `step(ids, lengths, first_slot)` runs one forward pass.
 - `NativeBatcher`: the policy. Requests join at the next step; prompts are prefilled in chunks between
-  decode steps (a long prompt does not freeze the others' streams); a finished sequence leaves its
+  decode steps (a long prompt does not freeze the others' streams; with onnxruntime 1.32's `query_seqlens`
+  several prompts' chunks share one pass, right-padded); a finished sequence leaves its
   tokens in its slot, and a new prompt starts in the free slot sharing its longest prefix (turn 5 of a
   chat re-reads only the new turn; `cached_prompt_tokens` reports it).
 - `adjust()` + `pick()`: repetition penalty over the last repeat_last_n tokens, presence and frequency
@@ -25,6 +26,7 @@ sequence's offset, and rotates positions from it. So one onnxruntime session ove
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,6 +52,13 @@ INITIAL_CAPACITY = (
 WARM_SLOTS = 4  # KV slots whose memory is faulted in while idle (the first use of a cold one costs 0.1–0.4 s)
 KEEP_CACHE_S = 300.0  # a finished sequence's cache outranks a fresh slot for this long (then it is fair game)
 MIN_ORT = (1, 22)  # GroupQueryAttention with per-row lengths and chunked prompts on CPU
+# batched prefill: rows that share a step's budget when the oldest prompt is long (2: 2 × 64 tokens, not
+# 1 × 128: more tokens per second, but the oldest prompt's first token comes later; see NOTES.md lever 14)
+RAGGED_SPLIT = 1
+# a prefill pass also steps the decoding rows when their padding (rows × (chunk - 1)) is at most this many
+# tokens. 0: only in passes of one token per row, where the numbers stay exact (a token inside a longer
+# pass takes MatMulNBits' multi-row path: SmolLM2's logits move by up to 0.5 and greedy answers change)
+MERGE_PAD_TOKENS = 0
 _DTYPES = {1: np.float32, 10: np.float16}
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
 
@@ -81,12 +90,31 @@ def inspect_decoder(path: Path, genai_cfg: dict[str, Any], ep: str) -> tuple[Any
     return (None, why) if why else (proto, None)
 
 
+@functools.cache  # reading every operator schema takes ~50 ms
+def ragged_supported() -> bool:
+    """Whether this onnxruntime's GroupQueryAttention takes `query_seqlens` (1.32: right-padded chunks of
+    several rows with past context in one pass; 1.31 and older refuse batch > 1 for such chunks)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as capi
+
+        return any(
+            s.name == "GroupQueryAttention"
+            and s.domain == "com.microsoft"
+            and any(i.name == "query_seqlens" for i in s.inputs)
+            for s in capi.get_all_operator_schema()
+        )
+    except Exception:  # an onnxruntime without schema introspection: the one-row-per-chunk path
+        return False
+
+
 def _graph_unsupported(graph: Any, layers: int) -> str | None:
     inputs = {i.name for i in graph.input}
     expected = {"input_ids", "attention_mask"} | {
         f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")
     }
     if inputs != expected:
+        if any(name.endswith(".conv") for name in inputs - expected):  # LFM2's short-convolution layers
+            return "the decoder keeps convolution states (short-conv layers), which the native batcher does not keep"
         return f"decoder inputs differ from the builder's layout ({', '.join(sorted(inputs - expected)) or 'missing'})"
     gqa = sum(1 for n in graph.node if n.op_type == "GroupQueryAttention")
     if gqa != layers:
@@ -178,8 +206,12 @@ class NativeDecoder:
             import onnx
 
             proto = onnx.load(str(path / decoder["filename"]), load_external_data=False)
-        graph = _last_position_only(proto)
+        # rows of different chunk lengths in one pass (right-padded; see ragged_supported)
+        self.ragged = ragged_supported() and _add_query_seqlens(proto)
+        graph = _last_position_only(proto, ragged=self.ragged)
         self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
+        if graph is None and self.ragged:
+            graph = proto.SerializeToString()
         if graph is not None:
             options.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(path)
@@ -247,17 +279,29 @@ class NativeDecoder:
             self._bindings[key] = io
         return io
 
-    def step(self, ids: np.ndarray, lengths: np.ndarray, first: int = 0) -> np.ndarray:
+    def step(
+        self, ids: np.ndarray, lengths: np.ndarray, first: int = 0, counts: np.ndarray | None = None
+    ) -> np.ndarray:
         """Feed `ids` (rows × new tokens) to slots first.. whose caches hold `lengths` tokens;
-        returns the logits of each row's last new token (rows × vocab)."""
+        returns the logits of each row's last new token (rows × vocab). `counts`: the valid tokens of
+        each row (rows right-padded to the longest; only when `ragged`), all of them when None."""
         rows, new = ids.shape
-        total = lengths + new
-        if int(total.max()) > self.capacity:
+        if counts is None:
+            counts = np.full(rows, new, dtype=np.int64)
+        elif not self.ragged and bool((counts != new).any()):
+            raise ValueError("rows of different lengths need onnxruntime's query_seqlens (1.32)")
+        total = lengths + counts
+        # a padded chunk is written whole before its padding is dropped: P + S must fit the buffer
+        if int((lengths + new).max()) > self.capacity:
             raise ValueError(f"sequence longer than the context window ({self.capacity} tokens)")
         mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
         io = self._binding(first, rows)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
+        if self.ragged:
+            io.bind_cpu_input("query_seqlens", counts.astype(np.int32))
+            if self.last_only:
+                io.bind_cpu_input("ortllm_last_index", (counts - 1).astype(np.int64).reshape(rows, 1, 1))
         # logits land in a buffer of ours (no per-step wrapping of every output)
         positions = 1 if self.last_only else new
         out = self._logits.get((rows, positions))
@@ -269,14 +313,36 @@ class NativeDecoder:
         io.bind_ortvalue_output("logits", out[1])
         self.session.run_with_iobinding(io)
         self.arena.mark_warm(first, rows)
+        if self.ragged and not self.last_only:
+            return np.asarray(out[0][np.arange(rows), counts - 1, :], dtype=np.float32)
         return np.asarray(out[0][:, -1, :], dtype=np.float32)
 
 
-def _last_position_only(model: Any) -> bytes | None:
+def _add_query_seqlens(model: Any) -> bool:
+    """Give every GroupQueryAttention node the graph input `query_seqlens` (valid tokens per row, int32),
+    in place; False (graph unchanged) when a node already uses that slot."""
+    from onnx import TensorProto, helper
+
+    slot = 16  # query_seqlens in the com.microsoft GroupQueryAttention schema of onnxruntime 1.32
+    nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    if not nodes or any(len(n.input) > slot and n.input[slot] for n in nodes):
+        return False
+    for node in nodes:
+        while len(node.input) < slot:
+            node.input.append("")
+        node.input.append("query_seqlens")
+    model.graph.input.append(
+        helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch_size"])
+    )
+    return True
+
+
+def _last_position_only(model: Any, ragged: bool = False) -> bytes | None:
     """The decoder with its LM head fed the last position only: a prompt chunk of N tokens then
     computes one row of logits instead of N (about 15% faster prefill on the default model, the same
     numbers). The weights stay in their external file; None when the graph is not the expected shape.
-    `model` (an onnx ModelProto without its weights) is changed in place."""
+    `ragged`: each row's position comes from the input `ortllm_last_index` (rows × 1 × 1: right-padded
+    rows end at different positions). `model` (an onnx ModelProto without its weights) is changed in place."""
     try:
         from onnx import TensorProto, helper
 
@@ -286,16 +352,44 @@ def _last_position_only(model: Any) -> bytes | None:
         if len(heads) != 1 or output is None or len(output.type.tensor_type.shape.dim) != 3:
             return None
         head = heads[0]
-        for name, value in (("ortllm_last_start", -1), ("ortllm_last_end", 2**62), ("ortllm_last_axis", 1)):
-            graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
-        graph.node.append(
-            helper.make_node(
-                "Slice",
-                [head.input[0], "ortllm_last_start", "ortllm_last_end", "ortllm_last_axis"],
-                ["ortllm_last_hidden"],
-                name="ortllm_last_position",
+        if ragged:  # hidden[b, index[b], :] for each row b
+            graph.input.append(
+                helper.make_tensor_value_info("ortllm_last_index", TensorProto.INT64, ["batch_size", 1, 1])
             )
-        )
+            graph.initializer.append(helper.make_tensor("ortllm_last_ones", TensorProto.INT64, [2], [1, 1]))
+            graph.node.extend(
+                [
+                    helper.make_node("Shape", [head.input[0]], ["ortllm_last_h"], start=2),
+                    helper.make_node(
+                        "Concat", ["ortllm_last_ones", "ortllm_last_h"], ["ortllm_last_shape"], axis=0
+                    ),
+                    helper.make_node(
+                        "Expand", ["ortllm_last_index", "ortllm_last_shape"], ["ortllm_last_at"]
+                    ),
+                    helper.make_node(
+                        "GatherElements",
+                        [head.input[0], "ortllm_last_at"],
+                        ["ortllm_last_hidden"],
+                        axis=1,
+                        name="ortllm_last_position",
+                    ),
+                ]
+            )
+        else:
+            for name, value in (
+                ("ortllm_last_start", -1),
+                ("ortllm_last_end", 2**62),
+                ("ortllm_last_axis", 1),
+            ):
+                graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+            graph.node.append(
+                helper.make_node(
+                    "Slice",
+                    [head.input[0], "ortllm_last_start", "ortllm_last_end", "ortllm_last_axis"],
+                    ["ortllm_last_hidden"],
+                    name="ortllm_last_position",
+                )
+            )
         head.input[0] = "ortllm_last_hidden"
         graph.node.remove(head)
         graph.node.append(head)  # after the Slice: nodes stay in topological order
@@ -451,10 +545,17 @@ class NativeBatcher:
         prefilling = {
             i: job for i in range(self.decoding, len(self.slots)) if (job := self.slots[i].job) is not None
         }
+        stepped = False  # whether the decoding rows rode along in the prefill pass
         if prefilling:
-            first = min(prefilling, key=lambda i: prefilling[i].submitted)
-            self._prefill(first, PREFILL_CHUNK if self.decoding else PREFILL_CHUNK_IDLE)
-        if self.decoding:
+            budget = PREFILL_CHUNK if self.decoding else PREFILL_CHUNK_IDLE
+            if self.decoder.ragged:
+                stepped = self._prefill_rows(
+                    sorted(prefilling, key=lambda i: prefilling[i].submitted), budget
+                )
+            else:
+                first = min(prefilling, key=lambda i: prefilling[i].submitted)
+                self._prefill(first, budget)
+        if self.decoding and not stepped:
             self._decode()
 
     def close(self, reason: str = "cancelled") -> None:
@@ -514,6 +615,101 @@ class NativeBatcher:
         assert slot.prompt_logits is not None
         # the prompt is in: its last logits give the first token; the slot joins the decoding rows
         self._move(i, self.decoding)
+        self.decoding += 1
+        self._emit(self.decoding - 1, slot.prompt_logits.copy())
+
+    def _prefill_rows(self, order: list[int], budget: int) -> bool:
+        """Chunks of the oldest prompts side by side in one pass, right-padded to the oldest's chunk: that
+        is the step's budget shared by RAGGED_SPLIT rows, or less when the oldest prompt is nearly in, and
+        then as many more rows as fit the budget (short prompts no longer take a pass each). Several
+        rows use the cores better than one (NOTES.md lever 14). The decoding rows ride along when their
+        padding is cheap (MERGE_PAD_TOKENS); True then."""
+        chosen: list[_Slot] = []
+        ready: list[_Slot] = []  # whole prompt copied from another slot, with its logits: nothing to feed
+        new = budget
+        for i in order:
+            if len(chosen) >= budget // new:
+                break
+            slot = self.slots[i]
+            if slot.pending and self.reuse_prefixes:
+                self._share(i)
+            if not slot.pending:
+                ready.append(slot)
+                continue
+            prompt, held = slot.tokens + slot.pending, len(slot.tokens)
+            overlap = max(
+                (
+                    _common_prefix(o.tokens + o.pending, prompt) - held
+                    for o in chosen
+                    if self._may_share(o, slot.scope)
+                ),
+                default=0,
+            )
+            if 2 * overlap >= len(slot.pending):
+                continue  # mostly what a chosen row computes now: copied afterwards (_share), not computed twice
+            if not chosen:  # the oldest prompt sets the chunk length
+                split = RAGGED_SPLIT if len(order) > 1 else 1
+                new = max(1, min(len(slot.pending), budget // split))
+            chosen.append(slot)
+        for slot in ready:
+            self._promote(slot)
+        if not chosen:
+            return False
+        counts = [min(len(s.pending), new) for s in chosen]
+        new = max(counts)
+        limit = self.decoder.max_capacity
+        if max(len(s.tokens) for s in chosen) + new > limit:  # padding would overrun the largest arena
+            chosen, counts = chosen[:1], [min(len(chosen[0].pending), budget)]
+            new = counts[0]
+        decoding = self.slots[: self.decoding]
+        merge = bool(decoding) and len(decoding) * (new - 1) <= MERGE_PAD_TOKENS
+        merge = merge and max(len(s.tokens) for s in decoding) + new <= limit
+        for t, slot in enumerate(chosen):  # side by side after the decoding rows: one contiguous binding
+            self._move(self._index(slot), self.decoding + t)
+        rows = (decoding if merge else []) + chosen
+        self.decoder.reserve(max(len(s.tokens) for s in rows) + new, [len(s.tokens) for s in self.slots])
+        ids = np.zeros((len(rows), new), dtype=np.int64)
+        valid = np.ones(len(rows), dtype=np.int64)
+        base = len(rows) - len(chosen)
+        for r, slot in enumerate(decoding if merge else []):
+            ids[r, 0] = slot.pending[0]
+        for r, (slot, n) in enumerate(zip(chosen, counts, strict=True), start=base):
+            ids[r, :n] = slot.pending[:n]
+            valid[r] = n
+        lengths = np.asarray([len(s.tokens) for s in rows], dtype=np.int64)
+        try:
+            logits = self.decoder.step(ids, lengths, 0 if merge else self.decoding, valid)
+        except Exception as exc:  # a failed pass fails the rows it held; the batcher keeps serving
+            log.exception("native prefill pass failed")
+            message = f"generation failed: {first_line(exc)}"
+            for slot in chosen:
+                self._release(self._index(slot), "error", message)
+            for i in reversed(range(base)):
+                self._release(i, "error", message)
+            return merge
+        done = []
+        for r, (slot, n) in enumerate(zip(chosen, counts, strict=True), start=base):
+            slot.tokens.extend(slot.pending[:n])
+            del slot.pending[:n]
+            if not slot.pending:
+                slot.prompt_logits, slot.prompt_len = logits[r].copy(), len(slot.tokens)
+                done.append(slot)
+        if merge:
+            for slot in decoding:
+                slot.tokens.append(slot.pending.pop())
+            for i in reversed(range(base)):  # from the last row down, as in _decode
+                self._emit(i, logits[i])
+        for slot in done:
+            self._promote(slot)
+        return merge
+
+    def _index(self, slot: _Slot) -> int:
+        return next(i for i, s in enumerate(self.slots) if s is slot)
+
+    def _promote(self, slot: _Slot) -> None:
+        """A prompt is in: its last logits give the first token; the slot joins the decoding rows."""
+        assert slot.prompt_logits is not None
+        self._move(self._index(slot), self.decoding)
         self.decoding += 1
         self._emit(self.decoding - 1, slot.prompt_logits.copy())
 
