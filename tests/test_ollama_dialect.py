@@ -310,7 +310,12 @@ def test_real_chat_streams_measured_timings(real: Any) -> None:
 
 @pytest.mark.slow
 def test_real_format_json_gives_json(real: Any) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
     body = {
         "model": DEFAULT_MODEL,
         "prompt": "Name a city in France as JSON.",
