@@ -156,7 +156,7 @@ def test_completion_stream_is_raw_token_text(server):
 def test_multiline_token_becomes_several_data_lines(server):
     body = {
         "model": M,
-        "prompt": "List three colors, one per line:\n1.",
+        "prompt": "List three colors, one per line:\n1. red\n2.",
         "max_tokens": 30,
         "temperature": 0,
         "stream": True,
