@@ -69,13 +69,17 @@ def test_streaming_never_leaks_a_partial_stop(scheduler):
 
 
 def test_multibyte_text_is_intact(scheduler):
-    messages = [{"role": "user", "content": "Translate 'hello world' into Chinese and Japanese."}]
+    # (the answer's words vary with the build's recipe; this prompt draws 3-byte characters from every one)
+    messages = [{"role": "user", "content": "Repeat exactly: 你好世界，こんにちは世界"}]
     with scheduler.submit(GenerationRequest(greedy(max_tokens=120), messages=messages)) as stream:
         deltas = [ev.text for ev in stream if ev.text]
         ids = stream._job.token_ids
     streamed = "".join(deltas)
     assert "\ufffd" not in streamed  # no broken UTF-8 sequences
-    assert streamed == scheduler.model.decode(ids)  # streaming matches decoding the whole sequence
+    whole = scheduler.model.decode(ids)
+    # streaming matches decoding the whole sequence (where max_tokens cuts a character, the whole decode ends in
+    # U+FFFD and og's streaming decoder has already given that character)
+    assert streamed == whole or (whole.endswith("\ufffd") and streamed.startswith(whole[:-1]))
     assert sum(ord(c) > 0x2E80 for c in streamed) >= 5  # CJK (3-byte UTF-8) characters made it through
 
 
