@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ortllm.benchmark import ServerProcess, free_port
@@ -361,3 +362,20 @@ def gemma(home: Path) -> Path:
         ortllm("convert", str(gemma_gguf()), "--name", GEMMA_MODEL, check=True, timeout=1200)
         export_prebuilt(target)
     return target
+
+
+def og_greedy(model_dir: Path, ids: list[int], tokens: int, floor: int = 0) -> list[int]:
+    """og.Generator's greedy answer to `ids` (the reference the native batcher must match)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    # og refuses a KV cache smaller than a sliding window (`floor`); it still stops after `tokens`
+    params.set_search_options(max_length=max(len(ids) + tokens, floor), do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(ids, dtype=np.int32))
+    out: list[int] = []
+    while not generator.is_done() and len(out) < tokens:
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out

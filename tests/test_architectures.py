@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.conftest import ortllm
+from tests.conftest import og_greedy, ortllm
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -93,23 +92,6 @@ def tiny_model(arch: str, folder: Path, tokenizer_dir: Path) -> Path:
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, folder / name)
     return folder
-
-
-def og_greedy(model_dir: Path, ids: list[int], tokens: int, floor: int = 0) -> list[int]:
-    """og.Generator's greedy answer to `ids` (the reference the native batcher must match)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    # og refuses a KV cache smaller than a sliding window (`floor`); it still stops after `tokens`
-    params.set_search_options(max_length=max(len(ids) + tokens, floor), do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(ids, dtype=np.int32))
-    out: list[int] = []
-    while not generator.is_done() and len(out) < tokens:
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
 
 
 @pytest.fixture(scope="module")

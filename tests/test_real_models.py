@@ -17,6 +17,7 @@ from tests.conftest import (
     TOOL_MODEL,
     LiveServer,
     gemma_gguf,
+    og_greedy,
     ortllm,
 )
 
@@ -148,21 +149,6 @@ def test_gemma3_short_requests_run_on_og_engine_and_generator(gemma: Path, batch
     assert result["usage"]["completion_tokens"] <= 8
 
 
-def _og_greedy(model_dir: Path, ids: list[int], tokens: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(ids, dtype=np.int32))
-    out: list[int] = []
-    while not generator.is_done() and len(out) < tokens:
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.model
 def test_gemma3_sliding_window_runs_on_the_native_batcher_as_og_generator_does(gemma: Path) -> None:
@@ -179,7 +165,7 @@ def test_gemma3_sliding_window_runs_on_the_native_batcher_as_og_generator_does(g
     tokenizer = og.Tokenizer(og.Model(str(gemma / "cpu-int4")))
     ids = [2] + [int(t) for t in tokenizer.encode(text)]
     assert len(ids) > 900
-    expected = tokenizer.decode(_og_greedy(gemma / "cpu-int4", ids, 16))
+    expected = tokenizer.decode(og_greedy(gemma / "cpu-int4", ids, 16))
     out = ortllm(
         "run", GEMMA_MODEL, text, "--raw", "--temperature", "0", "--repeat-penalty", "1", "--max-tokens", "16",
         "--batcher", "native", "--json", check=True,
