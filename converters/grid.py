@@ -116,6 +116,7 @@ def keep_source_grid(
         with safe_open(str(f), "np") as sf:
             where.update({k: f for k in sf.keys()})  # noqa: SIM118 (safe_open has no __iter__)
     exact: list[str] = []
+    exact_types: Counter[str] = Counter()
     requantised: Counter[str] = Counter()
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     nodes = {n.name: n for n in graph}
@@ -143,11 +144,12 @@ def keep_source_grid(
         size += extra
         _replace(graph, node, packed, bits, module, nodes)
         exact.append(module)
+        exact_types[kind] += 1
     if exact:
         _save(model, out_dir)
     report = {
         "exact": len(exact),
-        "exact_types": dict(Counter(_kind_of(m, types, tied) for m in exact)),
+        "exact_types": dict(exact_types),
         "requantised": dict(requantised),
         "lm_head": "lm_head" in exact,
     }
@@ -157,11 +159,6 @@ def keep_source_grid(
 
 def _nbytes(value: Any) -> int:
     return value.const_value.nbytes if value is not None and value.const_value is not None else 0
-
-
-def _kind_of(module: str, types: dict[str, str], tied: bool) -> str:
-    found = _sources(module, tied)
-    return types.get(found[1][0], "?") if found else "?"
 
 
 def _tensor(path: Path, name: str) -> np.ndarray:
