@@ -371,13 +371,13 @@ def show(name: str, as_json: bool) -> None:
 
 
 def grid_summary(grid: dict) -> str:
-    """'1 matrix kept exactly (Q8_0), 150 re-quantised (Q4_1: 150)' from a build's grid report."""
+    """'151 matrices kept (Q4_1: 150, Q8_0: 1), 0 re-quantised' from a build's grid report."""
     exact = grid.get("exact", 0)
-    types = ", ".join(f"{k}" for k in grid.get("exact_types", {}))
+    types = ", ".join(f"{k}: {v}" for k, v in sorted(grid.get("exact_types", {}).items()))
     requantised = grid.get("requantised", {})
     total = sum(requantised.values())
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(requantised.items()))
-    kept = f"{exact} {'matrix' if exact == 1 else 'matrices'} kept exactly" + (f" ({types})" if types else "")
+    kept = f"{exact} {'matrix' if exact == 1 else 'matrices'} kept" + (f" ({types})" if types else "")
     return f"{kept}, {total} re-quantised" + (f" ({detail})" if detail else "")
 
 

@@ -42,10 +42,11 @@ INT4_DEFAULTS = {"matmul_mixed_precision": "mixed_layers:int8"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # bump when a change alters what a conversion builds: it is kept in the manifest, and cached test models
 # built by another recipe are converted again (tests/conftest.py's import_prebuilt)
-RECIPE = "3-source-grid"
-GRID_BUDGET = (
-    1.2  # converters/grid.py keeps an exact int8 table only while the model stays within this x the GGUF
-)
+RECIPE = "4-source-grid-offsets"
+# converters/grid.py keeps int8 matrices (5/6/8-bit sources) while the model stays within GRID_BUDGET x the GGUF's
+# size, and an exact int8 LM head (worth 8 % perplexity on a Q4_0 SmolLM2) within HEAD_BUDGET x
+GRID_BUDGET = 1.1
+HEAD_BUDGET = 1.2
 
 
 def check_options(precision: str, ep: str, block_size: int | None, accuracy_level: int | None) -> None:
@@ -141,11 +142,11 @@ def build(
     extra: dict[str, str] | None = None,
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
-    gguf: Path | dict[str, str] | None = None,
+    gguf: Path | None = None,
 ) -> dict[str, object]:
     """Run the builder on a Hugging Face folder; return the build options used (for the manifest).
 
-    With `gguf` (the folder was dequantised from it), an int4 CPU build keeps the GGUF's own Q4_0/Q8_0 blocks
+    With `gguf` (the folder was dequantised from it), an int4 CPU build keeps the GGUF's own blocks (all of Q4_0/Q4_1/Q4_K, the 5-8-bit ones within a size budget)
     exactly (converters/grid.py) and the GGUF's per-tensor choice of widths replaces the builder's int8 picks.
     """
     keep_grid = gguf is not None and precision == "int4" and ep == "cpu" and block_size in (None, 32)
@@ -202,6 +203,7 @@ def build(
     if code != 0 or not (out_dir / "genai_config.json").is_file():
         raise ConversionFailed(f"The genai builder failed: {_last_error(log_path)} (full log: {log_path})")
     _keep_special_token_flags(hf_dir, out_dir)
+    _compact_tokenizer(out_dir)
     info: dict[str, object] = {"recipe": RECIPE}
     bits = {"int4": 4, "int8": 8}.get(precision)
     # GatherBlockQuantized runs 8-bit tables on the CPU EP; the builder itself emits only 4-bit ones elsewhere
@@ -217,10 +219,10 @@ def build(
     if keep_grid:
         assert gguf is not None
         try:
-            # exactness may cost up to 1.2x the GGUF's size: fp32 scales make an int8 Q8_0 table 1.125 bytes a
-            # weight (GGUF's: 1.0625); Gemma 3's 262k-row table would take it to ~1.4x and stays int4
-            budget = int(GRID_BUDGET * gguf.stat().st_size) if isinstance(gguf, Path) else None
-            grid = keep_source_grid(out_dir, hf_dir, gguf, budget)
+            # fp32 scales make an int8 matrix 1.125 bytes a weight (Q8_0: 1.0625, Q5_0: 0.69): the budgets decide
+            # which 5/6/8-bit sources stay int8; Gemma 3's 262k-row Q8_0 table would take it to ~1.4x and stays int4
+            size = gguf.stat().st_size
+            grid = keep_source_grid(out_dir, hf_dir, gguf, int(GRID_BUDGET * size), int(HEAD_BUDGET * size))
             info["grid"] = grid
             if grid["lm_head"] and "shared" in str(info.get("embeddings", "")):
                 info["embeddings"] = "int8 (the GGUF's Q8_0, exact), shared with the LM head"
@@ -248,6 +250,19 @@ def _keep_special_token_flags(hf_dir: Path, out_dir: Path) -> None:
     flags = {k: source[k] for k in ("add_bos_token", "add_eos_token") if k in source and k not in target}
     if flags:
         target_path.write_text(json.dumps({**target, **flags}, indent=2), encoding="utf-8")
+
+
+def _compact_tokenizer(out_dir: Path) -> None:
+    """Write tokenizer.json without the indentation transformers saves it with: the same JSON, 45-55 % smaller
+    (SmolLM2 3.5 → 1.6 MB, Gemma 3's 262k-token vocabulary 33 → ~15 MB), which counts against a model's size."""
+    path = out_dir / "tokenizer.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def own_group() -> dict[str, Any]:

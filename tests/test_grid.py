@@ -1,4 +1,4 @@
-"""A GGUF's Q4_0/Q8_0 blocks survive conversion bit for bit (converters/grid.py); other types are re-quantised."""
+"""A GGUF's own blocks survive conversion (converters/grid.py): codes and scales bit for bit, offsets as block sums."""
 
 from __future__ import annotations
 
@@ -10,117 +10,195 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ortllm.converters.grid import BLOCK, exact_codes
+from ortllm.converters.grid import SOURCE_TYPES, Blocks, _rank, _row_order, decode, on_grid
 from tests.conftest import DEFAULT_MODEL, ortllm
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 
 
-def round_trip(weight: np.ndarray, kind) -> np.ndarray:
-    """llama.cpp's reference quantiser (gguf-py), then back to float: what a dequantised GGUF holds."""
-    return gguf.quants.dequantize(gguf.quants.quantize(weight.astype(np.float32), kind), kind).reshape(
-        weight.shape
-    )
+def raw_blocks(kind: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """GGUF blocks of `kind` ([rows, bytes]) as llama.cpp writes them: its reference quantiser where gguf-py has
+    one, else random codes, scales and mins (valid K-quant blocks; gguf-py can only read those)."""
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        return gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32) * 0.05, Q[kind])
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[kind]
+    blocks = rng.integers(0, 256, size=(rows * cols // 256, size), dtype=np.uint8)
+
+    def fp16(values: np.ndarray) -> np.ndarray:
+        return values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+    count = len(blocks)
+    if kind == "Q6_K":
+        blocks[:, 208:210] = fp16(rng.uniform(1e-4, 1e-3, count))
+    else:
+        blocks[:, 0:2] = fp16(rng.uniform(1e-4, 1e-3, count))
+        blocks[:, 2:4] = fp16(rng.uniform(1e-4, 1e-3, count))
+    return blocks.reshape(rows, -1)
 
 
-def unpack(codes: np.ndarray, scales: np.ndarray, bits: int, cols: int) -> np.ndarray:
-    """MatMulNBits' float weights ([N, K]) from its packed codes and scales (default zero point)."""
-    rows = codes.shape[0]
-    flat = codes.reshape(rows, -1)
-    if bits == 4:
-        flat = np.stack([flat & 0x0F, flat >> 4], axis=-1).reshape(rows, -1)
-    values = flat.astype(np.float32) - (1 << (bits - 1))
-    return (values.reshape(rows, -1, BLOCK) * scales.reshape(rows, -1, 1)).reshape(rows, -1)[:, :cols]
+def dequantised(raw: np.ndarray, kind: str) -> np.ndarray:
+    return gguf.quants.dequantize(raw, Q[kind]).astype(np.float32)
 
 
-@pytest.mark.parametrize(("kind", "bits"), [(Q.Q4_0, 4), (Q.Q8_0, 8)])
-def test_exact_codes_give_back_a_reference_quantised_matrix_bit_for_bit(kind, bits):
-    weight = round_trip(np.random.default_rng(0).normal(size=(48, 256)).astype(np.float32), kind)
-    codes, scales = exact_codes(weight, bits)
-    assert np.array_equal(unpack(codes, scales, bits, 256), weight)
+@pytest.mark.parametrize("kind", sorted(SOURCE_TYPES))
+def test_every_source_type_decodes_to_gguf_pys_own_values(kind):
+    """value = scale · code + offset per block reproduces gguf-py's dequantiser, and so does the MatMulNBits grid
+    (integer zero point + residual offset) the matrix is rewritten to."""
+    raw = raw_blocks(kind, 6, 512, np.random.default_rng(0))
+    expected = dequantised(raw, kind)
+    codes, scale, offset = decode(kind, raw)
+    block = SOURCE_TYPES[kind][1]
+    values = codes.reshape(6, -1, block) * scale[..., None] + offset[..., None]
+    assert np.allclose(values.reshape(6, -1), expected, rtol=0, atol=1e-7)
+    grid = on_grid([(kind, codes, scale, offset)])
+    assert grid.bits == (4 if SOURCE_TYPES[kind][0] == 4 else 8) and grid.block == block
+    assert np.allclose(grid.values(), expected, rtol=0, atol=1e-7)
+    # symmetric types need neither zero points nor offsets: the fast path exactly as before
+    assert grid.has_offset == (kind in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
 
 
-def test_blocks_off_a_symmetric_grid_are_left_to_re_quantisation():
-    weight = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
-    assert exact_codes(weight, 4) is None and exact_codes(weight, 8) is None
-    assert exact_codes(round_trip(weight, Q.Q4_1), 4) is None  # Q4_1 carries a float offset per block
+def test_rows_permuted_by_transformers_are_matched_back():
+    source = np.random.default_rng(2).normal(size=(16, 32)).astype(np.float32)
+    order = np.random.default_rng(3).permutation(16)
+    assert np.array_equal(_row_order(source, source[order]), order)
+    assert _row_order(source, source + 1e-3) is None
+
+
+# a tiny Llama (hidden 256, MLP 512, 2 layers) whose linear weights are every GGUF type this reads
+LAYER_TYPES = [
+    {"attn_q": "Q4_1", "attn_k": "Q4_1", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_K",
+     "ffn_up": "Q5_0", "ffn_down": "Q6_K"},
+    {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "attn_output": "Q5_1", "ffn_gate": "Q8_0",
+     "ffn_up": "Q5_K", "ffn_down": "Q4_K"},
+]  # fmt: skip
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
-def q4_0_model(request, pulled, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """A tiny Llama whose linear weights are Q4_0 blocks and whose LM head is Q8_0, as a GGUF holds them: tied
-    to the embedding, or untied beside a Q4_K embedding (re-quantised into a table of its own)."""
+def gguf_model(request, pulled, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """The model as a GGUF (its tensors) and as the float folder transformers would dequantise it to; tied with a
+    Q8_0 table, or untied with a Q6_K LM head beside a Q4_K table; converted by genai.build with room enough
+    for every int8 matrix."""
     tied = request.param
     import torch
     import transformers
 
-    src = tmp_path_factory.mktemp("q40") / "hf"
+    from ortllm.converters import genai
+
+    work = tmp_path_factory.mktemp("grid")
+    src = work / "hf"
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=49152, max_position_embeddings=512, tie_word_embeddings=tied,
     )  # fmt: skip
     model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.copy_(torch.from_numpy(round_trip(param.numpy(), Q.Q4_0)))
-            elif name == ("model.embed_tokens.weight" if tied else "lm_head.weight"):
-                param.copy_(torch.from_numpy(round_trip(param.numpy(), Q.Q8_0)))
+    rng = np.random.default_rng(1)
+    writer = gguf.GGUFWriter(str(work / "model.gguf"), "llama")
+    params = dict(model.named_parameters())
+
+    def put(gguf_name: str, hf_name: str, kind: str) -> None:
+        rows, cols = params[hf_name].shape
+        raw = raw_blocks(kind, rows, cols, rng)
+        writer.add_tensor(gguf_name, raw, raw_dtype=Q[kind])
+        with torch.no_grad():
+            params[hf_name].copy_(torch.from_numpy(dequantised(raw, kind)))
+
+    for layer, types in enumerate(LAYER_TYPES):
+        for name, kind in types.items():
+            put(f"blk.{layer}.{name}.weight", f"model.layers.{layer}.{HF_NAMES[name]}.weight", kind)
+    if tied:
+        put("token_embd.weight", "model.embed_tokens.weight", "Q8_0")
+    else:
+        put("token_embd.weight", "model.embed_tokens.weight", "Q4_K")
+        put("output.weight", "lm_head.weight", "Q6_K")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     model.save_pretrained(src)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(pulled / "cpu-int4" / f, src / f)
-    types = {"token_embd.weight": "Q8_0"} if tied else {"token_embd.weight": "Q4_K", "output.weight": "Q8_0"}
-    for i in range(2):
-        for t in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            types[f"blk.{i}.{t}.weight"] = "Q4_0"
-    from ortllm.converters import genai
-
-    out = src.parent / "onnx"
-    info = genai.build(
-        src, out, precision="int4", ep="cpu", cache_dir=src.parent / "cache", log_path=src.parent / "b.log",
-        gguf=types,
-    )  # fmt: skip
+    out = work / "onnx"
+    budgets = (genai.GRID_BUDGET, genai.HEAD_BUDGET)
+    genai.GRID_BUDGET = genai.HEAD_BUDGET = 10.0
+    try:
+        info = genai.build(
+            src, out, precision="int4", ep="cpu", cache_dir=work / "cache", log_path=work / "b.log",
+            gguf=work / "model.gguf",
+        )  # fmt: skip
+    finally:
+        genai.GRID_BUDGET, genai.HEAD_BUDGET = budgets
     return src, out, info
 
 
-def test_a_q4_0_model_keeps_every_matrix_on_its_source_grid(q4_0_model):
+def run_matmul(model, node, x: np.ndarray) -> np.ndarray:
+    """One MatMulNBits of the converted model (with the block sums its input is extended by) on input x."""
     import onnx
-    from onnx import numpy_helper
+    import onnxruntime as ort
+    from onnx import helper
+
+    made = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, needed = [], set(node.input)
+    head = made.get(node.input[0])
+    if head is not None and head.op_type == "Concat":  # Reshape → ReduceSum → Concat(x, sums)
+        total = made[head.input[1]]
+        split = made[total.input[0]]
+        nodes = [split, total, head]
+        needed |= set(split.input) | set(total.input)
+        x_name = split.input[0]
+    else:
+        x_name = node.input[0]
+    graph = helper.make_graph(
+        [*nodes, node], "one",
+        [helper.make_tensor_value_info(x_name, onnx.TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)],
+        [inits[n] for n in needed if n in inits],
+    )  # fmt: skip
+    one = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    session = ort.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {x_name: x})[0]
+
+
+def test_every_matrix_keeps_its_source_grid_and_computes_the_source_weights(gguf_model):
+    import onnx
     from safetensors.numpy import load_file
 
-    src, out, info = q4_0_model
-    assert (
-        info["grid"]["exact"] == 11 and info["grid"]["requantised"] == {}
-    )  # 2 × (qkv, o, gate, up, down) + head
+    src, out, info = gguf_model
+    grid = info["grid"]
+    assert grid["exact"] == 11 and grid["requantised"] == {}, grid  # 2 × (qkv, o, gate, up, down) + head
     assert "matmul_mixed_precision" not in info["extra_options"]  # the GGUF's widths, not the builder's picks
     weights = load_file(str(next(src.glob("*.safetensors"))))
     model = onnx.load(str(out / "model.onnx"))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    rng = np.random.default_rng(4)
     checked = 0
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
             continue
-        attrs = {a.name: a.i for a in node.attribute}
         module = node.input[1].split(".MatMul.")[0]
         if module == "lm_head":
-            expected = weights[
-                "model.embed_tokens.weight" if "lm_head.weight" not in weights else "lm_head.weight"
-            ]
-            assert attrs["bits"] == 8
+            expected = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
         else:
             layer, part = module.split(".")[2], module.split(".", 3)[3]
             names = {"attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}.get(
                 part, [part.replace("attn.", "self_attn.")]
             )
             expected = np.concatenate([weights[f"model.layers.{layer}.{n}.weight"] for n in names])
-            assert attrs["bits"] == 4
-        got = unpack(inits[node.input[1]], inits[node.input[2]], attrs["bits"], attrs["K"])
-        assert np.array_equal(got, expected), module
+        x = rng.normal(size=(1, 3, expected.shape[1])).astype(np.float32)
+        got = run_matmul(model, node, x)
+        want = x @ expected.T
+        # int8 activations (accuracy level 4) are the only rounding left; a grid re-quantised to int4 is ~10x off
+        error = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert error < 0.01, (module, error)
         checked += 1
     assert checked == 11
-    # and it runs: one forward pass through onnxruntime (a mis-wired embedding fails to load)
+    # and the whole model runs: one forward pass through onnxruntime (a mis-wired embedding fails to load)
     import onnxruntime as ort
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -132,15 +210,35 @@ def test_a_q4_0_model_keeps_every_matrix_on_its_source_grid(q4_0_model):
     assert logits.shape[-1] == 49152 and np.isfinite(logits).all()
 
 
+def test_the_size_plan_keeps_4_bit_grids_first_then_the_head_then_values_and_down_projections():
+    four = Blocks(np.zeros((2, 32), np.uint8), *(np.zeros((2, 1), t) for t in (np.float32, np.uint8, np.float32)),
+                  bits=4, block=32, kinds=("Q4_1",))  # fmt: skip
+    eight = Blocks(four.codes, four.scale, four.zero, four.offset, bits=8, block=32, kinds=("Q5_0",))
+    ranked = sorted(
+        [
+            _rank("model.layers.3.mlp.up_proj", eight, 100),
+            _rank("model.layers.0.mlp.up_proj", eight, 100),
+            _rank("model.layers.5.mlp.down_proj", eight, 100),
+            _rank("model.layers.5.attn.qkv_proj", eight, 100),
+            _rank("lm_head", eight, 100),
+            _rank("model.layers.9.mlp.gate_proj", four, 5),
+        ]
+    )
+    assert [r[-1] for r in ranked] == [
+        "model.layers.9.mlp.gate_proj", "lm_head", "model.layers.5.attn.qkv_proj", "model.layers.5.mlp.down_proj",
+        "model.layers.0.mlp.up_proj", "model.layers.3.mlp.up_proj",
+    ]  # fmt: skip
+
+
 def test_the_converted_test_model_shows_which_matrices_kept_their_grid(pulled):
-    """SmolLM2's GGUF: a Q4_1 body (re-quantised) and a Q8_0 tied embedding, kept exactly as int8."""
+    """SmolLM2's GGUF: a Q4_1 body (codes and scales kept, offsets through block sums) and a Q8_0 tied embedding,
+    kept exactly as int8, within 1.1x the GGUF's size."""
     manifest = json.loads((pulled / "manifest.json").read_text())
-    grid = next(iter(manifest["variants"].values()))["grid"]
-    assert grid["exact"] == 1 and grid["exact_types"] == {"Q8_0": 1} and grid["requantised"] == {"Q4_1": 150}
-    assert next(iter(manifest["variants"].values()))["embeddings"] == (
-        "int8 (the GGUF's Q8_0, exact), shared with the LM head"
-    )
+    variant = next(iter(manifest["variants"].values()))
+    grid = variant["grid"]
+    assert grid["exact_types"] == {"Q4_1": 150, "Q8_0": 1} and grid["requantised"] == {}, grid
+    assert variant["embeddings"] == "int8 (the GGUF's Q8_0, exact), shared with the LM head"
+    source = Path(variant["source_weights"])
+    assert variant["size_bytes"] <= 1.1 * source.stat().st_size
     shown = ortllm("show", DEFAULT_MODEL, check=True).stdout
-    assert "source grid: 1 matrix kept exactly (Q8_0), 150 re-quantised (Q4_1: 150)" in " ".join(
-        shown.split()
-    )
+    assert "source grid: 151 matrices kept (Q4_1: 150, Q8_0: 1), 0 re-quantised" in " ".join(shown.split())
