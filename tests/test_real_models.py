@@ -96,8 +96,13 @@ def test_qwen_converts_within_1_1x_its_gguf_with_a_quantised_embedding_table(qwe
         "size_bytes"
     ]  # was 906 MB (1.84x) with fp32 table
     assert variant["embeddings"] == "int4 (block 32), separate from the LM head"  # its GGUF has output.weight
-    # its Q8_0 LM head keeps the GGUF's grid (int8, exactly); the Q5_0/Q4_K/Q6_K matrices are re-quantised
-    assert variant["grid"]["exact_types"] == {"Q8_0": 1} and variant["grid"]["requantised"]["Q4_K"] == 12
+    # the GGUF's grid: its Q8_0 LM head, Q4_K and Q6_K matrices all kept (int4 with offsets, int8 at block 16);
+    # the Q5_0 ones as int8 while the model stays within 1.1x, the rest re-quantised (perplexity 1.037x
+    # llama.cpp's on the same GGUF, benchmarks/FIDELITY.md)
+    grid = variant["grid"]
+    assert grid["exact_types"]["Q8_0"] == 1 and grid["exact_types"]["Q4_K"] == 12, grid
+    assert grid["exact_types"]["Q6_K"] == 12 and grid["exact_types"].get("Q5_0", 0) > 0, grid
+    assert set(grid["requantised"]) <= {"Q5_0 (over the size budget)"}, grid
     graph = onnx.load(str(qwen / "cpu-int4" / "model.onnx"), load_external_data=False).graph
     assert GATHER_Q in {n.name for n in graph.node}
     assert "model.embed_tokens.weight" not in {t.name for t in graph.initializer}
@@ -120,7 +125,8 @@ def test_gemma3_converts_ties_its_head_and_continues_with_paris(gemma: Path) -> 
     # tokenizer.json; the weights alone are 0.97x)
     assert variant["embeddings"] == "int4, shared with the LM head"
     assert variant["size_bytes"] <= 1.1 * gemma_gguf().stat().st_size
-    # its Q8_0 table (262k x 640) as int8 with fp32 scales would take the model to ~1.4x (the budget is 1.2x): it stays int4
+    # its Q8_0 table (262k x 640) as int8 with fp32 scales would take the model to ~1.4x (the head's budget is
+    # 1.2x): it stays int4
     assert variant["grid"]["requantised"]["Q8_0 (over the size budget)"] == 1
     assert json.loads((gemma / "cpu-int4" / "tokenizer_config.json").read_text())["add_bos_token"] is True
     # greedy raw continuation; the float32 weights themselves continue "The capital of France is" with
