@@ -138,7 +138,8 @@ def test_simple_completion_curl_example_and_defaults(server):
     )
     assert r.status_code == 200 and r.json()["text"] and r.json()["tokens"] <= 50
     counting = requests.post(
-        server.url + "/completions", json={"model": M, "prompt": "1, 2, 3, 4, 5,", "temperature": 0}
+        server.url + "/completions",
+        json={"model": M, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,", "temperature": 0},
     )
     assert counting.json()["tokens"] == 128  # the dialect's default max_tokens
 
