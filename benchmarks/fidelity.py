@@ -128,7 +128,11 @@ def reference_ppl(hf_dir: Path, ids: np.ndarray) -> float:
 def onnx_inputs(session: ort.InferenceSession, model_dir: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a single prefill pass: the tokens, a full mask and an empty KV cache."""
     decoder = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
-    kv_shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+    # sliding-window attention (Gemma 2/3): GroupQueryAttention refuses a KV buffer below the window, so the
+    # empty cache is a zero-filled buffer of that capacity (the mask's length says how much of it is used)
+    window = (decoder.get("sliding_window") or {}).get("window_size") or 0
+    capacity = max(window, ids.shape[1]) if window else 0
+    kv_shape = (1, decoder["num_key_value_heads"], capacity, decoder["head_size"])
     feeds: dict[str, np.ndarray] = {}
     for inp in session.get_inputs():
         if inp.name == "input_ids":

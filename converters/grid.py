@@ -285,7 +285,8 @@ def keep_source_grid(
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     exact: list[str] = []
     exact_types: Counter[str] = Counter()
-    sums: dict[tuple[str, int], Any] = {}
+    sums: dict[tuple[str, int], Any] = {}  # (input, block) → the input extended by its block sums
+    consts: dict[str, Any] = {}  # their Reshape/ReduceSum constants, one per width
     for _, node, module, blocks, extra in sorted(candidates, key=lambda c: c[0]):
         limit = head_budget if module == "lm_head" and head_budget is not None else budget
         kind = "+".join(sorted(set(blocks.kinds)))
@@ -293,7 +294,7 @@ def keep_source_grid(
             requantised[f"{kind} (over the size budget)"] += 1
             continue
         size += extra
-        _replace(graph, node, blocks, module, nodes, sums)
+        _replace(graph, node, blocks, module, nodes, sums, consts)
         exact.append(module)
         exact_types[kind] += 1
     if exact:
@@ -351,7 +352,9 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return codes[..., 0::2] | (codes[..., 1::2] << 4) if bits == 4 else codes
 
 
-def _replace(graph: Any, node: Any, blocks: Blocks, module: str, nodes: dict, sums: dict) -> None:
+def _replace(
+    graph: Any, node: Any, blocks: Blocks, module: str, nodes: dict, sums: dict, consts: dict
+) -> None:
     """Point `node` (and a GatherBlockQuantized sharing its weights) at the source grid; a grid with offsets
     reads its input extended by the input's block sums."""
     import onnx_ir as ir
@@ -405,8 +408,14 @@ def _replace(graph: Any, node: Any, blocks: Blocks, module: str, nodes: dict, su
         key = (x.name, block)
         if key not in sums:
             prefix = f"{x.name}/block_sums{block}"
-            shape = const(f"{prefix}/shape", np.array([0, 0, cols // block, block], np.int64))
-            axes = const(f"{prefix}/axes", np.array([3], np.int64))
+            # one shape and one axes constant for every input of this width
+            if f"shape_{cols}_{block}" not in consts:
+                consts[f"shape_{cols}_{block}"] = const(
+                    f"block_sums/shape_{cols}_{block}", np.array([0, 0, cols // block, block], np.int64)
+                )
+            if "axes" not in consts:
+                consts["axes"] = const("block_sums/axes", np.array([3], np.int64))
+            shape, axes = consts[f"shape_{cols}_{block}"], consts["axes"]
             split = ir.node("Reshape", [x, shape], name=f"{prefix}/Reshape")
             total = ir.node(
                 "ReduceSum", [split.outputs[0], axes], attributes={"keepdims": 0}, name=f"{prefix}/Sum"
