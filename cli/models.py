@@ -212,6 +212,13 @@ def pull(
     default=None,
     help="Converter: genai (onnxruntime-genai builder) or optimum (its own environment).",
 )
+@click.option(
+    "--max-size",
+    type=float,
+    default=None,
+    help="GGUF sources: how large the model may grow, x the GGUF, to keep 5/6/8-bit blocks exactly as int8 "
+    "(default 1.1; e.g. 1.5 keeps all of a Q4_K_M).",
+)
 def convert_cmd(
     source: str,
     name: str | None,
@@ -221,6 +228,7 @@ def convert_cmd(
     accuracy_level: int | None,
     force: bool,
     backend: str | None,
+    max_size: float | None,
 ) -> None:
     """Convert SOURCE to an ONNX model in the store.
 
@@ -233,7 +241,11 @@ def convert_cmd(
       a local Hugging Face folder     ./my-model/
       a local GGUF file               ./model.Q4_K_M.gguf (any quantisation)
     """
-    _run_convert(ConvertRequest(source, name, precision, ep, backend, block_size, accuracy_level, force))
+    _run_convert(
+        ConvertRequest(
+            source, name, precision, ep, backend, block_size, accuracy_level, force, max_size=max_size
+        )
+    )
 
 
 def _catalog_table(headers: list[str], cells: list[list[str]], width: int) -> Table:
@@ -378,7 +390,8 @@ def grid_summary(grid: dict) -> str:
     total = sum(requantised.values())
     detail = ", ".join(f"{k}: {v}" for k, v in sorted(requantised.items()))
     kept = f"{exact} {'matrix' if exact == 1 else 'matrices'} kept" + (f" ({types})" if types else "")
-    return f"{kept}, {total} re-quantised" + (f" ({detail})" if detail else "")
+    budget = f"; size budget {grid['size_budget']:g}x the GGUF" if grid.get("size_budget") else ""
+    return f"{kept}, {total} re-quantised" + (f" ({detail})" if detail else "") + budget
 
 
 @click.command()

@@ -143,6 +143,7 @@ def build(
     log_path: Path,
     on_line: Callable[[str], None] | None = None,
     gguf: Path | None = None,
+    max_size: float | None = None,
 ) -> dict[str, object]:
     """Run the builder on a Hugging Face folder; return the build options used (for the manifest).
 
@@ -221,8 +222,11 @@ def build(
         try:
             # fp32 scales make an int8 matrix 1.125 bytes a weight (Q8_0: 1.0625, Q5_0: 0.69): the budgets decide
             # which 5/6/8-bit sources stay int8; Gemma 3's 262k-row Q8_0 table would take it to ~1.4x and stays int4
-            size = gguf.stat().st_size
-            grid = keep_source_grid(out_dir, hf_dir, gguf, int(GRID_BUDGET * size), int(HEAD_BUDGET * size))
+            size, budget = gguf.stat().st_size, max_size or GRID_BUDGET
+            grid = keep_source_grid(
+                out_dir, hf_dir, gguf, int(budget * size), int(max(budget, HEAD_BUDGET) * size)
+            )
+            grid["size_budget"] = budget
             info["grid"] = grid
             if grid["lm_head"] and "shared" in str(info.get("embeddings", "")):
                 info["embeddings"] = "int8 (the GGUF's Q8_0, exact), shared with the LM head"

@@ -77,6 +77,7 @@ class ConvertRequest:
     accuracy_level: int | None = None
     force: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    max_size: float | None = None  # a GGUF source's size budget (x its file): None = genai.GRID_BUDGET
 
 
 def resolve(request: ConvertRequest) -> tuple[CatalogEntry | None, sources.Source, str]:
@@ -118,6 +119,10 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
     if backend not in ("genai", "optimum"):
         raise InvalidBuildOptions(f"Unknown backend '{backend}': choose genai or optimum")
     genai.check_options(request.precision, request.ep, request.block_size, request.accuracy_level)
+    if request.max_size is not None and not 1.0 <= request.max_size <= 4.0:
+        raise InvalidBuildOptions(
+            f"--max-size {request.max_size:g} is out of range: give 1.0 to 4.0 (x the GGUF)"
+        )
     vid = variant_id(request.ep, request.precision)
     existing = store.find(name)
     if existing and vid in existing.variants and not request.force:
@@ -160,6 +165,10 @@ def _convert_fetched(
     assert request.precision is not None
     cache = cache_dir()
     hf_dir = weights.path
+    if request.max_size is not None and (weights.gguf is None or backend != "genai"):
+        raise InvalidBuildOptions(
+            "--max-size sizes what a GGUF source keeps of its own blocks: this source is no GGUF"
+        )
     if weights.gguf is not None:
         _check_space(store.root, weights.gguf.stat().st_size * 8, "dequantise the GGUF")
         progress.step("dequantise")
@@ -190,6 +199,7 @@ def _convert_fetched(
                 log_path=log_path,
                 on_line=progress.log,
                 gguf=weights.gguf,
+                max_size=request.max_size,
             )
         else:
             from .optimum import build as optimum_build

@@ -227,6 +227,20 @@ def test_unknown_catalog_name():
     assert "not in the catalog" in line
 
 
+def test_max_size_is_bounded_and_only_for_gguf_sources(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    line = one_line_error(ortllm("convert", str(tmp_path / "x.gguf"), "--max-size", "0.5"))
+    assert "--max-size 0.5 is out of range: give 1.0 to 4.0" in line
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    line = one_line_error(ortllm("convert", str(folder), "--max-size", "1.5"))
+    assert "--max-size sizes what a GGUF source keeps of its own blocks: this source is no GGUF" in line
+
+
 def test_unsupported_architecture_names_it_and_the_backend(tmp_path):
     folder = tmp_path / "gpt2ish"
     folder.mkdir()

@@ -81,7 +81,7 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v"
 def gguf_model(request, pulled, tmp_path_factory) -> tuple[Path, Path, dict]:
     """The model as a GGUF (its tensors) and as the float folder transformers would dequantise it to; tied with a
     Q8_0 table, or untied with a Q6_K LM head beside a Q4_K table; converted by genai.build with room enough
-    for every int8 matrix."""
+    for every int8 matrix (`--max-size 4`)."""
     tied = request.param
     import torch
     import transformers
@@ -123,15 +123,10 @@ def gguf_model(request, pulled, tmp_path_factory) -> tuple[Path, Path, dict]:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(pulled / "cpu-int4" / f, src / f)
     out = work / "onnx"
-    budgets = (genai.GRID_BUDGET, genai.HEAD_BUDGET)
-    genai.GRID_BUDGET = genai.HEAD_BUDGET = 10.0
-    try:
-        info = genai.build(
-            src, out, precision="int4", ep="cpu", cache_dir=work / "cache", log_path=work / "b.log",
-            gguf=work / "model.gguf",
-        )  # fmt: skip
-    finally:
-        genai.GRID_BUDGET, genai.HEAD_BUDGET = budgets
+    info = genai.build(
+        src, out, precision="int4", ep="cpu", cache_dir=work / "cache", log_path=work / "b.log",
+        gguf=work / "model.gguf", max_size=4.0,
+    )  # fmt: skip
     return src, out, info
 
 
@@ -173,6 +168,7 @@ def test_every_matrix_keeps_its_source_grid_and_computes_the_source_weights(gguf
     src, out, info = gguf_model
     grid = info["grid"]
     assert grid["exact"] == 11 and grid["requantised"] == {}, grid  # 2 × (qkv, o, gate, up, down) + head
+    assert grid["size_budget"] == 4.0
     assert "matmul_mixed_precision" not in info["extra_options"]  # the GGUF's widths, not the builder's picks
     weights = load_file(str(next(src.glob("*.safetensors"))))
     model = onnx.load(str(out / "model.onnx"))
