@@ -58,6 +58,8 @@ _GGUF_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# what a budget leaves for the files written after the plan (build.log, grid.json, the graph's added nodes)
+RESERVE = 1_000_000
 # which int8 matrices a size plan keeps first (llama.cpp's Q4_K_M gives attn_v and ffn_down more bits)
 _PRIORITY = ("qkv_proj", "v_proj", "down_proj", "o_proj", "q_proj", "k_proj", "gate_proj", "up_proj")
 
@@ -290,7 +292,7 @@ def keep_source_grid(
     for _, node, module, blocks, extra in sorted(candidates, key=lambda c: c[0]):
         limit = head_budget if module == "lm_head" and head_budget is not None else budget
         kind = "+".join(sorted(set(blocks.kinds)))
-        if extra > 0 and limit is not None and size + extra > limit:
+        if extra > 0 and limit is not None and size + extra > limit - RESERVE:
             requantised[f"{kind} (over the size budget)"] += 1
             continue
         size += extra
