@@ -49,6 +49,11 @@ GRID_BUDGET = 1.1
 HEAD_BUDGET = 1.2
 
 
+def keeps_grid(precision: str, ep: str, block_size: int | None) -> bool:
+    """Whether a build from a GGUF keeps the GGUF's own blocks (converters/grid.py): int4 on the CPU at block 32."""
+    return precision == "int4" and ep == "cpu" and block_size in (None, 32)
+
+
 def check_options(precision: str, ep: str, block_size: int | None, accuracy_level: int | None) -> None:
     """Refuse combinations the builder cannot make, with the valid ones in the message."""
     if ep not in EPS:
@@ -147,10 +152,11 @@ def build(
 ) -> dict[str, object]:
     """Run the builder on a Hugging Face folder; return the build options used (for the manifest).
 
-    With `gguf` (the folder was dequantised from it), an int4 CPU build keeps the GGUF's own blocks (all of Q4_0/Q4_1/Q4_K, the 5-8-bit ones within a size budget)
-    exactly (converters/grid.py) and the GGUF's per-tensor choice of widths replaces the builder's int8 picks.
+    With `gguf` (the folder was dequantised from it), an int4 CPU build keeps the GGUF's own blocks
+    (converters/grid.py: all of its 4-bit ones, the 5-8-bit ones within `max_size` x the GGUF) and the GGUF's
+    per-tensor choice of widths replaces the builder's int8 picks.
     """
-    keep_grid = gguf is not None and precision == "int4" and ep == "cpu" and block_size in (None, 32)
+    keep_grid = gguf is not None and keeps_grid(precision, ep, block_size)
     options: dict[str, str] = {"hf_token": "false"}
     if include_hidden_states:
         options["include_hidden_states"] = "true"

@@ -175,13 +175,6 @@ def on_grid(parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]) -> Bloc
     )  # fmt: skip
 
 
-def source_types(gguf: Path) -> dict[str, str]:
-    """GGUF tensor name → its block type (`Q4_0`, `Q8_0`, `Q4_K`, …)."""
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(gguf)).tensors}
-
-
 def _sources(module: str, tied: bool) -> tuple[list[str], list[str]] | None:
     """The Hugging Face weights and GGUF tensors behind a builder MatMul module, or None if unknown."""
     if module == "lm_head":
@@ -262,16 +255,17 @@ def keep_source_grid(
         ):
             requantised[kind] += 1
             continue
-        parts = []
+        parts, weights = [], []
         for h, g, k in zip(found[0], found[1], kinds, strict=True):
             raw = np.asarray(tensors[g].data)
-            order = _row_order(dequantize(raw, tensors[g].tensor_type), _tensor(where[h], h))
+            weights.append(_tensor(where[h], h))
+            order = _row_order(dequantize(raw, tensors[g].tensor_type), weights[-1])
             if order is None:
                 break
             q, s, o = decode(k, raw)
             parts.append((k, q[order], s[order], o[order]))
         blocks = on_grid(parts) if len(parts) == len(kinds) else None
-        if blocks is None or not _matches(blocks, np.concatenate([_tensor(where[h], h) for h in found[0]])):
+        if blocks is None or not _matches(blocks, np.concatenate(weights)):
             requantised[f"{kind} (off-grid blocks)"] += 1
             continue
         if (

@@ -123,6 +123,13 @@ def convert(request: ConvertRequest, store: ModelStore, progress: Progress | Non
         raise InvalidBuildOptions(
             f"--max-size {request.max_size:g} is out of range: give 1.0 to 4.0 (x the GGUF)"
         )
+    if request.max_size is not None and not genai.keeps_grid(
+        request.precision, request.ep, request.block_size
+    ):
+        raise InvalidBuildOptions(
+            "--max-size applies to int4 builds for the cpu execution provider at block size 32, "
+            "the ones that keep a GGUF's own blocks"
+        )
     vid = variant_id(request.ep, request.precision)
     existing = store.find(name)
     if existing and vid in existing.variants and not request.force:

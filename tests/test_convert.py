@@ -231,6 +231,13 @@ def test_max_size_is_bounded_and_only_for_gguf_sources(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     line = one_line_error(ortllm("convert", str(tmp_path / "x.gguf"), "--max-size", "0.5"))
     assert "--max-size 0.5 is out of range: give 1.0 to 4.0" in line
+    for args in (
+        ["--precision", "int8"],
+        ["--ep", "cuda"],
+        ["--block-size", "64"],
+    ):  # builds that keep no grid
+        line = one_line_error(ortllm("convert", str(tmp_path / "x.gguf"), "--max-size", "1.5", *args))
+        assert "--max-size applies to int4 builds for the cpu execution provider at block size 32" in line
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "config.json").write_text(
