@@ -217,7 +217,7 @@ def pull(
     type=float,
     default=None,
     help="GGUF sources: how large the model may grow, x the GGUF, to keep 5/6/8-bit blocks exactly as int8 "
-    "(default 1.1; e.g. 1.5 keeps all of a Q4_K_M).",
+    "(default 1.1, and 1.2 for the LM head; e.g. 1.5 keeps all of a Q4_K_M).",
 )
 def convert_cmd(
     source: str,

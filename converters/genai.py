@@ -228,10 +228,10 @@ def build(
         try:
             # fp32 scales make an int8 matrix 1.125 bytes a weight (Q8_0: 1.0625, Q5_0: 0.69): the budgets decide
             # which 5/6/8-bit sources stay int8; Gemma 3's 262k-row Q8_0 table would take it to ~1.4x and stays int4
+            # a user's --max-size bounds the whole model; by default the LM head may take it to HEAD_BUDGET
             size, budget = gguf.stat().st_size, max_size or GRID_BUDGET
-            grid = keep_source_grid(
-                out_dir, hf_dir, gguf, int(budget * size), int(max(budget, HEAD_BUDGET) * size)
-            )
+            head = max_size or max(budget, HEAD_BUDGET)
+            grid = keep_source_grid(out_dir, hf_dir, gguf, int(budget * size), int(head * size))
             grid["size_budget"] = budget
             info["grid"] = grid
             if grid["lm_head"] and "shared" in str(info.get("embeddings", "")):

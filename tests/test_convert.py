@@ -68,10 +68,18 @@ def test_pull_again_is_a_no_op(pulled):
 
 
 def test_local_gguf_source_and_rm(pulled, home):
-    proc = ortllm("convert", str(cached_gguf()), "--name", "smol-gguf", check=True)
+    # --max-size 1.0 bounds the whole model, LM head included (by default its int8 head takes it to 1.09x)
+    proc = ortllm("convert", str(cached_gguf()), "--name", "smol-gguf", "--max-size", "1.0", check=True)
     assert "smol-gguf" in proc.stdout
     manifest = json.loads((home / "models" / "smol-gguf" / "manifest.json").read_text())
     assert manifest["source"] == str(cached_gguf())
+    variant = manifest["variants"]["cpu-int4"]
+    assert variant["size_bytes"] <= cached_gguf().stat().st_size, variant["size_bytes"]
+    assert (
+        variant["grid"]["size_budget"] == 1.0
+        and "Q8_0 (over the size budget)" in variant["grid"]["requantised"]
+    )
+    assert "size budget 1x the GGUF" in " ".join(ortllm("show", "smol-gguf", check=True).stdout.split())
     assert (
         "Paris" in ortllm("run", "smol-gguf", "What is the capital of France?", "--temperature", "0").stdout
     )
