@@ -52,6 +52,8 @@ class Job:
         self.matcher = StopMatcher(self.options.stop)
         self.token_ids: list[int] = []
         self.cached_prompt_tokens = 0
+        self.drafted_tokens = 0  # speculative decoding: tokens drafted for this request, and those kept
+        self.accepted_tokens = 0
         self._new_decoder = new_decoder
         self._decoder: Any = None
         self.done = False
@@ -107,6 +109,8 @@ class Job:
             ttft_s=(self.first_token_at or end) - self.submitted,
             total_s=end - self.submitted,
             decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 and generated > 1 else 0.0,
+            draft_tokens=self.drafted_tokens,
+            accepted_draft_tokens=self.accepted_tokens,
         )
         usage = Usage(len(self.prompt_ids), generated, self.cached_prompt_tokens)
         self.events.put(TokenEvent(finish_reason=reason, usage=usage, timings=timings, error=error))

@@ -60,12 +60,15 @@ class Usage:
 
 @dataclass
 class Timings:
-    """Seconds: queue wait, time to first token, and total; tokens/s of the decode phase."""
+    """Seconds: queue wait, time to first token, and total; tokens/s of the decode phase; speculative
+    decoding's drafted tokens and those kept (llama-server's draft_n and draft_n_accepted)."""
 
     queued_s: float = 0.0
     ttft_s: float = 0.0
     total_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in self.__dict__.items()}

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,19 @@ RAGGED_SPLIT = 1
 # tokens. 0: only in passes of one token per row, where the numbers stay exact (a token inside a longer
 # pass takes MatMulNBits' multi-row path: SmolLM2's logits move by up to 0.5 and greedy answers change)
 MERGE_PAD_TOKENS = 0
+# speculative decoding (prompt lookup): a decoding row whose last tokens occurred earlier in its sequence
+# (prompt or answer) also feeds the tokens that followed them there, and one pass checks them all: each
+# position's logits are sampled as usual and a drafted token is kept while it equals the sampled one, so
+# the answer is the one plain decoding samples (see NativeBatcher._decode)
+SPEC_MAX_DRAFT = 4  # drafted tokens per row and pass
+SPEC_NGRAMS = (4, 3, 2)  # suffix lengths looked up, longest first
+SPEC_WINDOW = 4096  # the last tokens searched
+SPEC_MAX_ROWS = 4  # more rows decoding together: their padding costs more than drafts win
+SPEC_PRIOR = 0.6  # a new request's assumed chance that a drafted token is kept
+# a pass of R rows of W tokens costs 1 + SPEC_SLOPE·R·(W − 1) one-token passes of R rows (measured, one row:
+# Qwen2.5-0.5B 1.00/1.16/1.28/1.43 for W = 2..5, SmolLM2-135M 1.11/1.36/1.5/1.64). A fixed model, not timed
+# passes: the same request alone then drafts the same way every time, and answers the same
+SPEC_SLOPE = 0.15
 _DTYPES = {1: np.float32, 10: np.float16}
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
 
@@ -279,12 +293,24 @@ class NativeDecoder:
             self._bindings[key] = io
         return io
 
+    @property
+    def verifies(self) -> bool:
+        """Whether a pass can return the logits of every new token of ragged rows (speculative decoding)."""
+        return self.ragged and self.last_only
+
     def step(
-        self, ids: np.ndarray, lengths: np.ndarray, first: int = 0, counts: np.ndarray | None = None
+        self,
+        ids: np.ndarray,
+        lengths: np.ndarray,
+        first: int = 0,
+        counts: np.ndarray | None = None,
+        every: bool = False,
     ) -> np.ndarray:
         """Feed `ids` (rows × new tokens) to slots first.. whose caches hold `lengths` tokens;
         returns the logits of each row's last new token (rows × vocab). `counts`: the valid tokens of
-        each row (rows right-padded to the longest; only when `ragged`), all of them when None."""
+        each row (rows right-padded to the longest; only when `ragged`), all of them when None.
+        `every` (only when `verifies`): the logits of every new token instead (rows × new × vocab; a
+        row's padding repeats its last valid token's)."""
         rows, new = ids.shape
         if counts is None:
             counts = np.full(rows, new, dtype=np.int64)
@@ -298,12 +324,16 @@ class NativeDecoder:
         io = self._binding(first, rows)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
+        if every and not self.verifies:
+            raise ValueError("this decoder cannot return every position's logits")
+        positions = new if every or not self.last_only else 1
         if self.ragged:
             io.bind_cpu_input("query_seqlens", counts.astype(np.int32))
             if self.last_only:
-                io.bind_cpu_input("ortllm_last_index", (counts - 1).astype(np.int64).reshape(rows, 1, 1))
+                last = (counts - 1)[:, None]
+                at = np.minimum(np.arange(positions)[None, :], last) if every else last
+                io.bind_cpu_input("ortllm_last_index", at.astype(np.int64).reshape(rows, positions, 1))
         # logits land in a buffer of ours (no per-step wrapping of every output)
-        positions = 1 if self.last_only else new
         out = self._logits.get((rows, positions))
         if out is None:
             if len(self._logits) > 64:
@@ -313,6 +343,8 @@ class NativeDecoder:
         io.bind_ortvalue_output("logits", out[1])
         self.session.run_with_iobinding(io)
         self.arena.mark_warm(first, rows)
+        if every:
+            return np.array(out[0], dtype=np.float32)  # a copy: the buffer is reused by the next pass
         if self.ragged and not self.last_only:
             return np.asarray(out[0][np.arange(rows), counts - 1, :], dtype=np.float32)
         return np.asarray(out[0][:, -1, :], dtype=np.float32)
@@ -342,7 +374,8 @@ def _last_position_only(model: Any, ragged: bool = False) -> bytes | None:
     computes one row of logits instead of N (about 15% faster prefill on the default model, the same
     numbers). The weights stay in their external file; None when the graph is not the expected shape.
     `ragged`: each row's position comes from the input `ortllm_last_index` (rows × 1 × 1: right-padded
-    rows end at different positions). `model` (an onnx ModelProto without its weights) is changed in place."""
+    rows end at different positions; rows × P × 1 gives P positions per row, as speculative decoding's
+    verification wants). `model` (an onnx ModelProto without its weights) is changed in place."""
     try:
         from onnx import TensorProto, helper
 
@@ -352,9 +385,11 @@ def _last_position_only(model: Any, ragged: bool = False) -> bytes | None:
         if len(heads) != 1 or output is None or len(output.type.tensor_type.shape.dim) != 3:
             return None
         head = heads[0]
-        if ragged:  # hidden[b, index[b], :] for each row b
+        if ragged:  # hidden[b, index[b, p], :] for each row b and each wanted position p
             graph.input.append(
-                helper.make_tensor_value_info("ortllm_last_index", TensorProto.INT64, ["batch_size", 1, 1])
+                helper.make_tensor_value_info(
+                    "ortllm_last_index", TensorProto.INT64, ["batch_size", "ortllm_positions", 1]
+                )
             )
             graph.initializer.append(helper.make_tensor("ortllm_last_ones", TensorProto.INT64, [2], [1, 1]))
             graph.node.extend(
@@ -394,7 +429,10 @@ def _last_position_only(model: Any, ragged: bool = False) -> bytes | None:
         graph.node.remove(head)
         graph.node.append(head)  # after the Slice: nodes stay in topological order
         output.type.tensor_type.shape.dim[1].Clear()
-        output.type.tensor_type.shape.dim[1].dim_value = 1
+        if ragged:
+            output.type.tensor_type.shape.dim[1].dim_param = "ortllm_positions"
+        else:
+            output.type.tensor_type.shape.dim[1].dim_value = 1
         data = model.SerializeToString()
         return data if len(data) < 2**31 - 1 else None
     except Exception:  # the unmodified graph always works
@@ -423,6 +461,7 @@ class _Slot:
     prompt_logits: np.ndarray | None = None
     prompt_len: int = 0
     scope: str | None = None  # the cache scope of the request that computed `tokens` (see GenerationRequest)
+    accept: float = SPEC_PRIOR  # running estimate of the chance that a drafted token is kept
 
 
 class NativeBatcher:
@@ -431,13 +470,16 @@ class NativeBatcher:
     Slots 0..decoding-1 hold sequences that decode together; the rest are prefilling or free (a free
     slot keeps its tokens for prefix reuse). Sequences move by swapping slots' valid KV positions."""
 
-    def __init__(self, decoder: NativeDecoder, eos_ids: list[int]) -> None:
+    def __init__(self, decoder: NativeDecoder, eos_ids: list[int], speculation: str | None = None) -> None:
+        """`speculation`: "ngram" (prompt lookup, the default) or "off"; None reads $ORTLLM_SPECULATION."""
         self.decoder = decoder
         self.eos_ids = list(eos_ids)
         self._eos = set(eos_ids)
         self.slots = [_Slot() for _ in range(decoder.slots)]
         self.decoding = 0
         self.reuse_prefixes = True  # False: every prompt is computed in full (tests comparing answers)
+        # speculative decoding needs every position's logits from one pass (onnxruntime 1.32's query_seqlens)
+        self.speculate = speculation_choice(speculation) == "ngram" and decoder.verifies
 
     # the scheduler's view
     @property
@@ -530,6 +572,7 @@ class NativeBatcher:
         slot.history = set(prompt) if whole else set()
         slot.history_array = np.fromiter(slot.history, dtype=np.int64, count=len(slot.history))
         slot.rng = np.random.default_rng(job.options.seed)
+        slot.accept = SPEC_PRIOR
         job.cached_prompt_tokens = reuse
         job.started = time.monotonic()
         return True
@@ -714,15 +757,29 @@ class NativeBatcher:
         self._emit(self.decoding - 1, slot.prompt_logits.copy())
 
     def _decode(self) -> None:
-        longest = max(len(s.tokens) for s in self.slots[: self.decoding]) + 1
-        if longest > self.decoder.capacity:  # a sequence outgrows the arena: grow it (takes() bounds this)
-            self.decoder.reserve(longest, [len(s.tokens) for s in self.slots])
+        """One pass for the decoding rows: each row's last sampled token, and the tokens drafted after it
+        (speculative decoding). Each fed position's logits are sampled in turn, exactly as one step per
+        token would (penalties, grammar and seed included); a drafted token is kept while it equals the
+        token sampled before it, and the first sample that differs is the row's next token."""
         rows = self.decoding
         slots = self.slots[:rows]
-        ids = np.asarray([[s.pending[0]] for s in slots], dtype=np.int64)
+        drafts = self._drafts(slots)
+        width = 1 + max(len(d) for d in drafts)
+        longest = max(len(s.tokens) for s in slots) + width
+        if longest > self.decoder.capacity:  # a sequence outgrows the arena: grow it (takes() bounds this)
+            self.decoder.reserve(longest, [len(s.tokens) for s in self.slots])
+        ids = np.zeros((rows, width), dtype=np.int64)
+        counts = np.ones(rows, dtype=np.int64)
+        for r, (s, draft) in enumerate(zip(slots, drafts, strict=True)):
+            ids[r, 0] = s.pending[0]
+            ids[r, 1 : 1 + len(draft)] = draft
+            counts[r] = 1 + len(draft)
         lengths = np.asarray([len(s.tokens) for s in slots], dtype=np.int64)
         try:
-            logits = self.decoder.step(ids, lengths, 0)
+            if width == 1:
+                logits = self.decoder.step(ids, lengths, 0)[:, None, :]
+            else:
+                logits = self.decoder.step(ids, lengths, 0, counts, every=True)
         except Exception as exc:  # a failed step fails the rows it held; the batcher keeps serving
             log.exception("native decode step failed")
             for i in reversed(range(rows)):
@@ -732,7 +789,54 @@ class NativeBatcher:
             s.tokens.append(s.pending.pop())
         # emit from the last row down: a finished row swaps with the last decoding row, never a visited one
         for i in reversed(range(rows)):
-            self._emit(i, logits[i])
+            slot, draft, job = slots[i], drafts[i], slots[i].job
+            assert job is not None  # decoding rows are busy
+            # counted before the request can end (its timings are final then)
+            job.drafted_tokens += len(draft)
+            self._emit(i, logits[i, 0])
+            kept = 0
+            for token in draft:  # the drafted tokens' keys and values are in: keep them while they agree
+                if slot.job is None or slot.pending != [token]:
+                    break
+                slot.tokens.append(slot.pending.pop())
+                kept += 1
+                job.accepted_tokens += 1
+                self._emit(i, logits[i, kept])
+            if draft:
+                slot.accept += 0.3 * ((1.0 if kept == len(draft) else kept / (kept + 1)) - slot.accept)
+
+    def _drafts(self, slots: list[_Slot]) -> list[list[int]]:
+        """Each row's drafted tokens (prompt lookup), as many as pay for their pass: the width with the most
+        expected tokens per unit of cost, from each row's acceptance and SPEC_SLOPE. Empty lists when
+        nothing is worth checking."""
+        none: list[list[int]] = [[] for _ in slots]
+        if not self.speculate or len(slots) > SPEC_MAX_ROWS:
+            return none
+        limit = self.decoder.max_capacity
+        drafts = []
+        for s in slots:
+            job = s.job
+            assert job is not None  # decoding rows are busy
+            room = min(SPEC_MAX_DRAFT, job.max_new - s.generated - 1, limit - len(s.tokens) - 1)
+            drafts.append(lookup(s.tokens, s.pending[0], room) if room > 0 else [])
+        if not any(drafts):
+            return none
+        rows = len(slots)
+        best, best_rate = 1, float(rows)
+        for width in range(2, 2 + max(len(d) for d in drafts)):
+            kept = sum(
+                sum(s.accept**j for j in range(1, 1 + min(width - 1, len(d))))
+                for s, d in zip(slots, drafts, strict=True)
+            )
+            rate = (rows + kept) / (1.0 + SPEC_SLOPE * rows * (width - 1))
+            if rate > best_rate:
+                best, best_rate = width, rate
+        if best == 1:  # not worth it now: hope returns slowly (a row that once failed would never draft)
+            for s, d in zip(slots, drafts, strict=True):
+                if d:
+                    s.accept += 0.05 * (SPEC_PRIOR - s.accept)
+            return none
+        return [d[: best - 1] for d in drafts]
 
     def _emit(self, i: int, logits: np.ndarray) -> None:
         """Sample row i's next token and hand it over; end the sequence when it is done."""
@@ -818,6 +922,36 @@ class NativeBatcher:
         sa, sb = self.slots[a], self.slots[b]
         self.decoder.arena.swap(a, b, len(sa.tokens), len(sb.tokens))
         self.slots[a], self.slots[b] = sb, sa
+
+
+def speculation_choice(value: str | None = None) -> str:
+    """`value`, else `$ORTLLM_SPECULATION`: ngram (prompt lookup, the default) or off."""
+    choice = (value if value is not None else os.environ.get("ORTLLM_SPECULATION", "")).strip().lower()
+    choice = choice or "ngram"
+    if choice not in ("ngram", "off"):
+        raise ValueError(f"ORTLLM_SPECULATION must be ngram or off, not {choice!r}")
+    return choice
+
+
+def lookup(tokens: list[int], last: int, limit: int) -> list[int]:
+    """Prompt lookup: up to `limit` tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens (`tokens` then `last`; n from SPEC_NGRAMS, longest first); [] when there is none."""
+    if limit <= 0:
+        return []
+    h = np.asarray(tokens[-SPEC_WINDOW:] + [last], dtype=np.int64)
+    hits = np.flatnonzero(h[:-1] == last)
+    if hits.size == 0:
+        return []
+    for n in SPEC_NGRAMS:
+        if n >= h.size:
+            continue
+        ok = hits >= n - 1
+        for k in range(1, n):
+            ok &= h[np.maximum(hits - k, 0)] == h[-1 - k]
+        if ok.any():
+            p = int(hits[ok][-1])
+            return [int(t) for t in h[p + 1 : p + 1 + limit]]
+    return []
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
