@@ -83,11 +83,14 @@ class FakeDecoder:
     verifies = True
     last_only = True
 
-    def __init__(self, slots: int = 4, capacity: int = 512, eos_bias: float = -4.0) -> None:
+    def __init__(
+        self, slots: int = 4, capacity: int = 512, eos_bias: float = -4.0, copy: float = 2.0
+    ) -> None:
         self.slots = slots
         self.capacity = self.initial_capacity = self.max_capacity = capacity
         self.arena = FakeArena(slots)
         self.eos_bias = eos_bias
+        self.copy = copy  # how strongly it repeats what followed the last token before (4: always)
         self.passes: list[tuple[int, int]] = []  # (rows, tokens per row) of each pass
 
     def reserve(self, tokens: int, lengths: list[int]) -> None:
@@ -99,7 +102,7 @@ class FakeDecoder:
         last = seq[-1]
         earlier = [i for i in range(len(seq) - 1) if seq[i] == last]
         if earlier:
-            out[seq[earlier[-1] + 1]] += 2.0
+            out[seq[earlier[-1] + 1]] += self.copy
         out[EOS] += self.eos_bias
         return out
 
@@ -340,3 +343,16 @@ def test_code_editing_on_qwen_keeps_most_drafts(qwen):
     kept, drafted = spec.timings.accepted_draft_tokens, spec.timings.draft_tokens
     assert kept >= 20 and kept >= 0.5 * drafted, (kept, drafted)
     assert_parted_only_at_a_near_tie(plain, spec)
+
+
+def test_a_row_near_the_end_of_the_arena_bounds_the_others_drafts():
+    """A pass writes every row whole, padding included: another row's draft must not push a row that is
+    nearly at the arena's end past it."""
+    answers = {}
+    for mode in ("off", "ngram"):
+        decoder = FakeDecoder(capacity=46, copy=4.0)  # both rows draft at every step
+        long = [5, 6, 7, 8, 9] * 7 + [5, 6]  # 37 tokens: 9 left
+        jobs = run(NativeBatcher(decoder, [EOS], speculation=mode), [long, PROMPTS[0]], max_new=30)  # type: ignore[arg-type]
+        answers[mode] = [j.token_ids for j in jobs]
+        assert mode == "off" or sum(j.drafted_tokens for j in jobs) > 0
+    assert answers["ngram"] == answers["off"]

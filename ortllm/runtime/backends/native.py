@@ -812,12 +812,13 @@ class NativeBatcher:
         none: list[list[int]] = [[] for _ in slots]
         if not self.speculate or len(slots) > SPEC_MAX_ROWS:
             return none
-        limit = self.decoder.max_capacity
+        # every row of the pass is written whole, padding included: the longest row bounds the width
+        limit = self.decoder.max_capacity - max(len(s.tokens) for s in slots) - 1
         drafts = []
         for s in slots:
             job = s.job
             assert job is not None  # decoding rows are busy
-            room = min(SPEC_MAX_DRAFT, job.max_new - s.generated - 1, limit - len(s.tokens) - 1)
+            room = min(SPEC_MAX_DRAFT, job.max_new - s.generated - 1, limit)
             drafts.append(lookup(s.tokens, s.pending[0], room) if room > 0 else [])
         if not any(drafts):
             return none
