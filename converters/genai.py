@@ -24,6 +24,7 @@ from ortllm.errors import (
 from . import child
 from .embeddings import quantise_embeddings
 from .grid import keep_source_grid
+from .rope import compute_rope_caches
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 EPS = ("cpu", "cuda", "dml", "webgpu")
@@ -42,7 +43,7 @@ INT4_DEFAULTS = {"matmul_mixed_precision": "mixed_layers:int8"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # bump when a change alters what a conversion builds: it is kept in the manifest, and cached test models
 # built by another recipe are converted again (tests/conftest.py's import_prebuilt)
-RECIPE = "4-source-grid-offsets"
+RECIPE = "5-computed-rope"  # 4 + rotary tables computed at load (converters/rope.py)
 # converters/grid.py keeps int8 matrices (5/6/8-bit sources) while the model stays within GRID_BUDGET x the GGUF's
 # size, and an exact int8 LM head (worth 8 % perplexity on a Q4_0 SmolLM2) within HEAD_BUDGET x
 GRID_BUDGET = 1.1
@@ -223,6 +224,15 @@ def build(
             ) from exc
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"token embedding table: {info['embeddings']}\n")
+    if ep == "cpu":  # (verified on the CPU provider only)
+        try:
+            info["rope_caches"] = compute_rope_caches(out_dir)
+        except Exception as exc:
+            raise ConversionFailed(
+                f"Computing the rotary tables failed: {exc} (full log: {log_path})"
+            ) from exc
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"rotary tables: {info['rope_caches']}\n")
     if keep_grid:
         assert gguf is not None
         try:
