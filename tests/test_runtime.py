@@ -146,7 +146,14 @@ def test_queue_full_raises_busy(pulled):
         sched.close()
 
 
-def test_eight_concurrent_submitters_get_their_own_answers(scheduler):
+def test_eight_concurrent_submitters_get_their_own_answers(scheduler, monkeypatch):
+    from ortllm.runtime.backends.native import NativeBatcher
+
+    first = scheduler.backends[0]
+    if isinstance(first, NativeBatcher):
+        # speculative decoding drafts alone but not in a crowd, and a verifying pass computes other numbers
+        # (tests/test_speculation.py): off, so that each answer is the one it gets alone
+        monkeypatch.setattr(first, "speculate", False)
     questions = [
         f"What is {a} plus {b}? Answer with the number."
         for a, b in [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4)]
