@@ -118,13 +118,15 @@ def make_types(peer: Path, gguf: Path, kinds: list[str], work: Path) -> list[Pat
     return made
 
 
-def convert(gguf: Path, home: Path) -> Path:
-    """`ortllm convert` into a store of its own; the cpu-int4 folder."""
-    name = re.sub(r"[^a-z0-9-]+", "-", gguf.stem.lower()).strip("-")[:60]
+def convert(gguf: Path, home: Path, extra: list[str] | None = None) -> Path:
+    """`ortllm convert` into a store of its own (`extra`: more convert options, e.g. --block-size 128, which
+    name a model of their own); the cpu-int4 folder."""
+    extra = extra or []
+    name = re.sub(r"[^a-z0-9-]+", "-", " ".join([gguf.stem, *extra]).lower()).strip("-")[:60]
     folder = home / "models" / name / "cpu-int4"
     if not (folder / "model.onnx").exists():
         subprocess.run(
-            [sys.executable, "-m", "ortllm.cli.main", "convert", str(gguf), "--name", name],
+            [sys.executable, "-m", "ortllm.cli.main", "convert", str(gguf), "--name", name, *extra],
             check=True, env={**os.environ, "ORTLLM_HOME": str(home)}, capture_output=True,
         )  # fmt: skip
     return folder
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--chunks", type=int, default=80, help="512-token chunks (half of each is scored)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--convert-args", default="", help="more `ortllm convert` options, e.g. '--block-size 128'"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for gguf in ggufs:
         started = time.monotonic()
-        model = convert(gguf, WORK / "home")
+        model = convert(gguf, WORK / "home", args.convert_args.split())
         manifest = json.loads((model.parent / "manifest.json").read_text())
         grid = next(iter(manifest["variants"].values())).get("grid")
         ours, scored = ortllm_ppl(model, gguf, text, args.chunks, args.threads)

@@ -195,7 +195,12 @@ def run_clients(url: str, model: str, work: list[tuple[str, str, int]], clients:
         per_kind[kind] = {
             "tokens": sum(a["tokens"] for a in mine),
             "seconds": round(sum(a["latency"] for a in mine), 2),
+            # tokens over each request's whole time (prompt included), and decode alone (after the first token):
+            # the two sides' answers differ in length, which weighs the prompt's share differently
             "tok_s": round(sum(a["tokens"] for a in mine) / sum(a["latency"] for a in mine), 1),
+            "decode_tok_s": round(
+                sum(a["tokens"] - 1 for a in mine) / sum(a["latency"] - a["ttft"] for a in mine), 1
+            ),
         }
     return {
         "clients": clients,
@@ -207,6 +212,7 @@ def run_clients(url: str, model: str, work: list[tuple[str, str, int]], clients:
         "ttft_max_s": round(max((a["ttft"] for a in ok), default=0.0), 3),
         "per_kind": per_kind,
         "texts": [a.get("text", "") for a in answers],
+        "requests": [{k: a.get(k) for k in ("kind", "tokens", "ttft", "latency", "error")} for a in answers],
     }
 
 
@@ -285,7 +291,9 @@ def main() -> None:
             print(
                 f"{label:40s} {clients} client(s): {run['output_tok_s']:6.1f} tok/s, "
                 f"TTFT mean {run['ttft_mean_s']:.2f} s max {run['ttft_max_s']:.2f} s, "
-                + ", ".join(f"{k} {v['tok_s']}" for k, v in run["per_kind"].items())
+                + ", ".join(
+                    f"{k} {v['tok_s']} (decode {v['decode_tok_s']})" for k, v in run["per_kind"].items()
+                )
                 + (f", {len(run['errors'])} errors: {run['errors'][:1]}" if run["errors"] else ""),
                 flush=True,
             )
