@@ -306,26 +306,12 @@ def assert_parted_only_at_a_near_tie(plain, spec) -> None:
     assert top[0][2] - top[1][2] < 1.0, (parted, top)
 
 
-CODE = """def area(shape, w, h):
-    if shape == "rect":
-        return w * h
-    if shape == "tri":
-        return w * h / 2
-    raise ValueError(shape)
-
-
-def perimeter(shape, w, h):
-    if shape == "rect":
-        return 2 * (w + h)
-    raise ValueError(shape)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.model
 def test_code_editing_on_qwen_keeps_most_drafts(qwen):
     """The workload prompt lookup is for: the answer copies most of the prompt (measured here: 60 of 81
     drafted tokens kept, decoding 1.7x as fast; benchmarks/NOTES.md)."""
+    from benchmarks.workload import CODE, EDITS
     from ortllm.runtime.loaded import LoadedModel
     from ortllm.runtime.scheduler import Scheduler
     from ortllm.store import ModelStore
@@ -335,7 +321,7 @@ def test_code_editing_on_qwen_keeps_most_drafts(qwen):
     try:
         if not scheduler.backends[0].decoder.verifies:
             pytest.skip("needs onnxruntime >= 1.32 (GroupQueryAttention query_seqlens)")
-        ask = "Rename the parameter `shape` to `kind` in this code and return the whole code:\n\n" + CODE
+        ask = f"{EDITS[2]}\n\n```python\n{CODE[2]}```"  # one of benchmarks/workload.py's code edits
         plain, spec = both_ways(scheduler, [{"role": "user", "content": ask}], 120)
     finally:
         scheduler.close()
