@@ -375,11 +375,6 @@ def show(name: str, as_json: bool) -> None:
         )
         if info.get("embeddings"):
             console.print(f"    token embedding table: {info['embeddings']}")
-        rope = info.get("rope_caches")
-        if isinstance(rope, dict) and rope.get("computed"):
-            console.print(
-                f"    rotary tables: {rope['computed']} computed at load ({rope['saved_bytes'] / 1e6:.1f} MB not stored)"
-            )
         grid = info.get("grid")
         if isinstance(grid, dict):
             console.print(f"    source grid: {grid_summary(grid)}")

@@ -24,7 +24,6 @@ from ortllm.errors import (
 from . import child
 from .embeddings import quantise_embeddings
 from .grid import keep_source_grid
-from .rope import compute_rope_caches
 
 PRECISIONS = ("int4", "int8", "fp16", "bf16", "fp32")
 EPS = ("cpu", "cuda", "dml", "webgpu")
@@ -43,7 +42,7 @@ INT4_DEFAULTS = {"matmul_mixed_precision": "mixed_layers:int8"}
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 # bump when a change alters what a conversion builds: it is kept in the manifest, and cached test models
 # built by another recipe are converted again (tests/conftest.py's import_prebuilt)
-RECIPE = "5-computed-rope"  # 4 + rotary tables computed at load (converters/rope.py)
+RECIPE = "4-source-grid-offsets"
 # converters/grid.py keeps int8 matrices (5/6/8-bit sources) while the model stays within GRID_BUDGET x the GGUF's
 # size, and an exact int8 LM head (worth 8 % perplexity on a Q4_0 SmolLM2) within HEAD_BUDGET x
 GRID_BUDGET = 1.1
@@ -220,10 +219,6 @@ def build(
             log_path, "Quantising the embedding table", "token embedding table",
             lambda: quantise_embeddings(out_dir, bits, block_size or 32),
         )  # fmt: skip
-    if ep == "cpu":  # (verified on the CPU provider only)
-        info["rope_caches"] = _rewrite(
-            log_path, "Computing the rotary tables", "rotary tables", lambda: compute_rope_caches(out_dir)
-        )
     if keep_grid:
         assert gguf is not None
         try:
