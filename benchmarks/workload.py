@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import requests
 
-from ortllm.benchmark import ServerProcess, find_llama_cpp, free_port
+from ortllm.benchmark import ServerProcess, find_llama_cpp
 from ortllm.runtime.loaded import default_threads
 
 CODE = [
@@ -216,22 +215,6 @@ def run_clients(url: str, model: str, work: list[tuple[str, str, int]], clients:
     }
 
 
-def ortllm_server(model: str, speculation: str, log: Any) -> ServerProcess:
-    port = free_port()
-    env = {**os.environ, "ORTLLM_SPECULATION": speculation}
-    cmd = [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model, "--quiet"]
-    return ServerProcess(cmd, port, timeout_s=300, log=log, env=env)
-
-
-def llama_server(
-    binaries: Path, gguf: Path, spec: list[str], parallel: int, threads: int, log: Any
-) -> ServerProcess:
-    port = free_port()
-    cmd = [str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(parallel), "-c", str(4096 * parallel), "-t", str(threads), "--no-webui", *spec]  # fmt: skip
-    return ServerProcess(cmd, port, timeout_s=300, log=log)
-
-
 LLAMA_SPEC = {
     "none": [],
     "ngram-simple n3 m8": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
@@ -262,7 +245,16 @@ def main() -> None:
         "runs": [],
     }
     sides: list[tuple[str, Any]] = [
-        (f"ortllm speculation {mode}", lambda parallel, log, mode=mode: ortllm_server(args.model, mode, log))
+        (
+            f"ortllm speculation {mode}",
+            lambda parallel, log, mode=mode: ServerProcess.ortllm(
+                args.model,
+                extra=["--quiet"],
+                env={**os.environ, "ORTLLM_SPECULATION": mode},
+                log=log,
+                timeout_s=300,
+            ),
+        )  # fmt: skip
         for mode in ("off", "ngram")
     ]
     if args.gguf:
@@ -272,9 +264,16 @@ def main() -> None:
             sides.append(
                 (
                     f"llama-server {name}",
-                    lambda parallel, log, spec=spec: llama_server(
-                        binaries, args.gguf, spec, parallel, args.threads, log
-                    ),
+                    lambda parallel, log, spec=spec: ServerProcess.llama(
+                        binaries,
+                        args.gguf,
+                        parallel=parallel,
+                        threads=args.threads,
+                        ctx_per_slot=4096,
+                        extra=spec,
+                        log=log,
+                        timeout_s=300,
+                    ),  # fmt: skip
                 )
             )
     for label, start in sides:

@@ -215,10 +215,14 @@ def build(
     bits = {"int4": 4, "int8": 8}.get(precision)
     # GatherBlockQuantized runs 8-bit tables on the CPU EP; the builder itself emits only 4-bit ones elsewhere
     if bits is not None and (bits == 4 or ep == "cpu"):
-        info["embeddings"] = _rewrite(
-            log_path, "Quantising the embedding table", "token embedding table",
-            lambda: quantise_embeddings(out_dir, bits, block_size or 32),
-        )  # fmt: skip
+        try:
+            info["embeddings"] = quantise_embeddings(out_dir, bits, block_size or 32)
+        except Exception as exc:
+            raise ConversionFailed(
+                f"Quantising the embedding table failed: {exc} (full log: {log_path})"
+            ) from exc
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"token embedding table: {info['embeddings']}\n")
     if keep_grid:
         assert gguf is not None
         try:
@@ -243,17 +247,6 @@ def build(
         "extra_options": options,
         "build_seconds": round(time.monotonic() - started, 1),
     }
-
-
-def _rewrite(log_path: Path, doing: str, label: str, step: Callable[[], Any]) -> Any:
-    """One rewrite of the built graph: its result logged under `label`; a failure is one ConversionFailed line."""
-    try:
-        result = step()
-    except Exception as exc:
-        raise ConversionFailed(f"{doing} failed: {exc} (full log: {log_path})") from exc
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"{label}: {result}\n")
-    return result
 
 
 def _keep_special_token_flags(hf_dir: Path, out_dir: Path) -> None:

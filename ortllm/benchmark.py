@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -521,21 +522,49 @@ class ServerProcess:
         return self.log.read()
 
     @classmethod
-    def ortllm(cls, model: str) -> ServerProcess:
+    def ortllm(
+        cls,
+        model: str,
+        *,
+        extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log: IO[str] | None = None,
+        timeout_s: float = 120,
+    ) -> ServerProcess:
+        """`ortllm serve` of `model` (`extra`: more serve options; `env`: its environment)."""
         port = free_port()
-        return cls(
-            [sys.executable, "-m", "ortllm.cli.main", "serve", "--port", str(port), "--model", model], port
-        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "ortllm.cli.main",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            *extra,
+        ]
+        return cls(cmd, port, timeout_s=timeout_s, log=log, env=env)
 
     @classmethod
     def llama(
-        cls, binaries: Path, gguf: Path, *, parallel: int, threads: int, ctx_per_slot: int = 1024
+        cls,
+        binaries: Path,
+        gguf: Path,
+        *,
+        parallel: int,
+        threads: int,
+        ctx_per_slot: int = 1024,
+        extra: Sequence[str] = (),
+        log: IO[str] | None = None,
+        timeout_s: float = 120,
     ) -> ServerProcess:
-        """llama.cpp's own server (continuous batching, what Ollama runs underneath)."""
+        """llama.cpp's own server (continuous batching, what Ollama runs underneath); `extra`: more of its
+        options (e.g. `--spec-type ngram-mod`)."""
         port = free_port()
         return cls([str(binaries / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                    "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui"],
-                   port)  # fmt: skip
+                    "-np", str(parallel), "-c", str(ctx_per_slot * parallel), "-t", str(threads), "--no-webui",
+                    *extra], port, timeout_s=timeout_s, log=log)  # fmt: skip
 
     def stop(self) -> None:
         if self.proc.poll() is None:

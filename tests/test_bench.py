@@ -104,8 +104,7 @@ def test_decode_ceiling_counts_the_bytes_the_kernels_read(pulled):
         elif node.op_type.endswith("LayerNormalization"):
             expected += 576 * 4  # the norm's fp32 weight (SmolLM2-135M: hidden 576)
     sizes = decode_bytes(model_dir)
-    # all of it, plus at most a few constants (shapes, the rotary frequencies); the embedding table (one row per
-    # token) is left out
+    # all of it, plus at most a few shape constants; the embedding table (one row per token) is left out
     assert expected <= sizes["weights"] <= expected + 1024
     assert (
         sizes["kv_per_context_token"] == 30 * 2 * 3 * 64 * 4

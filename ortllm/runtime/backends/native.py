@@ -311,6 +311,8 @@ class NativeDecoder:
         each row (rows right-padded to the longest; only when `ragged`), all of them when None.
         `every` (only when `verifies`): the logits of every new token instead (rows × new × vocab; a
         row's padding repeats its last valid token's)."""
+        if every and not self.verifies:
+            raise ValueError("this decoder cannot return every position's logits")
         rows, new = ids.shape
         if counts is None:
             counts = np.full(rows, new, dtype=np.int64)
@@ -324,8 +326,6 @@ class NativeDecoder:
         io = self._binding(first, rows)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
-        if every and not self.verifies:
-            raise ValueError("this decoder cannot return every position's logits")
         positions = new if every or not self.last_only else 1
         if self.ragged:
             io.bind_cpu_input("query_seqlens", counts.astype(np.int32))
