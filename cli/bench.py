@@ -160,6 +160,9 @@ def engine(
         raise not_generative(scheduler.model.name)
     installed = scheduler.model.installed
     sizes = b.decode_bytes(scheduler.model.path)
+    decoder = scheduler.model.native
+    if decoder is not None and decoder.dtype.__name__ == "int8":  # ORTLLM_KV_CACHE=int8: one byte a value
+        sizes["kv_per_context_token"] = 2 * decoder.layers * decoder.kv_heads * decoder.head_size
     with console.status(f"benchmarking {scheduler.model.name} (pp{pp}, tg{tg}, batches {batches})"):
         ours = b.engine_bench(scheduler, pp=pp, tg=tg, batches=_ints(batches), reps=reps)
     on_cpu = (

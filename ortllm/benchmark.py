@@ -160,8 +160,15 @@ def engine_bench(
     model = scheduler.model
     long_prompt = prompt_of(model, pp)
     short_prompt = prompt_of(model, 16)
+    # plain decoding, as llama-bench measures it: greedy text of a fixed length loops on small models and
+    # prompt lookup would then draft most of it (SmolLM2 tg128 186 instead of ~130 tok/s); the workload
+    # benchmark (benchmarks/workload.py) measures speculation on real requests
+    for backend in scheduler.backends:
+        if getattr(backend, "speculate", False):
+            backend.speculate = False
 
     runs = itertools.count()
+    drafted = [0]
 
     def run(tokens: list[int], max_tokens: int) -> Any:
         # ignore EOS: greedy decoding of exactly max_tokens tokens, as llama-bench does
@@ -172,7 +179,9 @@ def engine_bench(
         first = 100 + next(runs) % 20_000
         request = GenerationRequest(options, prompt_tokens=[first, *tokens[1:]])
         with scheduler.submit(request) as stream:
-            return stream.result()
+            result = stream.result()
+        drafted[0] += result.timings.draft_tokens
+        return result
 
     for _ in range(warmup):
         run(short_prompt, 8)
@@ -209,6 +218,7 @@ def engine_bench(
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": model.threads,
         "batcher": scheduler.batcher,
+        "draft_tokens": drafted[0],  # 0: plain decoding (speculation off, see above)
     }
 
 

@@ -167,6 +167,14 @@ def batcher_for_display(batcher: str, reason: str) -> str:
     return name if batcher in ("native", "onnxruntime") else f"{name} ({reason})"
 
 
+def kv_cache_choice() -> str:
+    """`$ORTLLM_KV_CACHE`: float (default) or int8 (the native batcher only; ModelLoadError otherwise)."""
+    choice = os.environ.get("ORTLLM_KV_CACHE", "").strip().lower() or "float"
+    if choice not in ("float", "int8"):
+        raise ModelLoadError(f"ORTLLM_KV_CACHE must be float or int8, not {choice!r}")
+    return choice
+
+
 def batcher_choice() -> str:
     """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
     return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
@@ -192,11 +200,13 @@ class ModelInfo:
     threads: int | None
     batcher: str  # who batches its requests: native, engine, generator (onnxruntime for embedding models)
     batcher_reason: str = ""  # why that batcher (why not native, when it is not)
+    kv_cache: str = "float"  # int8: the native batcher keeps keys and values as int8 (ORTLLM_KV_CACHE)
 
     @property
     def runtime(self) -> str:
         """One line for logs and listings: `cpu-int4 on cpu, native batcher`."""
-        return f"{self.variant} on {self.ep}, {batcher_for_display(self.batcher, self.batcher_reason)}"
+        kv = ", int8 KV cache" if self.kv_cache == "int8" else ""
+        return f"{self.variant} on {self.ep}, {batcher_for_display(self.batcher, self.batcher_reason)}{kv}"
 
 
 class LoadedModel:
@@ -244,6 +254,15 @@ class LoadedModel:
         self._special = self._special_tokens()
         self._bos = _leading_bos(self.path, genai_cfg)
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
+        if self.native is not None and kv_cache_choice() == "int8":
+            from .backends.native import KV_CALIBRATION
+
+            try:  # scales from a calibration chat rendered with the model's own template
+                self.native.quantize_kv(self.encode(self.render_chat(KV_CALIBRATION)))
+            except ValueError as exc:
+                raise ModelLoadError(
+                    f"Model '{self.name}' cannot keep an int8 KV cache: {first_line(exc)}"
+                ) from exc
         vocab = (
             self.native.vocab if self.native is not None else int(genai_cfg["model"].get("vocab_size") or 0)
         )
@@ -325,6 +344,7 @@ class LoadedModel:
             self.threads,
             self.batcher_used,
             self.batcher_reason,
+            "int8" if self.native is not None and self.native.dtype.__name__ == "int8" else "float",
         )
 
     @property

@@ -73,6 +73,41 @@ SPEC_PRIOR = 0.6  # a new request's assumed chance that a drafted token is kept
 # Qwen2.5-0.5B 1.00/1.16/1.28/1.43 for W = 2..5, SmolLM2-135M 1.11/1.36/1.5/1.64). A fixed model, not timed
 # passes: the same request alone then drafts the same way every time, and answers the same
 SPEC_SLOPE = 0.15
+# int8 keys and values (ORTLLM_KV_CACHE=int8): GroupQueryAttention's per-channel quantised cache with
+# static scales, each channel's largest magnitude over a calibration text × this margin / 127 (values
+# beyond it saturate; at margin 0.5 SmolLM2's perplexity doubled, at 1.0 and 1.5 it rose by 0.4 %)
+KV_INT8_MARGIN = 1.5
+# the calibration text: a chat turn, prose, code and numbers (rendered with the model's chat template)
+KV_CALIBRATION = [
+    {
+        "role": "system",
+        "content": "You are a helpful assistant. Answer briefly and cite the text you were given.",
+    },
+    {
+        "role": "user",
+        "content": (
+            "Summarise this passage, then fix the function below.\n\n"
+            "The library reads its settings from a file in the user's home folder, then from environment "
+            "variables, then from the command line; a later source overrides an earlier one. Paths may use "
+            "~ for the home folder. Numbers such as 4096, 0.75 or 1e-6 are read as written, and a list is "
+            "written one item a line. On 12 March 2024 version 3.2 added TLS, retries (3 by default) and a "
+            "timeout of 30 s; see https://example.org/docs/settings#network for the details.\n\n"
+            "```python\ndef mean(values: list[float]) -> float:\n    total = 0\n    for v in values:\n"
+            "        total += v\n    return total / len(values)  # fails on []\n```"
+        ),
+    },
+    {
+        "role": "assistant",
+        "content": (
+            "Settings come from a file, the environment and the command line, later ones winning; version "
+            "3.2 added TLS, three retries and a 30-second timeout.\n\n```python\ndef mean(values: "
+            'list[float]) -> float:\n    if not values:\n        raise ValueError("mean of no values")\n'
+            "    return sum(values) / len(values)\n```\nThe empty list now raises a clear error instead of "
+            "ZeroDivisionError."
+        ),
+    },
+    {"role": "user", "content": "Thanks! Now translate the first sentence into French and German, please."},
+]
 _DTYPES = {1: np.float32, 10: np.float16}
 _NO_TOKENS = np.zeros(0, dtype=np.int64)
 
@@ -226,32 +261,56 @@ class NativeDecoder:
         self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
         if graph is None and self.ragged:
             graph = proto.SerializeToString()
-        if graph is not None:
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path)
-            )
-        self.session = ort.InferenceSession(
-            graph if graph is not None else str(path / decoder["filename"]),
-            options,
-            providers=["CPUExecutionProvider"],
-        )
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path))
+        self._options, self._proto, self._max_batch = options, proto, max_batch
+        self._context = int(genai_cfg["model"].get("context_length") or 2048)
+        self._memory = psutil.virtual_memory().total
+        self._open(graph if graph is not None else str(path / decoder["filename"]))
+        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
+        self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
+        self.vocab = int(genai_cfg["model"].get("vocab_size") or logits.shape[-1])
+
+    def _open(self, graph: bytes | str) -> None:
+        """The session over `graph` (serialised, or a file) and an empty arena sized for its cache type."""
+        self.session = self._ort.InferenceSession(graph, self._options, providers=["CPUExecutionProvider"])
         past = next(i for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
-        self.dtype = np.float16 if "float16" in past.type else np.float32
-        context = int(genai_cfg["model"].get("context_length") or 2048)
+        self.dtype = {"tensor(float16)": np.float16, "tensor(int8)": np.int8}.get(past.type, np.float32)
         per_token = KVArena.bytes_per_token(self.layers, self.kv_heads, self.head_size, self.dtype)
-        budget = psutil.virtual_memory().total * KV_BUDGET_FRACTION
-        self.slots = max(1, min(max_batch, int(budget // (per_token * INITIAL_CAPACITY))))
+        budget = self._memory * KV_BUDGET_FRACTION
+        self.slots = max(1, min(self._max_batch, int(budget // (per_token * INITIAL_CAPACITY))))
         # the longest sequence (prompt + answer) the arena may grow to; longer ones go to og.Engine
-        self.max_capacity = max(1, min(context, int(budget // (per_token * self.slots))))
+        self.max_capacity = max(1, min(self._context, int(budget // (per_token * self.slots))))
         self.initial_capacity = min(INITIAL_CAPACITY, self.max_capacity)  # and where it shrinks back to
         self.arena = KVArena(
             self.layers, self.kv_heads, self.head_size, self.initial_capacity, self.slots, self.dtype
         )
         self._bindings: dict[tuple[int, int], Any] = {}
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
-        logits = next(o for o in self.session.get_outputs() if o.name == "logits")
-        self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
-        self.vocab = int(genai_cfg["model"].get("vocab_size") or logits.shape[-1])
+
+    def quantize_kv(self, tokens: list[int]) -> np.ndarray:
+        """Switch to int8 keys and values (a quarter of float32's bytes: four times the context or the
+        slots in the same memory, and less to read per decode step at long contexts). Per-channel scales
+        come from `tokens` (a calibration text) run through the float cache; returns them
+        ((2 · layers) × kv_heads × head_size, keys and values of layer i at 2i and 2i + 1). Call before
+        the first request: the arena starts empty."""
+        if self.dtype == np.int8:
+            raise ValueError("the KV cache is int8 already")
+        if self.dtype != np.float32:
+            raise ValueError("an int8 KV cache needs a float32 decoder graph")
+        n = min(len(tokens), self.max_capacity - 1)
+        if n < 2:
+            raise ValueError("calibrating an int8 KV cache needs a text of 2 tokens or more")
+        self.reserve(n, [0] * self.slots)
+        self.step(np.asarray([tokens[:n]], dtype=np.int64), np.zeros(1, dtype=np.int64))
+        peak = np.abs(self.arena.data[:, 0, :, :n]).max(axis=2)  # (2 · layers, kv_heads, head_size)
+        # keys are stored rotated: channels i and i + head_size/2 trade magnitude with the position
+        half = self.head_size // 2
+        keys = peak[0::2]
+        peak[0::2] = np.maximum(keys, np.concatenate([keys[..., half:], keys[..., :half]], axis=-1))
+        scales = (np.maximum(peak, 1e-6) * KV_INT8_MARGIN / 127.0).astype(np.float32)
+        _quantize_kv_cache(self._proto, scales)
+        self._open(self._proto.SerializeToString())
+        return scales
 
     @property
     def capacity(self) -> int:
@@ -367,6 +426,39 @@ def _add_query_seqlens(model: Any) -> bool:
         helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch_size"])
     )
     return True
+
+
+def _quantize_kv_cache(model: Any, scales: np.ndarray) -> None:
+    """Every GroupQueryAttention node keeps its cache as int8 with per-channel `scales` (see
+    NativeDecoder.quantize_kv); the graph's past and present tensors become int8. In place."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        layer = int(node.input[3].split(".")[1])  # past_key_values.{layer}.key
+        while len(node.input) < 14:
+            node.input.append("")
+        for slot, kind, row in ((12, "key", 2 * layer), (13, "value", 2 * layer + 1)):
+            name = f"ortllm_{kind}_scale.{layer}"
+            graph.initializer.append(numpy_helper.from_array(scales[row][None, :, None, :], name))
+            node.input[slot] = name
+        keep = [
+            a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
+        ]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.extend(
+            [
+                helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                helper.make_attribute("kv_cache_bit_width", 8),
+            ]
+        )
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.INT8
 
 
 def _last_position_only(model: Any, ragged: bool = False) -> bytes | None:
