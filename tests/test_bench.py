@@ -31,7 +31,9 @@ def test_engine_bench_reports_every_metric(pulled, tmp_path):
     ours = data["ortllm"]
     assert ours["pp32_tok_s"]["mean"] > 0 and ours["tg8_tok_s"]["mean"] > 0 and ours["ttft_s"]["mean"] > 0
     assert set(ours["batch_aggregate_tok_s"]) == {"1", "2"} and ours["peak_rss_mb"] > 0
-    assert ours["draft_tokens"] == 0  # plain decoding, as llama-bench measures (the filler prompt would draft)
+    assert (
+        ours["draft_tokens"] == 0
+    )  # plain decoding, as llama-bench measures (the filler prompt would draft)
     assert data["memory_bandwidth_gbs"] > 0 and data["decode_ceiling_tok_s"] > 0 and data["weight_mb"] > 50
 
 

@@ -74,7 +74,9 @@ def test_quantize_kv_rewrites_every_attention_node(decoders):
         assert attrs["k_quant_type"] == b"PER_CHANNEL" and attrs["v_quant_type"] == b"PER_CHANNEL"
         assert attrs["kv_cache_bit_width"] == 8
         layer = node.input[3].split(".")[1]
-        assert node.input[12] == f"ortllm_key_scale.{layer}" and node.input[13] == f"ortllm_value_scale.{layer}"
+        assert (
+            node.input[12] == f"ortllm_key_scale.{layer}" and node.input[13] == f"ortllm_value_scale.{layer}"
+        )
     past = next(i for i in quantized.session.get_inputs() if i.name == "past_key_values.0.key")
     assert past.type == "tensor(int8)"
 
