@@ -175,6 +175,14 @@ def kv_cache_choice() -> str:
     return choice
 
 
+def prefill_choice() -> str:
+    """`$ORTLLM_PREFILL`: model (the model's own weights, default) or int8 (the native batcher only)."""
+    choice = os.environ.get("ORTLLM_PREFILL", "").strip().lower() or "model"
+    if choice not in ("model", "int8"):
+        raise ModelLoadError(f"ORTLLM_PREFILL must be model or int8, not {choice!r}")
+    return choice
+
+
 def batcher_choice() -> str:
     """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
     return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
@@ -201,11 +209,13 @@ class ModelInfo:
     batcher: str  # who batches its requests: native, engine, generator (onnxruntime for embedding models)
     batcher_reason: str = ""  # why that batcher (why not native, when it is not)
     kv_cache: str = "float"  # int8: the native batcher keeps keys and values as int8 (ORTLLM_KV_CACHE)
+    prefill: str = "model"  # int8: prompt chunks run on an int8 copy of the weights (ORTLLM_PREFILL)
 
     @property
     def runtime(self) -> str:
         """One line for logs and listings: `cpu-int4 on cpu, native batcher`."""
         kv = ", int8 KV cache" if self.kv_cache == "int8" else ""
+        kv += ", int8 prefill" if self.prefill == "int8" else ""
         return f"{self.variant} on {self.ep}, {batcher_for_display(self.batcher, self.batcher_reason)}{kv}"
 
 
@@ -263,6 +273,17 @@ class LoadedModel:
                 raise ModelLoadError(
                     f"Model '{self.name}' cannot keep an int8 KV cache: {first_line(exc)}"
                 ) from exc
+        self.prefill = "model"
+        if self.native is not None and prefill_choice() == "int8":
+            from .backends.native import KV_CALIBRATION
+
+            try:  # channel smoothing from the same calibration chat
+                self.native.enable_int8_prefill(self.encode(self.render_chat(KV_CALIBRATION)))
+            except ValueError as exc:
+                raise ModelLoadError(
+                    f"Model '{self.name}' cannot use the int8 prefill: {first_line(exc)}"
+                ) from exc
+            self.prefill = "int8"
         vocab = (
             self.native.vocab if self.native is not None else int(genai_cfg["model"].get("vocab_size") or 0)
         )
@@ -345,6 +366,7 @@ class LoadedModel:
             self.batcher_used,
             self.batcher_reason,
             "int8" if self.native is not None and self.native.dtype.__name__ == "int8" else "float",
+            self.prefill,
         )
 
     @property

@@ -73,6 +73,8 @@ SPEC_PRIOR = 0.6  # a new request's assumed chance that a drafted token is kept
 # Qwen2.5-0.5B 1.00/1.16/1.28/1.43 for W = 2..5, SmolLM2-135M 1.11/1.36/1.5/1.64). A fixed model, not timed
 # passes: the same request alone then drafts the same way every time, and answers the same
 SPEC_SLOPE = 0.15
+# ORTLLM_PREFILL=int8: passes feeding this many tokens or more a row run on the int8 prefill graph
+PREFILL_INT8_MIN = 16
 # int8 keys and values (ORTLLM_KV_CACHE=int8): GroupQueryAttention's per-channel quantised cache with
 # static scales, each channel's largest magnitude over a calibration text × this margin / 127 (values
 # beyond it saturate; at margin 0.5 SmolLM2's perplexity doubled, at 1.0 and 1.5 it rose by 0.4 %)
@@ -262,7 +264,9 @@ class NativeDecoder:
         if graph is None and self.ragged:
             graph = proto.SerializeToString()
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path))
-        self._options, self._proto, self._max_batch = options, proto, max_batch
+        self._options, self._proto, self._max_batch, self._path = options, proto, max_batch, path
+        # sliding-window attention (Gemma 2/3): GroupQueryAttention refuses a KV buffer below the window
+        self._window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
         self._context = int(genai_cfg["model"].get("context_length") or 2048)
         self._memory = psutil.virtual_memory().total
         self._open(graph if graph is not None else str(path / decoder["filename"]))
@@ -284,8 +288,9 @@ class NativeDecoder:
         self.arena = KVArena(
             self.layers, self.kv_heads, self.head_size, self.initial_capacity, self.slots, self.dtype
         )
-        self._bindings: dict[tuple[int, int], Any] = {}
+        self._bindings: dict[tuple[int, int, int], Any] = {}
         self._logits: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+        self._prefill: Any = None  # the int8 prefill session (enable_int8_prefill), sharing the arena
 
     def quantize_kv(self, tokens: list[int]) -> np.ndarray:
         """Switch to int8 keys and values (a quarter of float32's bytes: four times the context or the
@@ -295,6 +300,8 @@ class NativeDecoder:
         the first request: the arena starts empty."""
         if self.dtype == np.int8:
             raise ValueError("the KV cache is int8 already")
+        if self._prefill is not None:
+            raise ValueError("quantise the KV cache before enabling the int8 prefill")
         if self.dtype != np.float32:
             raise ValueError("an int8 KV cache needs a float32 decoder graph")
         n = min(len(tokens), self.max_capacity - 1)
@@ -337,12 +344,52 @@ class NativeDecoder:
         self._bindings.clear()
         log.info("KV arena: %d tokens per slot", capacity)
 
-    def _binding(self, first: int, rows: int) -> Any:
-        """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached)."""
-        key = (first, rows)
+    def enable_int8_prefill(self, tokens: list[int]) -> None:
+        """Run prompt chunks of PREFILL_INT8_MIN tokens or more through an int8 copy of the graph
+        (runtime.backends.prefill8: about twice as fast on CPUs with VNNI, one byte a weight more memory);
+        `tokens`, a calibration text, sets its channel smoothing. Decode steps stay on the model's weights."""
+        from .prefill8 import calibration_graph, prefill_graph
+
+        n = min(len(tokens), self.max_capacity - 1)
+        if n < 2:
+            raise ValueError("calibrating the int8 prefill needs a text of 2 tokens or more")
+        calibration, names = calibration_graph(self._proto)
+        session = self._ort.InferenceSession(
+            calibration.SerializeToString(), self._options, providers=["CPUExecutionProvider"]
+        )
+        ids = np.asarray([tokens[:n]], dtype=np.int64)
+        capacity = max(n, self._window)
+        feeds: dict[str, Any] = {}
+        for value in session.get_inputs():
+            if value.name == "input_ids":
+                feeds[value.name] = ids
+            elif value.name == "attention_mask":
+                feeds[value.name] = np.ones_like(ids)
+            elif value.name == "query_seqlens":
+                feeds[value.name] = np.asarray([n], dtype=np.int32)
+            elif value.name == "ortllm_last_index":
+                feeds[value.name] = np.full((1, 1, 1), n - 1, dtype=np.int64)
+            elif value.name.startswith("past_key_values."):
+                feeds[value.name] = np.zeros((1, self.kv_heads, capacity, self.head_size), dtype=self.dtype)
+            else:
+                raise ValueError(f"unexpected decoder input {value.name!r}")
+        values = session.run(names, feeds)
+        del session
+        peaks = {
+            name: np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
+            for name, v in zip(names, values, strict=True)
+        }
+        graph = prefill_graph(self._proto, self._path, peaks)
+        self._prefill = self._ort.InferenceSession(graph, self._options, providers=["CPUExecutionProvider"])
+        self._bindings.clear()
+
+    def _binding(self, first: int, rows: int, prefill: bool = False) -> Any:
+        """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached), on the
+        decoder's session or (prefill) the int8 prefill's."""
+        key = (first, rows, int(prefill))
         io = self._bindings.get(key)
         if io is None:
-            io = self.session.io_binding()
+            io = (self._prefill if prefill else self.session).io_binding()
             data = self.arena.data
             for layer in range(self.layers):
                 for k, kind in enumerate(("key", "value")):
@@ -382,7 +429,10 @@ class NativeDecoder:
         if int((lengths + new).max()) > self.capacity:
             raise ValueError(f"sequence longer than the context window ({self.capacity} tokens)")
         mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
-        io = self._binding(first, rows)
+        # a prompt chunk goes to the int8 prefill graph when there is one; decode steps and verifying
+        # passes (a few tokens a row) stay on the model's own weights
+        prefill = self._prefill is not None and not every and new >= PREFILL_INT8_MIN
+        io = self._binding(first, rows, prefill)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("attention_mask", mask)
         positions = new if every or not self.last_only else 1
@@ -400,7 +450,7 @@ class NativeDecoder:
             array = np.empty((rows, positions, self.vocab), dtype=self.logits_dtype)
             out = self._logits[(rows, positions)] = (array, self._ort.OrtValue.ortvalue_from_numpy(array))
         io.bind_ortvalue_output("logits", out[1])
-        self.session.run_with_iobinding(io)
+        (self._prefill if prefill else self.session).run_with_iobinding(io)
         self.arena.mark_warm(first, rows)
         if every:
             return np.array(out[0], dtype=np.float32)  # a copy: the buffer is reused by the next pass
