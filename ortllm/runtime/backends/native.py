@@ -248,11 +248,8 @@ class NativeDecoder:
         self.layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
         self.head_size = int(decoder["head_size"])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        self._threads, self._path = threads, path
+        options = self._session_options()
         if proto is None:
             import onnx
 
@@ -263,8 +260,7 @@ class NativeDecoder:
         self.last_only = graph is not None  # logits of the last position only (prompt chunks skip the rest)
         if graph is None and self.ragged:
             graph = proto.SerializeToString()
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path))
-        self._options, self._proto, self._max_batch, self._path = options, proto, max_batch, path
+        self._options, self._proto, self._max_batch = options, proto, max_batch
         # sliding-window attention (Gemma 2/3): GroupQueryAttention refuses a KV buffer below the window
         self._window = int((decoder.get("sliding_window") or {}).get("window_size") or 0)
         self._context = int(genai_cfg["model"].get("context_length") or 2048)
@@ -273,6 +269,18 @@ class NativeDecoder:
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self.logits_dtype = np.float16 if "float16" in logits.type else np.float32
         self.vocab = int(genai_cfg["model"].get("vocab_size") or logits.shape[-1])
+
+    def _session_options(self) -> Any:
+        options = self._ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # graphs handed over as bytes (ours are rewritten) find their weights beside the model file
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(self._path)
+        )
+        return options
 
     def _open(self, graph: bytes | str) -> None:
         """The session over `graph` (serialised, or a file) and an empty arena sized for its cache type."""
@@ -353,9 +361,16 @@ class NativeDecoder:
         n = min(len(tokens), self.max_capacity - 1)
         if n < 2:
             raise ValueError("calibrating the int8 prefill needs a text of 2 tokens or more")
+        opset = next((o.version for o in self._proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 18:  # ReduceMax with its axes as an input
+            raise ValueError(
+                f"the int8 prefill needs a decoder graph of ONNX opset 18 or newer (this one: {opset})"
+            )
         calibration, names = calibration_graph(self._proto)
+        options = self._session_options()
+        options.enable_cpu_mem_arena = False  # its memory goes back to the system when it is gone
         session = self._ort.InferenceSession(
-            calibration.SerializeToString(), self._options, providers=["CPUExecutionProvider"]
+            calibration.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         ids = np.asarray([tokens[:n]], dtype=np.int64)
         capacity = max(n, self._window)
@@ -379,9 +394,17 @@ class NativeDecoder:
             name: np.abs(v.reshape(-1, v.shape[-1])).max(axis=0)
             for name, v in zip(names, values, strict=True)
         }
-        graph = prefill_graph(self._proto, self._path, peaks)
-        self._prefill = self._ort.InferenceSession(graph, self._options, providers=["CPUExecutionProvider"])
+        graph, weights = prefill_graph(self._proto, self._path, peaks)
+        options = self._session_options()
+        values = [self._ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()]
+        options.add_external_initializers(list(weights), values)
+        try:
+            self._prefill = self._ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own refusal, in one line
+            raise ValueError(f"onnxruntime refused the int8 prefill graph: {first_line(exc)}") from exc
+        self._prefill_weights = (weights, values)  # onnxruntime reads them in place: keep them alive
         self._bindings.clear()
+        _trim_heap()
 
     def _binding(self, first: int, rows: int, prefill: bool = False) -> Any:
         """An IOBinding whose past and present buffers are slots first..first+rows-1 (cached), on the
@@ -476,6 +499,17 @@ def _add_query_seqlens(model: Any) -> bool:
         helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch_size"])
     )
     return True
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc): building the prefill graph frees ~1.5 GB of
+    temporaries at 1B that would otherwise stay in the process's resident memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass
 
 
 def _quantize_kv_cache(model: Any, scales: np.ndarray) -> None:

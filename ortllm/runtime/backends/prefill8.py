@@ -88,9 +88,28 @@ def calibration_graph(model: Any) -> tuple[Any, list[str]]:
     return copy, names
 
 
-def prefill_graph(model: Any, folder: Path, peaks: dict[str, np.ndarray]) -> bytes:
+def _external(name: str, array: np.ndarray) -> Any:
+    """An initializer declared as external data: onnxruntime takes its values from add_external_initializers
+    (our array, used in place: no copy in the graph, in its serialisation or in the session)."""
+    from onnx import TensorProto, helper
+
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "ortllm-prefill8"), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def prefill_graph(
+    model: Any, folder: Path, peaks: dict[str, np.ndarray]
+) -> tuple[bytes, dict[str, np.ndarray]]:
     """`model` (the decoder as the native batcher runs it, weights external in `folder`) with its matrices as
-    smoothed int8 GEMMs; `peaks`: each matrix input's largest magnitude per channel (from calibration_graph)."""
+    smoothed int8 GEMMs; `peaks`: each matrix input's largest magnitude per channel (from calibration_graph).
+    Returns the serialised graph and its int8 weights (for SessionOptions.add_external_initializers)."""
     from onnx import ModelProto, TensorProto, helper, numpy_helper
 
     out = ModelProto()
@@ -99,6 +118,7 @@ def prefill_graph(model: Any, folder: Path, peaks: dict[str, np.ndarray]) -> byt
     inits = {i.name: i for i in graph.initializer}
     nodes: list[Any] = []
     dropped: set[str] = set()
+    weights: dict[str, np.ndarray] = {}
     added: list[Any] = [
         numpy_helper.from_array(np.array(127, np.float32), "ortllm_p8_127"),
         numpy_helper.from_array(np.array(128, np.float32), "ortllm_p8_128"),
@@ -139,8 +159,9 @@ def prefill_graph(model: Any, folder: Path, peaks: dict[str, np.ndarray]) -> byt
         scale = (column / 127.0).astype(np.float32)
         w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8).T.copy()  # K × N
         p = f"ortllm_p8_{i}"
+        weights[p + "_w"] = w8
         added += [
-            numpy_helper.from_array(w8, p + "_w"),
+            _external(p + "_w", w8),
             numpy_helper.from_array(scale, p + "_ws"),
             numpy_helper.from_array((1.0 / smooth).astype(np.float32), p + "_inv"),
         ]
@@ -169,5 +190,5 @@ def prefill_graph(model: Any, folder: Path, peaks: dict[str, np.ndarray]) -> byt
     graph.initializer.extend(keep + added)
     data = out.SerializeToString()
     if len(data) > PROTO_LIMIT:
-        raise ValueError("the int8 prefill graph exceeds 2 GB (models above ~1.5B parameters)")
-    return data
+        raise ValueError("the int8 prefill graph exceeds 2 GB")
+    return data, weights
