@@ -144,8 +144,12 @@ def test_the_prefill_graph_replaces_every_matrix_but_the_head(pulled, decoders):
             peaks[node.input[0]] = np.ones(k, dtype=np.float32)
     import onnx
 
-    graph = onnx.load_from_string(prefill8.prefill_graph(fast._proto, fast._path, peaks)).graph
+    data, weights = prefill8.prefill_graph(fast._proto, fast._path, peaks)
+    graph = onnx.load_from_string(data).graph
     ops = [n.op_type for n in graph.node]
+    # the int8 matrices travel beside the graph (declared external, handed to onnxruntime in place)
+    assert len(weights) == matrices and all(w.dtype == np.int8 for w in weights.values())
+    assert len(data) < 50_000_000
     assert ops.count("MatMulNBits") == 1 and ops.count("MatMulInteger") == matrices > 100
     names = {i.name for i in graph.initializer}
     assert not any(name.endswith("_Q4") or "weight_Q4" in name for name in names)  # int4 matrices gone
