@@ -167,20 +167,22 @@ def batcher_for_display(batcher: str, reason: str) -> str:
     return name if batcher in ("native", "onnxruntime") else f"{name} ({reason})"
 
 
-def kv_cache_choice() -> str:
-    """`$ORTLLM_KV_CACHE`: float (default) or int8 (the native batcher only; ModelLoadError otherwise)."""
-    choice = os.environ.get("ORTLLM_KV_CACHE", "").strip().lower() or "float"
-    if choice not in ("float", "int8"):
-        raise ModelLoadError(f"ORTLLM_KV_CACHE must be float or int8, not {choice!r}")
+def _env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """`$name`, one of `choices` (the first when unset); ModelLoadError naming the variable otherwise."""
+    choice = os.environ.get(name, "").strip().lower() or choices[0]
+    if choice not in choices:
+        raise ModelLoadError(f"{name} must be {' or '.join(choices)}, not {choice!r}")
     return choice
+
+
+def kv_cache_choice() -> str:
+    """`$ORTLLM_KV_CACHE`: float (default) or int8 (the native batcher only)."""
+    return _env_choice("ORTLLM_KV_CACHE", ("float", "int8"))
 
 
 def prefill_choice() -> str:
     """`$ORTLLM_PREFILL`: model (the model's own weights, default) or int8 (the native batcher only)."""
-    choice = os.environ.get("ORTLLM_PREFILL", "").strip().lower() or "model"
-    if choice not in ("model", "int8"):
-        raise ModelLoadError(f"ORTLLM_PREFILL must be model or int8, not {choice!r}")
-    return choice
+    return _env_choice("ORTLLM_PREFILL", ("model", "int8"))
 
 
 def batcher_choice() -> str:
@@ -264,26 +266,9 @@ class LoadedModel:
         self._special = self._special_tokens()
         self._bos = _leading_bos(self.path, genai_cfg)
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
-        if self.native is not None and kv_cache_choice() == "int8":
-            from .backends.native import KV_CALIBRATION
-
-            try:  # scales from a calibration chat rendered with the model's own template
-                self.native.quantize_kv(self.encode(self.render_chat(KV_CALIBRATION)))
-            except ValueError as exc:
-                raise ModelLoadError(
-                    f"Model '{self.name}' cannot keep an int8 KV cache: {first_line(exc)}"
-                ) from exc
         self.prefill = "model"
-        if self.native is not None and prefill_choice() == "int8":
-            from .backends.native import KV_CALIBRATION
-
-            try:  # channel smoothing from the same calibration chat
-                self.native.enable_int8_prefill(self.encode(self.render_chat(KV_CALIBRATION)))
-            except ValueError as exc:
-                raise ModelLoadError(
-                    f"Model '{self.name}' cannot use the int8 prefill: {first_line(exc)}"
-                ) from exc
-            self.prefill = "int8"
+        if self.native is not None:
+            self._native_options()
         vocab = (
             self.native.vocab if self.native is not None else int(genai_cfg["model"].get("vocab_size") or 0)
         )
@@ -317,6 +302,25 @@ class LoadedModel:
             raise
         except Exception as exc:
             raise self._load_error(exc) from exc
+
+    def _native_options(self) -> None:
+        """ORTLLM_KV_CACHE=int8 and ORTLLM_PREFILL=int8: both calibrate on a short chat rendered with the model's
+        own template (the KV cache's scales first: the prefill graph is derived from the final decoder)."""
+        from .backends.native import KV_CALIBRATION
+
+        calibration: list[int] = []
+        for wanted, what, switch in (
+            (kv_cache_choice(), "keep an int8 KV cache", self.native.quantize_kv),
+            (prefill_choice(), "use the int8 prefill", self.native.enable_int8_prefill),
+        ):
+            if wanted != "int8":
+                continue
+            calibration = calibration or self.encode(self.render_chat(KV_CALIBRATION))
+            try:
+                switch(calibration)
+            except ValueError as exc:
+                raise ModelLoadError(f"Model '{self.name}' cannot {what}: {first_line(exc)}") from exc
+        self.prefill = prefill_choice()
 
     def _native_decoder(self) -> Any:
         self.batcher_used, self.batcher_reason, proto = batcher_for(self.path, self.ep, self.batcher)
