@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ortllm import benchmark as b
 from ortllm.catalog import load_catalog
-from ortllm.runtime.loaded import BATCHERS
+from ortllm.runtime.loaded import BATCHERS, check_runtime_env
 
 from .options import option_group
 
@@ -150,6 +150,7 @@ def engine(
     batcher = api_alias or batcher  # --api: the old name of --batcher, kept for one release
     if synthetic and (model or gguf):
         raise click.UsageError("--synthetic makes its own model and GGUFs: drop MODEL and --gguf")
+    check_runtime_env()
     binaries = b.find_llama_cpp(llama_dir) if compare else None  # a missing peer fails before any work
     hf_dir = _synthetic(synthetic, console) if synthetic else None
     registry = ModelRegistry(batcher=None if batcher == "auto" else batcher, threads=threads)

@@ -18,7 +18,7 @@ from ortllm.catalog import load_catalog
 from ortllm.conversation import ChatSession, plan_turn
 from ortllm.errors import ContextOverflow, ModelNotFound
 from ortllm.runtime.embedder import not_generative
-from ortllm.runtime.loaded import BATCHERS
+from ortllm.runtime.loaded import BATCHERS, check_runtime_env
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.registry import ModelRegistry
 from ortllm.runtime.scheduler import Scheduler
@@ -54,6 +54,7 @@ def _options(kw: dict[str, Any], defaults: dict[str, Any]) -> Any:
 def _scheduler(name: str, ep: str | None, batcher: str, api_alias: str | None = None) -> Scheduler:
     """Load a model for the terminal, pulling it first when it is a catalog model not yet installed."""
     batcher = api_alias or batcher  # --api: the old name of --batcher, kept for one release
+    check_runtime_env()
     registry = ModelRegistry(batcher=None if batcher == "auto" else batcher)
     try:
         registry.installed(name)

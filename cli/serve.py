@@ -102,10 +102,12 @@ def serve(
             shown["database"]["url"] = redact(settings.database.url)
         click.echo(json.dumps(shown, indent=2))
         return
+    from ortllm.runtime.loaded import check_runtime_env
     from ortllm.web.security import check_exposure, load_keys
     from ortllm.web.server import check_ports
     from ortllm.web.server import serve as run_server
 
+    check_runtime_env()  # ORTLLM_KV_CACHE, ORTLLM_PREFILL, ORTLLM_SPECULATION, ORTLLM_BATCHER: one line if wrong
     check_exposure(settings)
     load_keys(settings)  # a bad key file or a too-short key fails here, before binding
     SessionStore(

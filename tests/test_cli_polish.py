@@ -37,6 +37,39 @@ def test_run_unknown_model_says_where_to_look() -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "command,variable,value,message",
+    [
+        (
+            ("serve", "--port", "0"),
+            "ORTLLM_PREFILL",
+            "bogus",
+            "ORTLLM_PREFILL must be model or int8, not 'bogus'",
+        ),
+        (
+            ("serve", "--port", "0"),
+            "ORTLLM_KV_CACHE",
+            "fp8",
+            "ORTLLM_KV_CACHE must be float or int8, not 'fp8'",
+        ),
+        (
+            ("run", "smollm2-135m", "hi"),
+            "ORTLLM_SPECULATION",
+            "medusa",
+            "ORTLLM_SPECULATION must be ngram or off",
+        ),
+        (("bench", "engine"), "ORTLLM_BATCHER", "fast", "ORTLLM_BATCHER must be one of auto, native"),
+    ],
+)
+def test_a_bad_runtime_choice_is_one_line_before_anything_starts(command, variable, value, message) -> None:
+    """Checked before a model loads (a server's worker would otherwise die with a traceback)."""
+    proc = ortllm(*command, env={variable: value}, timeout=60)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
+    assert "serving on" not in proc.stderr
+
+
 def test_catalog_model_not_installed_suggests_pull() -> None:
     # `run` pulls a catalog model itself; `show` and `rm` answer with the command that installs it
     for command in ("show", "rm"):

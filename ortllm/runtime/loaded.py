@@ -185,6 +185,21 @@ def prefill_choice() -> str:
     return _env_choice("ORTLLM_PREFILL", ("model", "int8"))
 
 
+def check_runtime_env() -> None:
+    """Every ORTLLM_* runtime choice valid, else ModelLoadError naming the variable: the CLI checks them before
+    a server, a chat or a bench starts, so a typo is one line, not a worker's traceback at the first load."""
+    from .backends.native import speculation_choice
+
+    kv_cache_choice()
+    prefill_choice()
+    try:
+        speculation_choice()
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if batcher_choice() not in BATCHERS:
+        raise ModelLoadError(f"ORTLLM_BATCHER must be one of {', '.join(BATCHERS)}, not {batcher_choice()!r}")
+
+
 def batcher_choice() -> str:
     """`$ORTLLM_BATCHER`: auto (default), native, engine or generator."""
     return os.environ.get("ORTLLM_BATCHER", "auto").strip().lower() or "auto"
