@@ -11,7 +11,8 @@ calibration text): outlier channels would otherwise take a row's whole int8 rang
 23.1 per-tensor, 15.53 per row, 15.14 per row with smoothing).
 
 The prefill graph reads and writes the same KV arena as the decoder (the same bindings), so a prompt's keys and
-values come from it and decoding continues on the int4 graph. It costs one byte per weight of memory.
+values come from it and decoding continues on the int4 graph. It costs about two bytes per weight of memory
+(the int8 copy, handed to onnxruntime in place, and the packed copy onnxruntime's GEMM makes of it).
 """
 
 from __future__ import annotations
