@@ -150,7 +150,7 @@ def test_the_prefill_graph_replaces_every_matrix_but_the_head(pulled, decoders):
     # the int8 matrices travel beside the graph (declared external, handed to onnxruntime in place)
     assert len(weights) == matrices and all(w.dtype == np.int8 for w in weights.values())
     assert len(data) < 50_000_000
-    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulInteger") == matrices > 100
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulIntegerToFloat") == matrices > 100
     names = {i.name for i in graph.initializer}
     assert not any(name.endswith("_Q4") or "weight_Q4" in name for name in names)  # int4 matrices gone
 

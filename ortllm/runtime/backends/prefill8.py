@@ -5,8 +5,8 @@ not for prompts: on the 1B shape a 2048 × 8192 matrix times 512 tokens takes 69
 MatMulInteger (u8 × s8, AVX-512 VNNI) takes 25 ms, and MatMulNBits is 91 % of a prompt pass (benchmarks/NOTES.md
 lever 24). This module derives a second decoder graph whose matrices (all but the LM head) are int8 with one scale
 per output channel, made from the int4/int8 weights themselves (exact dequantisation, then per-channel rounding).
-Activations are quantised per row (symmetric int8, stored as uint8 around 128 so the kernel's u8 × s8 path runs),
-after SmoothQuant-style channel smoothing (x / s, W · s with s = max|x|^0.5 / max|W|^0.5 per input channel, from a
+Activations are quantised per row (symmetric int8, stored as uint8 around 128 so the kernel's u8 × s8 path runs;
+once per input: q/k/v and gate/up share theirs), after SmoothQuant-style channel smoothing (x / s, W · s with s = max|x|^0.5 / max|W|^0.5 per input channel, from a
 calibration text): outlier channels would otherwise take a row's whole int8 range (SmolLM2's perplexity: 15.00 →
 23.1 per-tensor, 15.53 per row, 15.14 per row with smoothing).
 
@@ -126,62 +126,75 @@ def prefill_graph(
         numpy_helper.from_array(np.array(128, np.uint8), "ortllm_p8_zero"),
         numpy_helper.from_array(np.array(1e-12, np.float32), "ortllm_p8_tiny"),
         numpy_helper.from_array(np.array([-1], np.int64), "ortllm_p8_last"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "ortllm_p8_one"),
     ]
-    for i, node in enumerate(graph.node):
-        if not replaced(node):
-            nodes.append(node)
-            continue
-        dropped.update(x for x in node.input[1:] if x)
+
+    def matrix(node: Any) -> np.ndarray:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, block = (
+        if len(node.input) > 4 and any(node.input[4:]):  # g_idx or bias: not made by the builder
+            raise ValueError(f"{node.name}: MatMulNBits with g_idx or bias")
+        zero = tensor_array(inits[node.input[3]], folder) if len(node.input) > 3 and node.input[3] else None
+        return dequantize(
+            tensor_array(inits[node.input[1]], folder),
+            tensor_array(inits[node.input[2]], folder),
+            zero,
             int(attrs["K"]),
             int(attrs["N"]),
             int(attrs.get("bits", 4)),
             int(attrs["block_size"]),
         )
-        if len(node.input) > 4 and any(node.input[4:]):  # g_idx or bias: not made by the builder
-            raise ValueError(f"{node.name}: MatMulNBits with g_idx or bias")
-        zero = tensor_array(inits[node.input[3]], folder) if len(node.input) > 3 and node.input[3] else None
-        w = dequantize(
-            tensor_array(inits[node.input[1]], folder),
-            tensor_array(inits[node.input[2]], folder),
-            zero,
-            k,
-            n,
-            bits,
-            block,
-        )
-        x_peak = np.maximum(peaks[node.input[0]].astype(np.float32), 1e-5)
-        w_peak = np.maximum(np.abs(w).max(axis=0), 1e-5)
-        smooth = (x_peak**SMOOTH_ALPHA / w_peak ** (1 - SMOOTH_ALPHA)).astype(np.float32)
-        w *= smooth[None, :]
-        column = np.abs(w).max(axis=1)
-        column[column == 0] = 1.0
-        scale = (column / 127.0).astype(np.float32)
-        w8 = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8).T.copy()  # K × N
-        p = f"ortllm_p8_{i}"
-        weights[p + "_w"] = w8
-        added += [
-            _external(p + "_w", w8),
-            numpy_helper.from_array(scale, p + "_ws"),
-            numpy_helper.from_array((1.0 / smooth).astype(np.float32), p + "_inv"),
-        ]
-        nodes += [
-            helper.make_node("Mul", [node.input[0], p + "_inv"], [p + "_x"]),
-            helper.make_node("Abs", [p + "_x"], [p + "_abs"]),
-            helper.make_node("ReduceMax", [p + "_abs", "ortllm_p8_last"], [p + "_peak"], keepdims=1),
-            helper.make_node("Div", [p + "_peak", "ortllm_p8_127"], [p + "_s0"]),
-            helper.make_node("Max", [p + "_s0", "ortllm_p8_tiny"], [p + "_s"]),
-            helper.make_node("Div", [p + "_x", p + "_s"], [p + "_q0"]),
-            helper.make_node("Round", [p + "_q0"], [p + "_q1"]),
-            helper.make_node("Add", [p + "_q1", "ortllm_p8_128"], [p + "_q2"]),
-            helper.make_node("Cast", [p + "_q2"], [p + "_q"], to=TensorProto.UINT8),
+
+    # matrices reading the same input (q/k/v, gate/up) share one smoothing and one quantised copy of it
+    groups: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        if replaced(node):
+            groups.setdefault(node.input[0], []).append(i)
+    quantised: dict[str, str] = {}  # input → the name of its (quantised rows, row scales) pair's prefix
+    for i, node in enumerate(graph.node):
+        if not replaced(node):
+            nodes.append(node)
+            continue
+        dropped.update(x for x in node.input[1:] if x)
+        source = node.input[0]
+        group = groups[source]
+        if source not in quantised:
+            matrices = {j: matrix(graph.node[j]) for j in group}
+            x_peak = np.maximum(peaks[source].astype(np.float32), 1e-5)
+            w_peak = np.maximum(np.max([np.abs(w).max(axis=0) for w in matrices.values()], axis=0), 1e-5)
+            smooth = (x_peak**SMOOTH_ALPHA / w_peak ** (1 - SMOOTH_ALPHA)).astype(np.float32)
+            q = f"ortllm_p8_in{i}"
+            quantised[source] = q
+            added.append(numpy_helper.from_array((1.0 / smooth).astype(np.float32), q + "_inv"))
+            nodes += [
+                helper.make_node("Mul", [source, q + "_inv"], [q + "_x"]),
+                helper.make_node("Abs", [q + "_x"], [q + "_abs"]),
+                helper.make_node("ReduceMax", [q + "_abs", "ortllm_p8_last"], [q + "_peak"], keepdims=1),
+                helper.make_node("Div", [q + "_peak", "ortllm_p8_127"], [q + "_s0"]),
+                helper.make_node("Max", [q + "_s0", "ortllm_p8_tiny"], [q + "_s"]),
+                helper.make_node("Div", [q + "_x", q + "_s"], [q + "_q0"]),
+                helper.make_node("Round", [q + "_q0"], [q + "_q1"]),
+                helper.make_node("Add", [q + "_q1", "ortllm_p8_128"], [q + "_q2"]),
+                helper.make_node("Cast", [q + "_q2"], [q + "_q"], to=TensorProto.UINT8),
+            ]
+            for j, w in matrices.items():
+                w *= smooth[None, :]
+                column = np.abs(w).max(axis=1)
+                column[column == 0] = 1.0
+                scale = (column / 127.0).astype(np.float32)
+                p = f"ortllm_p8_{j}"
+                weights[p + "_w"] = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8).T.copy()
+                added += [_external(p + "_w", weights[p + "_w"]), numpy_helper.from_array(scale, p + "_ws")]
+            del matrices
+        q, p = quantised[source], f"ortllm_p8_{i}"
+        nodes += [  # int32 sums × the weights' column scales in one kernel, then × each row's scale
             helper.make_node(
-                "MatMulInteger", [p + "_q", p + "_w", "ortllm_p8_zero"], [p + "_i"], name=node.name + "_i8"
+                "MatMulIntegerToFloat",
+                [q + "_q", p + "_w", "ortllm_p8_one", p + "_ws", "ortllm_p8_zero"],
+                [p + "_f"],
+                domain="com.microsoft",
+                name=node.name + "_i8",
             ),
-            helper.make_node("Cast", [p + "_i"], [p + "_f"], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [p + "_f", p + "_s"], [p + "_fs"]),
-            helper.make_node("Mul", [p + "_fs", p + "_ws"], list(node.output)),
+            helper.make_node("Mul", [p + "_f", q + "_s"], list(node.output)),
         ]
     still = {x for n in nodes for x in n.input}
     keep = [t for t in graph.initializer if t.name not in dropped or t.name in still]
