@@ -142,6 +142,7 @@ def engine(
     out: str | None,
 ) -> None:
     """Prompt processing (ppN) and generation (tgN) tokens/s, TTFT, peak RSS, batched throughput."""
+    from ortllm.runtime.backends.native import KVArena
     from ortllm.runtime.embedder import not_generative
     from ortllm.runtime.registry import ModelRegistry
     from ortllm.runtime.scheduler import Scheduler
@@ -162,8 +163,10 @@ def engine(
     installed = scheduler.model.installed
     sizes = b.decode_bytes(scheduler.model.path)
     decoder = scheduler.model.native
-    if decoder is not None and decoder.dtype.__name__ == "int8":  # ORTLLM_KV_CACHE=int8: one byte a value
-        sizes["kv_per_context_token"] = 2 * decoder.layers * decoder.kv_heads * decoder.head_size
+    if decoder is not None:  # the arena's own type (ORTLLM_KV_CACHE=int8 keeps one byte a value)
+        sizes["kv_per_context_token"] = KVArena.bytes_per_token(
+            decoder.layers, decoder.kv_heads, decoder.head_size, decoder.dtype
+        )
     with console.status(f"benchmarking {scheduler.model.name} (pp{pp}, tg{tg}, batches {batches})"):
         ours = b.engine_bench(scheduler, pp=pp, tg=tg, batches=_ints(batches), reps=reps)
     on_cpu = (

@@ -43,14 +43,12 @@ def quantise_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
 def dequantise_table(
     data: np.ndarray, scales: np.ndarray, bits: int, block_size: int, cols: int
 ) -> np.ndarray:
-    """The float table GatherBlockQuantized reads back from `quantise_table`'s output (for checks)."""
-    if bits == 4:
-        codes = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(len(data), -1)
-    else:
-        codes = data
-    values = codes.astype(np.float32) - (1 << (bits - 1))
-    values = values.reshape(len(data), -1, block_size) * scales[..., None].astype(np.float32)
-    return values.reshape(len(data), -1)[:, :cols]
+    """The float table GatherBlockQuantized reads back from `quantise_table`'s output (for checks): the same
+    block layout as MatMulNBits' weights, so the runtime's reader of that layout reads it."""
+    from ortllm.runtime.backends.prefill8 import dequantize
+
+    rows, blocks = scales.shape
+    return dequantize(data.reshape(rows, blocks, -1), scales, None, cols, rows, bits, block_size)
 
 
 def quantise_embeddings(out_dir: Path, bits: int, block_size: int) -> str:

@@ -281,7 +281,6 @@ class LoadedModel:
         self._special = self._special_tokens()
         self._bos = _leading_bos(self.path, genai_cfg)
         self.lock = threading.Lock()  # serialises tokenizer use between HTTP threads and the worker
-        self.prefill = "model"
         if self.native is not None:
             self._native_options()
         vocab = (
@@ -335,7 +334,6 @@ class LoadedModel:
                 switch(calibration)
             except ValueError as exc:
                 raise ModelLoadError(f"Model '{self.name}' cannot {what}: {first_line(exc)}") from exc
-        self.prefill = prefill_choice()
 
     def _native_decoder(self) -> Any:
         self.batcher_used, self.batcher_reason, proto = batcher_for(self.path, self.ep, self.batcher)
@@ -385,7 +383,7 @@ class LoadedModel:
             self.batcher_used,
             self.batcher_reason,
             "int8" if self.native is not None and self.native.dtype.__name__ == "int8" else "float",
-            self.prefill,
+            "int8" if self.native is not None and self.native.int8_prefill else "model",
         )
 
     @property

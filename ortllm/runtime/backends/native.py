@@ -424,6 +424,11 @@ class NativeDecoder:
         return io
 
     @property
+    def int8_prefill(self) -> bool:
+        """Whether prompt chunks run on the int8 prefill graph (enable_int8_prefill)."""
+        return self._prefill is not None
+
+    @property
     def verifies(self) -> bool:
         """Whether a pass can return the logits of every new token of ragged rows (speculative decoding)."""
         return self.ragged and self.last_only
