@@ -18,12 +18,14 @@ export ORTLLM_TEST_CACHE ?= $(CURDIR)/.cache/test
 # prints a line with the seconds since make started.
 START := $(shell date +%s)
 step = @echo "==> [$$(( $$(date +%s) - $(START) )) s] $(1)"
-PIP_INSTALL = $(BIN)/python -m pip install --progress-bar on
+# pip commands go through scripts/retry: a connection to PyPI dropped mid-download is tried again
+RETRY := sh scripts/retry
+PIP_INSTALL = $(RETRY) $(BIN)/python -m pip install --progress-bar on
 
 $(BIN)/.installed-run: setup.cfg pyproject.toml
 	$(call step,creating $(VENV))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(RETRY) $(BIN)/python -m pip install -q --upgrade pip
 	$(call step,installing torch $(TORCH_VERSION) (CPU build; the largest download))
 	$(PIP_INSTALL) torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(call step,installing ortllm with the convert extra)
@@ -81,8 +83,8 @@ test: install browser node services  ## run the test suite (converts the default
 VENV014 ?= .venv-genai014
 $(VENV014)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV014)/bin/python || $(PYTHON) -m venv $(VENV014)
-	$(VENV014)/bin/python -m pip install -q --upgrade pip
-	$(VENV014)/bin/python -m pip install -q onnxruntime-genai==0.14.1 -e . pytest
+	$(RETRY) $(VENV014)/bin/python -m pip install -q --upgrade pip
+	$(RETRY) $(VENV014)/bin/python -m pip install -q onnxruntime-genai==0.14.1 -e . pytest
 	touch $@
 
 test-genai014: $(VENV014)/.installed  ## runtime tests on onnxruntime-genai 0.14.1 (needs a main run's model)
@@ -94,9 +96,9 @@ test-genai014: $(VENV014)/.installed  ## runtime tests on onnxruntime-genai 0.14
 VENVOPT ?= .venv-optimum
 $(VENVOPT)/.installed: setup.cfg pyproject.toml
 	test -x $(VENVOPT)/bin/python || $(PYTHON) -m venv $(VENVOPT)
-	$(VENVOPT)/bin/python -m pip install -q --upgrade pip
-	$(VENVOPT)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
-	$(VENVOPT)/bin/python -m pip install -q -e '.[optimum]' pytest sentence-transformers
+	$(RETRY) $(VENVOPT)/bin/python -m pip install -q --upgrade pip
+	$(RETRY) $(VENVOPT)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(RETRY) $(VENVOPT)/bin/python -m pip install -q -e '.[optimum]' pytest sentence-transformers
 	touch $@
 
 optimum-env: $(VENVOPT)/.installed  ## create .venv-optimum: the optimum backend (GPT-2, Falcon, embedding models)

