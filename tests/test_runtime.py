@@ -10,7 +10,7 @@ import pytest
 from ortllm.errors import Busy, ContextOverflow, InvalidOptions
 from ortllm.runtime.options import validate_options
 from ortllm.runtime.types import CANCELLED, LENGTH, STOP, GenerationRequest
-from tests.conftest import QUESTION
+from tests.conftest import QUESTION, assert_answers_as_alone
 
 
 def greedy(**kw):
@@ -158,19 +158,23 @@ def test_eight_concurrent_submitters_get_their_own_answers(scheduler, monkeypatc
         f"What is {a} plus {b}? Answer with the number."
         for a, b in [(1, 1), (2, 3), (10, 5), (7, 7), (3, 4), (6, 2), (9, 1), (4, 4)]
     ]
-    expected = [ask(scheduler, [{"role": "user", "content": q}], max_tokens=16).text for q in questions]
-    results: dict[int, str] = {}
+    expected = [ask(scheduler, [{"role": "user", "content": q}], max_tokens=16).token_ids for q in questions]
+    results: dict[int, list[int]] = {}
 
     def worker(i: int) -> None:
-        results[i] = ask(scheduler, [{"role": "user", "content": questions[i]}], max_tokens=16).text
+        results[i] = ask(scheduler, [{"role": "user", "content": questions[i]}], max_tokens=16).token_ids
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    assert [results[i] for i in range(8)] == expected
-    assert len(set(expected)) > 4  # they really differ
+    prompts = [
+        scheduler.prompt_ids(GenerationRequest(greedy(), messages=[{"role": "user", "content": q}]))
+        for q in questions
+    ]
+    assert_answers_as_alone(scheduler.model.path, prompts, [results[i] for i in range(8)], expected)
+    assert len({tuple(e) for e in expected}) > 4  # they really differ
 
 
 def test_embeddings_rank_paraphrase_above_unrelated(scheduler):
