@@ -27,7 +27,6 @@ from ortllm.toolcalls import (
     tool_grammar,
 )
 
-QWEN_DIR = Path("/work/qwen/home/models/qwen2.5-coder-0.5b/cpu-int4")
 WEATHER = {
     "type": "function",
     "function": {
@@ -361,8 +360,6 @@ def test_detect_format() -> None:
     llama = "{%- if tools is not none %}<|start_header_id|>{{ t.parameters }}<|python_tag|>{% endif %}"
     assert detect_format(llama) == "llama3"
     assert not template_knows_tools("{{ 'the tools are described below' }}")
-    if (QWEN_DIR / "chat_template.jinja").is_file():
-        assert detect_format((QWEN_DIR / "chat_template.jinja").read_text()) == "hermes"
 
 
 HISTORY = [
@@ -392,17 +389,19 @@ def test_prepare_messages_for_a_tools_template() -> None:
         len(mistral[1]["tool_calls"][0]["id"]) == 9
         and mistral[2]["tool_call_id"] == mistral[1]["tool_calls"][0]["id"]
     )
-    template = QWEN_DIR / "chat_template.jinja"
-    if template.is_file():  # the model's own template shows it the call and the result
-        tools = [
-            {"type": "function", "function": {"name": t.name, "parameters": t.parameters}} for t in TOOLS
-        ]
-        text = (
-            jinja2.Environment()
-            .from_string(template.read_text())
-            .render(messages=out, tools=tools, add_generation_prompt=True)
-        )
-        assert HERMES_CALL in text and "<tool_response>\n21 °C, sunny\n</tool_response>" in text
+
+
+def test_qwen_s_own_template_is_hermes_and_shows_the_call_and_its_result(qwen: Path) -> None:
+    template = (qwen / "cpu-int4" / "chat_template.jinja").read_text()
+    assert detect_format(template) == "hermes"
+    tools = [{"type": "function", "function": {"name": t.name, "parameters": t.parameters}} for t in TOOLS]
+    out = prepare_messages("hermes", HISTORY, TOOLS, True)
+    text = (
+        jinja2.Environment()
+        .from_string(template)
+        .render(messages=out, tools=tools, add_generation_prompt=True)
+    )
+    assert HERMES_CALL in text and "<tool_response>\n21 °C, sunny\n</tool_response>" in text
 
 
 def test_prepare_messages_without_a_tools_template() -> None:
@@ -465,10 +464,9 @@ def smol(pulled: Path) -> LLTokenizer:
 
 
 @pytest.fixture(scope="module")
-def qwen() -> LLTokenizer:
-    if not (QWEN_DIR / "tokenizer.json").is_file():
-        pytest.skip("the Qwen2.5-Coder tokenizer is not here")
-    return LLTokenizer(str(QWEN_DIR / "tokenizer.json"))
+def qwen_tokenizer(qwen: Path) -> LLTokenizer:
+    """The tool-calling test model's tokenizer (the session's converted Qwen2.5-Coder, conftest.qwen)."""
+    return LLTokenizer(str(qwen / "cpu-int4" / "tokenizer.json"))
 
 
 def accepts(tok: LLTokenizer, grammar: str | None, text: str) -> bool:
@@ -555,9 +553,9 @@ def test_auto_text_cannot_look_like_a_call(smol: LLTokenizer, fmt: str) -> None:
         assert accepts(smol, auto, "Let me check.\n" + EXAMPLES[fmt][0])
 
 
-def test_qwen_special_tokens(qwen: LLTokenizer) -> None:
+def test_qwen_special_tokens(qwen_tokenizer: LLTokenizer) -> None:
     """Qwen's <tool_call> is one token for llguidance: the grammar lets the model use it, text or calls."""
-    auto = tool_grammar("hermes", TOOLS, ToolChoice("auto"), True, tokenizer=qwen)
+    auto = tool_grammar("hermes", TOOLS, ToolChoice("auto"), True, tokenizer=qwen_tokenizer)
     assert auto is not None and 'call: <tool_call> "\\n"' in auto
     for ok in (
         HERMES_CALL,
@@ -566,13 +564,13 @@ def test_qwen_special_tokens(qwen: LLTokenizer) -> None:
         "```python\nx = 1\n```",
         FENCED,
     ):
-        assert accepts(qwen, auto, ok), ok
+        assert accepts(qwen_tokenizer, auto, ok), ok
     for bad in (
         FENCED.replace("get_weather", "x"),
         "Text <tool_call> inside",
         HERMES_CALL.replace("get_weather", "get_wether"),
     ):
-        assert not accepts(qwen, auto, bad), bad
+        assert not accepts(qwen_tokenizer, auto, bad), bad
     # without the tokenizer the markup is plain text
     without = tool_grammar("hermes", TOOLS, ToolChoice("auto"), True)
     assert without is not None and '"<tool_call>"' in without
