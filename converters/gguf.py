@@ -18,9 +18,14 @@ def gguf_key(gguf: Path) -> str:
     return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def dequantised_dir(gguf: Path, cache: Path) -> Path:
+    """Where `dequantise` keeps the float32 folder of `gguf` under `cache`."""
+    return cache / "gguf-hf" / f"{gguf.stem}-{gguf_key(gguf)}"
+
+
 def dequantise(gguf: Path, cache: Path) -> Path:
     """Return a float32 Hugging Face folder for `gguf`, built once and cached under `cache`."""
-    out = cache / "gguf-hf" / f"{gguf.stem}-{gguf_key(gguf)}"
+    out = dequantised_dir(gguf, cache)
     if (out / "config.json").is_file():
         _copy_special_token_flags(gguf, out)  # a folder cached before the flags were recorded gets them now
         return out

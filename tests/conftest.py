@@ -292,9 +292,9 @@ def session_model(name: str, gguf: Callable[[], Path], home: Path) -> Path:
         path = gguf()
         ortllm("convert", str(path), "--name", name, check=True, timeout=1200)
         export_prebuilt(target)
-        from ortllm.converters.gguf import gguf_key
+        from ortllm.converters.gguf import dequantised_dir
 
-        shutil.rmtree(Path(os.environ["ORTLLM_CACHE"]) / "gguf-hf" / f"{path.stem}-{gguf_key(path)}")
+        shutil.rmtree(dequantised_dir(path, Path(os.environ["ORTLLM_CACHE"])))
     return target
 
 
